@@ -1,0 +1,28 @@
+"""Train a teacher zoo (N seeds of one dataset/arch) and register it in MLflow.
+
+    python jobs/train_teachers.py                                   # digits convnet zoo
+    python jobs/train_teachers.py --config configs/teachers/cifar100_wrn28_4.yaml
+    python jobs/train_teachers.py zoo.num_teachers=8 train.epochs=20
+"""
+
+from metaensemble.cli import config_parser, run_job
+
+
+def main() -> int:
+    args = config_parser(__doc__.splitlines()[0], "configs/teachers/digits.yaml").parse_args()
+    from metaensemble.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validated before Ray or MLflow start
+    from metaensemble import tracking
+    from metaensemble.teachers import train_zoo
+
+    zoo = train_zoo(cfg)
+    print()
+    print(zoo.table())
+    print(f"\nMLflow: {tracking.ensure_tracking()}  (experiment {cfg.experiment_name}, registered model {zoo.name})")
+    print("Browse later with: python jobs/mlflow_ui.py")
+    return 0
+
+
+if __name__ == "__main__":
+    run_job(main)

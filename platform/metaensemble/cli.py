@@ -1,0 +1,26 @@
+"""What every job shares: argument parsing and turning bad input into one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from metaensemble.errors import MetaEnsembleError
+
+
+def config_parser(description: str, default_config: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+    return p
+
+
+def run_job(main: Callable[[], int | None]) -> None:
+    """Run ``main``; bad input exits 2 with one line on stderr instead of a traceback."""
+    try:
+        code = main()
+    except MetaEnsembleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)

@@ -1,0 +1,72 @@
+"""Dataset registry.
+
+``load(cfg)`` returns in-memory/map-style splits; ``check(cfg)`` validates the name and
+the files (cheaply) before any work starts; ``is_streaming(cfg)`` says whether the
+engine should stream the train split through Ray Data (parquet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from metaensemble.data.core import ArraySplit, DatasetInfo, DataSplits, split_indices
+from metaensemble.data.loaders import ArrayLoader, DatasetLoader, RayShardLoader, augment_batch, normalise
+from metaensemble.registry import Registry
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    load: Callable
+    check: Callable
+    streaming: bool = False
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def _register():
+    from metaensemble.data import parquet, sources
+
+    DATASETS.add("digits", DatasetSpec(sources.load_digits, lambda cfg: None))
+    DATASETS.add("synthetic", DatasetSpec(sources.load_synthetic, lambda cfg: None))
+    for name in ("cifar10", "cifar100"):
+        DATASETS.add(
+            name,
+            DatasetSpec(
+                lambda cfg, n=name: sources.load_cifar(n, cfg), lambda cfg, n=name: sources.cifar_dir(n, cfg)
+            ),
+        )
+    DATASETS.add("imagefolder", DatasetSpec(sources.load_imagefolder, sources.imagefolder_dir))
+    DATASETS.add("parquet", DatasetSpec(parquet.load_parquet_arrays, parquet.read_meta, streaming=True))
+
+
+_register()
+
+
+def check_name(name: str) -> None:
+    DATASETS.check(name)
+
+
+def check(cfg) -> None:
+    """Raise DataError/ConfigError if ``cfg`` (a DataConfig) cannot be loaded."""
+    DATASETS.get(cfg.name).check(cfg)
+
+
+def load(cfg) -> DataSplits:
+    return DATASETS.get(cfg.name).load(cfg)
+
+
+def is_streaming(cfg) -> bool:
+    return DATASETS.get(cfg.name).streaming
+
+
+def names() -> list[str]:
+    return DATASETS.names()
+
+
+__all__ = [
+    "ArrayLoader", "ArraySplit", "DATASETS", "DatasetInfo", "DatasetLoader", "DataSplits",
+    "RayShardLoader", "augment_batch", "check", "check_name", "is_streaming", "load", "names",
+    "normalise", "split_indices",
+]

@@ -1,0 +1,174 @@
+"""Batch iterators for the engine. Every batch is a dict:
+``x`` float32 [B, C, H, W] normalised on the target device, ``y`` int64 [B],
+``index`` int64 [B] (position of each example in its source split).
+
+Sharding: rank r of w sees a disjoint 1/w of each epoch's permutation, all ranks the
+same number of steps (a remainder of fewer than w examples is dropped), so DDP never
+waits on a rank with an extra batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metaensemble.data.core import ArraySplit, DatasetInfo
+
+
+def normalise(x_uint8: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    x = x_uint8.float().div_(255.0)
+    mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def augment_batch(x: torch.Tensor, family: str, gen: torch.Generator) -> torch.Tensor:
+    """Standard per-family augmentation on a uint8 batch [B, C, H, W].
+
+    cifar: 4-pixel zero-padded random crop + horizontal flip; digits: 1-pixel random
+    shift (no flip: a mirrored digit is another symbol); synthetic: none.
+    """
+    if family not in ("cifar", "digits"):
+        return x
+    pad = 4 if family == "cifar" else 1
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (dy.view(b, 1) + torch.arange(h).view(1, h)).to(x.device)
+    cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).to(x.device)
+    bi = torch.arange(b, device=x.device).view(b, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[bi, rows.view(b, h, 1), cols.view(b, 1, w)].permute(0, 3, 1, 2)
+    if family == "cifar":
+        flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+        out = torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
+    return out.contiguous()
+
+
+class ArrayLoader:
+    """Shuffled, sharded mini-batches over an in-memory ArraySplit."""
+
+    def __init__(
+        self,
+        split: ArraySplit,
+        info: DatasetInfo,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        augment: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+    ) -> None:
+        self.split, self.info, self.batch_size = split, info, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.augment, self.seed = shuffle, augment, seed
+        self.device = torch.device(device)
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._images = split.images.to(self.device)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def shard_indices(self) -> np.ndarray:
+        n = len(self.split)
+        order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        )
+        per_rank = n // self.world_size if self.world_size > 1 else n
+        return order[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def __len__(self) -> int:
+        n = len(self.split) // self.world_size if self.world_size > 1 else len(self.split)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        idx = torch.from_numpy(self.shard_indices())
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 31 + self.rank)
+        for start in range(0, len(idx), self.batch_size):
+            b = idx[start : start + self.batch_size]
+            if self.drop_last and len(b) < self.batch_size:
+                break
+            x = self._images[b.to(self.device)]
+            if self.augment:
+                x = augment_batch(x, self.info.family, gen)
+            yield {
+                "x": normalise(x, self.info),
+                "y": self.split.labels[b].to(self.device),
+                "index": self.split.index[b],
+            }
+
+
+class DatasetLoader:
+    """Sharded DataLoader over a map-style Dataset yielding (x, y, index)."""
+
+    def __init__(self, dataset, batch_size, *, rank=0, world_size=1, shuffle=False, seed=0,
+                 device="cpu", num_workers=0, drop_last=False) -> None:
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        self.device = torch.device(device)
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        ) if world_size > 1 or shuffle else None
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+            pin_memory=self.device.type == "cuda", drop_last=drop_last,
+            persistent_workers=num_workers > 0,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y, index in self.loader:
+            yield {
+                "x": x.to(self.device, non_blocking=True),
+                "y": y.to(self.device, non_blocking=True),
+                "index": index,
+            }
+
+
+class RayShardLoader:
+    """Batches from a Ray Data shard (``ray.train.get_dataset_shard``) whose rows are
+    ``image`` uint8 [C, H, W], ``label``, ``index`` (see ``data.parquet``)."""
+
+    def __init__(self, shard, info: DatasetInfo, batch_size: int, *, shuffle=False, augment=False,
+                 seed=0, rank=0, device="cpu", length: int | None = None) -> None:
+        self.shard, self.info, self.batch_size = shard, info, batch_size
+        self.shuffle, self.augment, self.seed, self.rank = shuffle, augment, seed, rank
+        self.device = torch.device(device)
+        self.epoch = 0
+        self._length = length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._length or 0
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 31 + self.rank)
+        kwargs = {}
+        if self.shuffle:
+            kwargs = {"local_shuffle_buffer_size": 4 * self.batch_size,
+                      "local_shuffle_seed": self.seed * 1000 + self.epoch}
+        for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, **kwargs):
+            x = batch["image"].to(self.device)
+            if self.augment:
+                x = augment_batch(x, self.info.family, gen)
+            yield {
+                "x": normalise(x, self.info),
+                "y": batch["label"].long().to(self.device),
+                "index": batch["index"].long(),
+            }

@@ -1,0 +1,147 @@
+"""The driver side of the engine: ``fit(cfg)`` runs one Ray Train (DDP) run.
+
+    outcome = fit(cfg)                  # validates, opens/reuses the MLflow run, trains
+    outcome.run_id, outcome.metrics     # the MLflow run and its final metrics
+    outcome.skipped                     # True if this exact run had already finished
+
+The run's name is deterministic (``cfg.run_key()``): the same command after a crash
+resumes from the latest Ray checkpoint under ``storage_path/<run_key>`` with the same
+MLflow run id, and the same command after success trains nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from metaensemble import data, methods, models, tracking
+from metaensemble.config import Config
+from metaensemble.errors import ConfigError
+
+LOCAL_CPUS_MIN = 4  # logical CPUs for a local instance: trials' drivers + workers fit on 2 cores
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    run_key: str
+    experiment_id: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
+    checkpoint_path: str | None = None
+
+    @property
+    def model_uri(self) -> str:
+        return f"runs:/{self.run_id}/model"
+
+
+def validate(cfg: Config, method: methods.Method | None = None) -> None:
+    """Everything that can be checked before any work: names, files, model kwargs."""
+    data.check(cfg.data)
+    if method is None:
+        methods.check_name(cfg.method)
+    accepted = set(models.model_kwargs(cfg.model.name))
+    unknown = sorted(set(cfg.model.kwargs) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"model.kwargs: {cfg.model.name!r} does not take {', '.join(unknown)}; "
+            f"it takes: {', '.join(sorted(accepted)) or '(nothing)'}"
+        )
+    if cfg.train.select_metric not in ("val_acc", "val_nll", "val_ece"):
+        raise ConfigError(f"train.select_metric must be one of val_acc, val_nll, val_ece; got {cfg.train.select_metric!r}")
+    if cfg.scaling.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS"):
+            raise ConfigError("scaling.use_gpu=true but no GPU is visible here (and no RAY_ADDRESS cluster)")
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (``ray job submit`` sets it), or start a
+    local instance with at least LOCAL_CPUS_MIN logical CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(LOCAL_CPUS_MIN, os.cpu_count() or 1), log_to_driver=True)
+
+
+def scaling_config(cfg: Config):
+    import ray.train
+
+    s = cfg.scaling
+    res = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        res["GPU"] = s.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=res)
+
+
+def fit(cfg: Config, *, method: methods.Method | None = None, run_name: str | None = None,
+        parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+        in_tune: bool = False) -> RunOutcome:
+    """Train ``cfg`` through Ray Train; see the module docstring."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    validate(cfg, method)
+    uri = tracking.ensure_tracking()
+    ensure_ray()
+    client = tracking.client(uri)
+    run_key = run_name or cfg.run_key()
+    handle = tracking.open_run(client, cfg, run_key, parent_run_id=parent_run_id, tags=tags)
+    if handle.status == "FINISHED":
+        run = client.get_run(handle.run_id)
+        print(f"[{run_key}] already finished in MLflow run {handle.run_id}; nothing to train", flush=True)
+        return RunOutcome(handle.run_id, run_key, handle.experiment_id, dict(run.data.metrics), skipped=True)
+    if handle.resumed:
+        client.update_run(handle.run_id, status="RUNNING")
+
+    datasets, dataset_config = None, None
+    if data.is_streaming(cfg.data):
+        from metaensemble.data.parquet import ray_datasets
+
+        datasets, _, _ = ray_datasets(cfg.data)
+        dataset_config = ray.train.DataConfig(datasets_to_split=["train"])
+
+    callbacks = []
+    if in_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "run_id": handle.run_id, "run_key": run_key,
+                           "tracking_uri": uri, "method": method},
+        scaling_config=scaling_config(cfg),
+        run_config=ray.train.RunConfig(
+            name=run_key,
+            storage_path=cfg.resolved_storage_path(),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or None,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=datasets,
+        dataset_config=dataset_config,
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        client.set_terminated(handle.run_id, status="FAILED")
+        raise
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    if ckpt:
+        tracking.set_tags(client, handle.run_id, {"metaensemble.ray_checkpoint": ckpt})
+    client.set_terminated(handle.run_id, status="FINISHED")
+    return RunOutcome(handle.run_id, run_key, handle.experiment_id, dict(result.metrics or {}), False, ckpt)
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    # A module-level function so Ray pickles it by reference (metaensemble is installed).
+    from metaensemble.engine.loop import train_loop_per_worker
+
+    train_loop_per_worker(config)

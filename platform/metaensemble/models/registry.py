@@ -1,0 +1,44 @@
+"""The architecture registry: ``create_model(name, num_classes=, in_chans=, img_size=, **kw)``.
+
+Every model built here remembers how it was built (``model.me_spec``), which is what a
+checkpoint's model.json stores so the model can be rebuilt without unpickling.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch.nn as nn
+
+from metaensemble.errors import ConfigError
+from metaensemble.registry import Registry
+
+MODELS: Registry = Registry("model")
+_BASE_ARGS = ("num_classes", "in_chans", "img_size")
+
+
+def register_model(name: str):
+    return MODELS.register(name)
+
+
+def model_kwargs(name: str) -> list[str]:
+    """Keyword arguments a model accepts beyond num_classes/in_chans/img_size."""
+    sig = inspect.signature(MODELS.get(name))
+    return [p for p in sig.parameters if p not in _BASE_ARGS]
+
+
+def create_model(name: str, *, num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
+    builder = MODELS.get(name)
+    unknown = sorted(set(kwargs) - set(model_kwargs(name)))
+    if unknown:
+        raise ConfigError(
+            f"model {name!r} does not take {', '.join(unknown)}; it takes: "
+            f"{', '.join(model_kwargs(name)) or '(no extra arguments)'}"
+        )
+    model = builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+    model.me_spec = {  # type: ignore[attr-defined]
+        "arch": name,
+        "kwargs": {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size, **kwargs},
+    }
+    return model

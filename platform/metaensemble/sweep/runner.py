@@ -1,0 +1,201 @@
+"""Ray Tune sweeps whose trials are engine runs (the Train V2 pattern).
+
+The Tuner runs a light driver function per trial; each builds its own TorchTrainer via
+``engine.fit`` (named after the trial id, with ``TuneReportCallback`` so ASHA sees its
+per-epoch metrics). MLflow: one parent run for the sweep, one child run per trial.
+An interrupted sweep is restored from its storage folder by running the same command.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Param
+
+from metaensemble import engine, tracking
+from metaensemble.config import Config, build_config, save_config
+from metaensemble.errors import SearchSpaceError
+from metaensemble.sweep.space import SearchSpace
+
+TRIAL_DRIVER_CPU = 0.5  # the trial's own process only waits on its TorchTrainer
+
+
+@dataclass
+class SweepOutcome:
+    parent_run_id: str
+    experiment_id: str
+    best_params: dict[str, Any]
+    best_metric: float
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    storage: str = ""
+
+
+def _domain(dist: dict[str, Any]):
+    from ray import tune
+
+    kind, arg = next(iter(dist.items()))
+    return {
+        "uniform": lambda: tune.uniform(*arg),
+        "loguniform": lambda: tune.loguniform(*arg),
+        "choice": lambda: tune.choice(arg),
+        "randint": lambda: tune.randint(*arg),
+        "grid": lambda: tune.grid_search(arg),
+    }[kind]()
+
+
+def concurrency(cfg: Config, requested: int = 0) -> int:
+    """How many trials fit at once: each needs its driver plus all its workers."""
+    import ray
+
+    if requested:
+        return requested
+    res = ray.cluster_resources()
+    s = cfg.scaling
+    n = (res.get("CPU", 1) - 0.01) // (TRIAL_DRIVER_CPU + s.num_workers * s.cpus_per_worker)
+    if s.use_gpu:
+        n = min(n, res.get("GPU", 0) // (s.num_workers * s.gpus_per_worker))
+    return max(1, int(n))
+
+
+def trial_driver(params: dict[str, Any], static: dict[str, Any]) -> None:
+    """One trial: the base config + this trial's sampled params, trained by the engine."""
+    from ray import tune
+
+    os.environ["MLFLOW_TRACKING_URI"] = static["tracking_uri"]
+    ctx = tune.get_context()
+    cfg = build_config(static["base"]).with_overrides({**params["params"], "experiment": static["experiment"]})
+    run_name = static.get("run_name_fn", lambda c, t: f"{static['name']}-{t}")(cfg, ctx.get_trial_id())
+    outcome = engine.fit(cfg, run_name=run_name, parent_run_id=static.get("parent_run_id"), in_tune=True,
+                         tags={"metaensemble.trial_id": ctx.get_trial_id()})
+    on_done = static.get("on_done")
+    if on_done is not None:
+        on_done(cfg, outcome)
+
+
+def launch(static: dict[str, Any], param_space: dict[str, Any], *, name: str, storage: str,
+           metric: str, mode: str, num_samples: int, max_concurrent: int, scheduler=None, search_alg=None):
+    """Run (or restore) a Tuner over ``trial_driver``; returns the ResultGrid."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, static=static), {"cpu": TRIAL_DRIVER_CPU})
+    path = os.path.join(storage, name)
+    if tune.Tuner.can_restore(path):
+        print(f"restoring interrupted sweep from {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, scheduler=scheduler,
+                                        search_alg=search_alg, max_concurrent_trials=max_concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=storage),
+        )
+    return tuner.fit()
+
+
+def run_sweep(space: SearchSpace, extra_overrides: list[str] | None = None) -> SweepOutcome:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    base = space.base_config(extra_overrides)
+    engine.validate(base)
+    if space.search.name == "optuna" and any("grid" in d for d in space.params.values()):
+        raise SearchSpaceError(f"{space.source}: optuna search cannot take grid params; use choice")
+    uri = tracking.ensure_tracking()
+    engine.ensure_ray()
+    client = tracking.client(uri)
+    experiment = f"{base.data.name}/sweep-{space.name}"
+    parent_key = f"sweep-{space.name}-{space.spec_hash()}-{base.config_hash()}"
+    exp_id = tracking.experiment_id(client, experiment)
+    parent = tracking.find_run(client, exp_id, parent_key)
+    if parent is None:
+        parent = client.create_run(exp_id, run_name=parent_key, tags={tracking.runs.TAG_KEY: parent_key,
+                                                                      "metaensemble.sweep": space.name})
+        with tempfile.TemporaryDirectory() as d:
+            save_config(base, Path(d) / "base_config.yaml")
+            client.log_artifact(parent.info.run_id, str(Path(d) / "base_config.yaml"))
+        if space.source:
+            client.log_artifact(parent.info.run_id, space.source)
+        client.log_batch(parent.info.run_id, params=[
+            Param(k, str(v)[:6000]) for k, v in
+            {"metric": space.metric, "mode": space.mode, "num_samples": space.num_samples,
+             "scheduler": space.scheduler.name, "search": space.search.name,
+             **{f"space.{k}": v for k, v in space.params.items()}}.items()
+        ])
+    parent_id = parent.info.run_id
+    client.update_run(parent_id, status="RUNNING")
+
+    max_t = space.scheduler.max_t or base.train.epochs
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=space.scheduler.grace_period,
+                               reduction_factor=space.scheduler.reduction_factor)
+                 if space.scheduler.name == "asha" else FIFOScheduler())
+    n_conc = concurrency(base, space.max_concurrent_trials)
+    search_alg = None
+    if space.search.name == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = ConcurrencyLimiter(OptunaSearch(seed=space.search.seed), max_concurrent=n_conc)
+    else:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=space.search.seed)
+    static = {"base": base.to_dict(), "experiment": experiment, "tracking_uri": uri, "parent_run_id": parent_id,
+              "name": space.name}
+    storage = os.path.join(base.resolved_storage_path(), "sweeps")
+    print(f"sweep {space.name}: {space.num_samples} trials, up to {n_conc} at once, "
+          f"{space.scheduler.name} on {space.metric} ({space.mode}); MLflow parent run {parent_id}", flush=True)
+    try:
+        grid = launch(static, {"params": {k: _domain(d) for k, d in space.params.items()}}, name=parent_key,
+                      storage=storage, metric=space.metric, mode=space.mode, num_samples=space.num_samples,
+                      max_concurrent=n_conc, scheduler=scheduler, search_alg=search_alg)
+    except BaseException:
+        client.set_terminated(parent_id, status="FAILED")
+        raise
+    return _close(client, exp_id, parent_id, space, grid, storage)
+
+
+def _close(client, exp_id: str, parent_id: str, space: SearchSpace, grid, storage: str) -> SweepOutcome:
+    """Mark trials stopped by the scheduler as KILLED, log the summary on the parent."""
+    trials = []
+    for r in grid:
+        m = r.metrics or {}
+        trials.append({"trial_id": m.get("trial_id"), "params": r.config.get("params", {}),
+                       "epochs": m.get("epoch"), space.metric: m.get(space.metric),
+                       "done": bool(m.get("final")), "error": str(r.error) if r.error else None})
+    for child in tracking.child_runs(client, exp_id, parent_id):
+        if child.info.status == "RUNNING":
+            client.set_terminated(child.info.run_id, status="KILLED")
+            tracking.set_tags(client, child.info.run_id, {"metaensemble.stopped_early": "true"})
+    ok = [t for t in trials if t[space.metric] is not None]
+    if not ok:
+        client.set_terminated(parent_id, status="FAILED")
+        raise RuntimeError(f"sweep {space.name}: no trial reported {space.metric}; errors: "
+                           f"{[t['error'] for t in trials if t['error']]}")
+    pick = max if space.mode == "max" else min
+    best = pick(ok, key=lambda t: t[space.metric])
+    tracking.log_metrics(client, parent_id, {f"best_{space.metric}": best[space.metric],
+                                             "trials_stopped_early": sum(not t["done"] for t in trials)})
+    tracking.set_tags(client, parent_id, {f"best.{k}": v for k, v in best["params"].items()})
+    client.log_dict(parent_id, {"trials": trials, "best": best}, "sweep_results.json")
+    client.set_terminated(parent_id, status="FINISHED")
+    return SweepOutcome(parent_id, exp_id, best["params"], float(best[space.metric]), trials, storage)
+
+
+def format_trials(outcome: SweepOutcome, metric: str) -> str:
+    keys = sorted({k for t in outcome.trials for k in t["params"]})
+    head = f"{'trial':<12} " + " ".join(f"{k:>22}" for k in keys) + f" {'epochs':>6} {metric:>9}  status"
+    lines = [head]
+    for t in sorted(outcome.trials, key=lambda t: -math.inf if t[metric] is None else t[metric], reverse=True):
+        vals = " ".join(f"{_fmt(t['params'].get(k)):>22}" for k in keys)
+        status = "done" if t["done"] else ("error" if t["error"] else "stopped early")
+        lines.append(f"{str(t['trial_id']):<12} {vals} {str(t['epochs']):>6} {_fmt(t[metric]):>9}  {status}")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

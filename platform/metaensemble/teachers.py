@@ -1,0 +1,59 @@
+"""Build a teacher zoo: N seeds of one (dataset, arch), trained by the engine, logged
+and registered as versions of ``teacher.<dataset>.<arch>``. Idempotent: seeds already
+registered are skipped; an interrupted build resumes."""
+
+from __future__ import annotations
+
+from metaensemble import engine, tracking
+from metaensemble.config import Config
+from metaensemble.tracking import TeacherZoo
+
+
+def _teacher_run_name(cfg: Config, trial_id: str) -> str:
+    return cfg.run_key()  # by seed and config: a rerun reuses the same run
+
+
+def register_teacher(cfg: Config, outcome: engine.RunOutcome) -> None:
+    zoo = TeacherZoo(cfg.data.name, cfg.model.name)
+    if cfg.seed in zoo.seeds():
+        return
+    metrics = dict(outcome.metrics)
+    if "test_acc" not in metrics:  # finished in an earlier call: read what rank 0 logged
+        metrics.update(tracking.client().get_run(outcome.run_id).data.metrics)
+    zoo.register(outcome.run_id, cfg.seed, cfg.config_hash(), metrics)
+
+
+def train_zoo(cfg: Config) -> TeacherZoo:
+    """Train and register the seeds ``zoo.first_seed .. + zoo.num_teachers`` that the
+    registry lacks, as many at once as the cluster allows (``zoo.max_concurrent``)."""
+    from metaensemble.sweep import concurrency, launch
+
+    engine.validate(cfg)
+    uri = tracking.ensure_tracking()
+    engine.ensure_ray()
+    zoo = TeacherZoo(cfg.data.name, cfg.model.name, uri)
+    wanted = list(range(cfg.zoo.first_seed, cfg.zoo.first_seed + cfg.zoo.num_teachers))
+    have = zoo.seeds()
+    missing = [s for s in wanted if s not in have]
+    print(f"teacher zoo {zoo.name}: {len(wanted) - len(missing)} of {len(wanted)} seeds registered; "
+          f"training {len(missing)}: {missing}", flush=True)
+    if not missing:
+        return zoo
+    n_conc = concurrency(cfg, cfg.zoo.max_concurrent)
+    if n_conc == 1 or len(missing) == 1:
+        for seed in missing:
+            c = cfg.with_overrides({"seed": seed})
+            register_teacher(c, engine.fit(c))
+        return zoo
+    from ray import tune
+
+    static = {"base": cfg.to_dict(), "experiment": cfg.experiment_name, "tracking_uri": uri, "name": "zoo",
+              "run_name_fn": _teacher_run_name, "on_done": register_teacher}
+    name = f"zoo-{cfg.data.name}-{cfg.model.name}-{cfg.config_hash()}-seeds{'_'.join(map(str, missing))}"
+    grid = launch(static, {"params": {"seed": tune.grid_search(missing)}}, name=name[:180],
+                  storage=f"{cfg.resolved_storage_path()}/zoo", metric="val_acc", mode="max",
+                  num_samples=1, max_concurrent=n_conc)
+    errors = [r.error for r in grid if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} teacher run(s) failed; first: {errors[0]}")
+    return zoo

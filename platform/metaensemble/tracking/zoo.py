@@ -1,0 +1,123 @@
+"""The teacher zoo: registered models ``teacher.<dataset>.<arch>``, one version a seed.
+
+    zoo = TeacherZoo("digits", "convnet")
+    for t in zoo.teachers():            # TeacherEntry: version, seed, run_id, metrics...
+        model = zoo.load(t)             # rebuilt from safetensors, never unpickled
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from metaensemble.errors import ZooError
+
+METRIC_TAGS = ("val_acc", "val_nll", "test_acc", "test_nll", "test_ece", "test_cnll", "test_cece")
+
+
+def registered_name(dataset: str, arch: str) -> str:
+    return f"teacher.{dataset}.{arch}"
+
+
+@dataclass(frozen=True)
+class TeacherEntry:
+    name: str
+    version: int
+    seed: int
+    run_id: str
+    source: str
+    config_hash: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+class TeacherZoo:
+    def __init__(self, dataset: str, arch: str, tracking_uri: str | None = None) -> None:
+        import mlflow
+
+        self.dataset, self.arch = dataset, arch
+        self.name = registered_name(dataset, arch)
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+
+    def exists(self) -> bool:
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            return False
+        return True
+
+    def teachers(self) -> list[TeacherEntry]:
+        """Every registered teacher, one per seed (the newest version wins), by seed."""
+        if not self.exists():
+            return []
+        by_seed: dict[int, TeacherEntry] = {}
+        for v in self.client.search_model_versions(f"name='{self.name}'"):
+            if v.status != "READY" or "seed" not in v.tags:
+                continue
+            e = TeacherEntry(
+                name=self.name, version=int(v.version), seed=int(v.tags["seed"]), run_id=v.run_id or "",
+                source=v.source, config_hash=v.tags.get("config_hash", ""),
+                metrics={k: float(v.tags[k]) for k in METRIC_TAGS if k in v.tags},
+            )
+            if e.seed not in by_seed or e.version > by_seed[e.seed].version:
+                by_seed[e.seed] = e
+        return [by_seed[s] for s in sorted(by_seed)]
+
+    def seeds(self) -> set[int]:
+        return {t.seed for t in self.teachers()}
+
+    def require(self, n: int) -> list[TeacherEntry]:
+        found = self.teachers()
+        if len(found) < n:
+            raise ZooError(f"zoo {self.name} has {len(found)} teachers, {n} needed; train more with jobs/train_teachers.py")
+        return found
+
+    def register(self, run_id: str, seed: int, config_hash: str, metrics: dict[str, Any],
+                 artifact_path: str = "model") -> TeacherEntry:
+        """Register ``runs:/<run_id>/<artifact_path>`` as a new version for ``seed``."""
+        try:
+            self.client.create_registered_model(
+                self.name, description=f"Teachers for {self.dataset} / {self.arch}, one version per seed."
+            )
+        except MlflowException:
+            pass  # already there (possibly created by a concurrent trial)
+        tags = {"seed": str(seed), "config_hash": config_hash, "dataset": self.dataset, "arch": self.arch}
+        tags.update({k: f"{float(metrics[k]):.6f}" for k in METRIC_TAGS if k in metrics})
+        mv = self.client.create_model_version(self.name, f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags)
+        return TeacherEntry(self.name, int(mv.version), seed, run_id, mv.source, config_hash,
+                            {k: float(metrics[k]) for k in METRIC_TAGS if k in metrics})
+
+    def download(self, entry: TeacherEntry, dst: str | Path | None = None) -> Path:
+        """A local folder with the teacher's model.safetensors + model.json."""
+        import mlflow
+
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"runs:/{entry.run_id}/model", dst_path=str(dst) if dst else None,
+            tracking_uri=self.tracking_uri,
+        ))
+
+    def load(self, entry: TeacherEntry) -> nn.Module:
+        from metaensemble.models import load
+
+        return load(self.download(entry), expect_arch=self.arch)
+
+    def table(self) -> str:
+        rows = self.teachers()
+        head = f"{'seed':>5} {'version':>7} {'val_acc':>8} {'test_acc':>8} {'test_nll':>8} {'test_ece':>8}  run_id"
+        lines = [f"teacher zoo {self.name}: {len(rows)} teachers", head]
+        for t in rows:
+            m = t.metrics
+            lines.append(
+                f"{t.seed:>5} {t.version:>7} {m.get('val_acc', float('nan')):>8.4f} {m.get('test_acc', float('nan')):>8.4f} "
+                f"{m.get('test_nll', float('nan')):>8.4f} {m.get('test_ece', float('nan')):>8.4f}  {t.run_id}"
+            )
+        return "\n".join(lines)
