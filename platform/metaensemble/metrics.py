@@ -18,7 +18,7 @@ EPS = 1e-8
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((probs.argmax(dim=1) == labels).float().mean())
+    return float((probs.argmax(dim=1) == labels).double().mean())
 
 
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -34,7 +34,10 @@ def ece_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> tor
     """
     conf, pred = probs.max(dim=1)
     correct = (pred == labels).double()
-    idx = (torch.ceil(conf.double() * n_bins) - 1).clamp(0, n_bins - 1).long()
+    # bucketize(right=False) gives i with edge[i-1] < conf <= edge[i]: right-closed bins.
+    # The inner edges are made in conf's dtype so a confidence of exactly k/n lands in bin k-1.
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:-1].to(conf.dtype)
+    idx = torch.bucketize(conf, edges, right=False)
     out = torch.zeros(n_bins, 3, dtype=torch.float64)
     out[:, 0].index_add_(0, idx, torch.ones_like(correct))
     out[:, 1].index_add_(0, idx, conf.double())

@@ -27,15 +27,13 @@ from metaensemble.errors import DataError
 SPLITS = ("train", "val", "test")
 
 
-def _as_uint8_batches(split, batch: int = 1024):
-    """Yield (images uint8 [b,C,H,W], labels, index) from an ArraySplit or a Dataset."""
-    if isinstance(split, ArraySplit):
-        for s in range(0, len(split), batch):
-            yield split.images[s : s + batch].numpy(), split.labels[s : s + batch].numpy(), split.index[s : s + batch].numpy()
-        return
-    # A map-style dataset of normalised float images (imagefolder): store its eval view
-    # as uint8 after undoing nothing: parquet sources must be ArraySplits or raw images.
-    raise DataError("parquet export needs an in-memory dataset (digits, synthetic, cifar10, cifar100)")
+def _chunks(split, rows: int):
+    """(images uint8 [b,C,H,W], labels, index) chunks of at most ``rows`` examples."""
+    if not isinstance(split, ArraySplit):
+        raise DataError("parquet export needs an in-memory dataset (digits, synthetic, cifar10, cifar100)")
+    for s in range(0, len(split), rows):
+        yield (split.images[s : s + rows].numpy(), split.labels[s : s + rows].numpy(),
+               split.index[s : s + rows].numpy())
 
 
 def write_parquet(splits: DataSplits, root: str | Path, rows_per_shard: int = 50_000) -> Path:
@@ -52,24 +50,15 @@ def write_parquet(splits: DataSplits, root: str | Path, rows_per_shard: int = 50
     counts = {}
     for name in SPLITS:
         (tmp / name).mkdir(parents=True)
-        rows, shard_id, pending = 0, 0, []
-        for images, labels, index in _as_uint8_batches(getattr(splits, name)):
-            flat = images.reshape(len(images), -1)
-            pending.append(
-                pa.table(
-                    {
-                        "image": pa.array([r.tobytes() for r in flat], type=pa.binary()),
-                        "label": pa.array(labels, type=pa.int64()),
-                        "index": pa.array(index, type=pa.int64()),
-                    }
-                )
-            )
+        rows = 0
+        for shard_id, (images, labels, index) in enumerate(_chunks(getattr(splits, name), rows_per_shard)):
+            table = pa.table({
+                "image": pa.array([r.tobytes() for r in images.reshape(len(images), -1)], type=pa.binary()),
+                "label": pa.array(labels, type=pa.int64()),
+                "index": pa.array(index, type=pa.int64()),
+            })
+            pq.write_table(table, tmp / name / f"part-{shard_id:05d}.parquet")
             rows += len(labels)
-            if sum(t.num_rows for t in pending) >= rows_per_shard:
-                pq.write_table(pa.concat_tables(pending), tmp / name / f"part-{shard_id:05d}.parquet")
-                shard_id, pending = shard_id + 1, []
-        if pending:
-            pq.write_table(pa.concat_tables(pending), tmp / name / f"part-{shard_id:05d}.parquet")
         counts[name] = rows
     meta = {"info": splits.info.to_dict(), "sizes": counts, "format": "uint8-chw"}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -62,6 +62,14 @@ def concurrency(cfg: Config, requested: int = 0) -> int:
     return max(1, int(n))
 
 
+def _max_epochs(space: SearchSpace, base: Config) -> int:
+    dist = space.params.get("train.epochs")
+    if dist is None:
+        return base.train.epochs
+    kind, arg = next(iter(dist.items()))
+    return int(max(arg))
+
+
 def trial_driver(params: dict[str, Any], static: dict[str, Any]) -> None:
     """One trial: the base config + this trial's sampled params, trained by the engine."""
     from ray import tune
@@ -92,7 +100,8 @@ def launch(static: dict[str, Any], param_space: dict[str, Any], *, name: str, st
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, scheduler=scheduler,
-                                        search_alg=search_alg, max_concurrent_trials=max_concurrent),
+                                        search_alg=search_alg,
+                                        max_concurrent_trials=None if search_alg else max_concurrent),
             run_config=tune.RunConfig(name=name, storage_path=storage),
         )
     return tuner.fit()
@@ -129,8 +138,10 @@ def run_sweep(space: SearchSpace, extra_overrides: list[str] | None = None) -> S
     parent_id = parent.info.run_id
     client.update_run(parent_id, status="RUNNING")
 
-    max_t = space.scheduler.max_t or base.train.epochs
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=space.scheduler.grace_period,
+    max_t = space.scheduler.max_t or _max_epochs(space, base)
+    # ASHA stops every trial that reaches max_t; one past the last epoch keeps it from
+    # cutting a trial between its last epoch and its final evaluation (model + test metrics).
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=max_t + 1, grace_period=space.scheduler.grace_period,
                                reduction_factor=space.scheduler.reduction_factor)
                  if space.scheduler.name == "asha" else FIFOScheduler())
     n_conc = concurrency(base, space.max_concurrent_trials)
@@ -143,7 +154,7 @@ def run_sweep(space: SearchSpace, extra_overrides: list[str] | None = None) -> S
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=space.search.seed)
+        search_alg = BasicVariantGenerator(random_state=space.search.seed, max_concurrent=n_conc)
     static = {"base": base.to_dict(), "experiment": experiment, "tracking_uri": uri, "parent_run_id": parent_id,
               "name": space.name}
     storage = os.path.join(base.resolved_storage_path(), "sweeps")
@@ -167,8 +178,11 @@ def _close(client, exp_id: str, parent_id: str, space: SearchSpace, grid, storag
         trials.append({"trial_id": m.get("trial_id"), "params": r.config.get("params", {}),
                        "epochs": m.get("epoch"), space.metric: m.get(space.metric),
                        "done": bool(m.get("final")), "error": str(r.error) if r.error else None})
+    stopped_ids = {t["trial_id"] for t in trials if not t["done"] and not t["error"]}
     for child in tracking.child_runs(client, exp_id, parent_id):
-        if child.info.status == "RUNNING":
+        # A trial the scheduler stopped may have been left RUNNING (actor killed) or
+        # FAILED (its fit interrupted); either way it was stopped early, not broken.
+        if child.data.tags.get("metaensemble.trial_id") in stopped_ids or child.info.status == "RUNNING":
             client.set_terminated(child.info.run_id, status="KILLED")
             tracking.set_tags(client, child.info.run_id, {"metaensemble.stopped_early": "true"})
     ok = [t for t in trials if t[space.metric] is not None]

@@ -1,0 +1,164 @@
+"""Every dataset in the registry, on files the tests write in the real formats."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from metaensemble import data
+from metaensemble.config import DataConfig
+from metaensemble.data.parquet import load_parquet_arrays, write_parquet
+from metaensemble.errors import DataError
+
+
+def write_cifar(root, name="cifar10", n_per_batch=20, n_test=30, seed=0):
+    """Tiny CIFAR files in the python-pickle layout (bytes keys, as the originals)."""
+    rng = np.random.default_rng(seed)
+    if name == "cifar10":
+        d = root / "cifar-10-batches-py"
+        d.mkdir(parents=True)
+        files, key, k = [f"data_batch_{i}" for i in range(1, 6)], b"labels", 10
+    else:
+        d = root / "cifar-100-python"
+        d.mkdir(parents=True)
+        files, key, k = ["train"], b"fine_labels", 100
+    blobs = {}
+    for f in files + (["test_batch"] if name == "cifar10" else ["test"]):
+        n = n_test if f.startswith("test") else n_per_batch
+        blob = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: rng.integers(0, k, n).tolist()}
+        (d / f).write_bytes(pickle.dumps(blob, protocol=2))
+        blobs[f] = blob
+    return blobs
+
+
+def write_imagefolder(root, classes=("cat", "dog", "owl"), per_class=6, size=20):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class if split == "train" else 2):
+                Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def _disjoint(s: data.DataSplits) -> bool:
+    return not (set(s.train.index.tolist()) & set(s.val.index.tolist()))
+
+
+def test_digits_splits_are_deterministic_disjoint_and_complete():
+    a, b = data.load(DataConfig()), data.load(DataConfig())
+    assert a.sizes() == b.sizes() and sum(a.sizes().values()) == 1797
+    assert torch.equal(a.train.index, b.train.index) and torch.equal(a.val.images, b.val.images)
+    ids = [set(x.index.tolist()) for x in (a.train, a.val, a.test)]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    assert a.info.num_classes == 10 and a.train.images.shape[1:] == (1, 8, 8)
+    assert a.train.images.max() == 255  # digit value 16 maps to 255
+    c = data.load(DataConfig(split_seed=1))
+    assert not torch.equal(c.val.index, a.val.index)
+
+
+def test_changing_val_fraction_never_moves_test_examples():
+    a, b = data.load(DataConfig(val_fraction=0.1)), data.load(DataConfig(val_fraction=0.3))
+    assert torch.equal(a.test.index, b.test.index)
+
+
+def test_synthetic_any_size_and_classes():
+    s = data.load(DataConfig(name="synthetic", image_size=24, num_classes=7, num_samples=140, channels=2))
+    assert s.info.num_classes == 7 and s.train.images.shape[1:] == (2, 24, 24)
+    assert set(s.train.labels.tolist()) <= set(range(7))
+    again = data.load(DataConfig(name="synthetic", image_size=24, num_classes=7, num_samples=140, channels=2))
+    assert torch.equal(s.test.images, again.test.images)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_reads_python_format_and_holds_out_last_val(tmp_path, name):
+    blobs = write_cifar(tmp_path, name)
+    s = data.load(DataConfig(name=name, root=str(tmp_path), val_fraction=0.2))
+    n_train = 100 if name == "cifar10" else 20
+    assert s.sizes() == {"train": int(n_train * 0.8), "val": int(n_train * 0.2), "test": 30}
+    first = next(iter(blobs.values()))
+    img0 = torch.from_numpy(first[b"data"][0].reshape(3, 32, 32))
+    assert torch.equal(s.train.images[0], img0)
+    # val is the *last* part of the official train split
+    assert s.val.index.min() == s.train.index.max() + 1
+    assert s.info.num_classes == (10 if name == "cifar10" else 100)
+
+
+def test_cifar_missing_root_names_expected_layout(tmp_path):
+    with pytest.raises(DataError, match=r"cifar-10-batches-py.*data_batch_1"):
+        data.check(DataConfig(name="cifar10", root=str(tmp_path / "nowhere")))
+    with pytest.raises(DataError, match="needs data.root"):
+        data.check(DataConfig(name="cifar100"))
+
+
+def test_cifar_reader_refuses_code_in_pickles(tmp_path):
+    write_cifar(tmp_path)
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    with pytest.raises(DataError, match="not allowed"):
+        data.load(DataConfig(name="cifar10", root=str(tmp_path)))
+
+
+def test_imagefolder_layout_transforms_and_held_out_val(tmp_path):
+    write_imagefolder(tmp_path)
+    s = data.load(DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.2))
+    assert s.info.num_classes == 3 and s.info.family == "imagenet"
+    assert s.sizes() == {"train": 14, "val": 4, "test": 6}
+    x, y, idx = s.train[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert set(s.train.indices).isdisjoint(s.val.indices)
+    batch = next(iter(data.DatasetLoader(s.val, 4)))
+    assert batch["x"].shape == (4, 3, 16, 16)
+
+
+def test_imagefolder_missing_val_folder(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"val not found; expected the ImageNet layout"):
+        data.check(DataConfig(name="imagefolder", root=str(tmp_path)))
+
+
+def test_parquet_round_trip_is_exact_and_atomic(tmp_path):
+    src = data.load(DataConfig())
+    out = write_parquet(src, tmp_path / "pq", rows_per_shard=500)
+    assert not (tmp_path / "pq.partial").exists()
+    assert len(list((out / "train").glob("*.parquet"))) == 3  # 1294 rows / 500 per shard
+    back = load_parquet_arrays(DataConfig(name="parquet", root=str(out)))
+    assert back.info == src.info
+    for split in ("train", "val", "test"):
+        a, b = getattr(src, split), getattr(back, split)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.index, b.index)
+    with pytest.raises(DataError, match="not empty"):
+        write_parquet(src, out)
+
+
+def test_parquet_missing_meta(tmp_path):
+    with pytest.raises(DataError, match=r"meta.json not found.*prepare_data"):
+        data.check(DataConfig(name="parquet", root=str(tmp_path)))
+
+
+def test_array_loader_shards_are_disjoint_and_equal_length():
+    s = data.load(DataConfig())
+    loaders = [data.ArrayLoader(s.train, s.info, 32, rank=r, world_size=2, shuffle=True, seed=3, drop_last=True)
+               for r in range(2)]
+    seen = [torch.cat([b["index"] for b in ld]) for ld in loaders]
+    assert len(seen[0]) == len(seen[1]) == (len(s.train) // 2 // 32) * 32
+    assert not set(seen[0].tolist()) & set(seen[1].tolist())
+    loaders[0].set_epoch(1)
+    assert not torch.equal(torch.cat([b["index"] for b in loaders[0]]), seen[0])  # reshuffled per epoch
+
+
+def test_augmentation_keeps_shape_and_changes_pixels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    y = data.augment_batch(x, "cifar", g)
+    assert y.shape == x.shape and y.dtype == torch.uint8 and not torch.equal(x, y)
+    assert torch.equal(data.augment_batch(x, "synthetic", g), x)

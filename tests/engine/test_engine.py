@@ -1,0 +1,169 @@
+"""The engine on a real local Ray instance (gloo DDP) with a real MLflow server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from metaensemble import data, tracking
+from metaensemble.config import DataConfig
+from metaensemble.data.parquet import write_parquet
+from metaensemble.engine import fit
+from metaensemble.errors import ConfigError, DataError
+from metaensemble.methods import Method
+from metaensemble.models import unwrap
+
+
+class RecordingMethod(Method):
+    """Supervised training that also records, per rank and epoch, which examples the
+    rank trained on and its parameters afterwards (and can be slowed down)."""
+
+    def __init__(self, cfg, out_dir, sleep: float = 0.0) -> None:
+        super().__init__(cfg)
+        self.out_dir, self.sleep, self._seen = str(out_dir), sleep, []
+
+    def training_step(self, model, batch):
+        self._seen.append(batch["index"].clone())
+        if self.sleep:
+            time.sleep(self.sleep)
+        return super().training_step(model, batch)
+
+    def on_epoch_end(self, model, epoch, rank):
+        params = torch.cat([p.detach().flatten().cpu() for p in unwrap(model).parameters()])
+        save_file({"seen": torch.cat(self._seen), "params": params},
+                  os.path.join(self.out_dir, f"rank{rank}-epoch{epoch}-pid{os.getpid()}.safetensors"))
+        self._seen = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _pickle_this_module_by_value():
+    # Ray workers cannot import test modules; ship RecordingMethod's code with it.
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def _records(out: Path):
+    recs = []
+    for f in sorted(out.glob("*.safetensors")):
+        rank, epoch, pid = (int(p[len(k):]) for p, k in zip(f.stem.split("-"), ("rank", "epoch", "pid")))
+        recs.append({"rank": rank, "epoch": epoch, "pid": pid, **load_file(str(f))})
+    return recs
+
+
+def _runs_with_key(cfg, run_key):
+    c = tracking.client()
+    exp = c.get_experiment_by_name(cfg.experiment_name)
+    return c.search_runs([exp.experiment_id], f"tags.`metaensemble.run_key` = '{run_key}'")
+
+
+def test_two_worker_gloo_ddp_identical_params_and_disjoint_halves(ray_local, digits_cfg, tmp_path):
+    cfg = digits_cfg("scaling.num_workers=2", "train.epochs=2")
+    out = tmp_path / "rec"
+    out.mkdir()
+    outcome = fit(cfg, method=RecordingMethod(cfg, out))
+    recs = _records(out)
+    assert {(r["rank"], r["epoch"]) for r in recs} == {(0, 0), (1, 0), (0, 1), (1, 1)}
+    n_train = len(data.load(cfg.data).train)
+    for epoch in (0, 1):
+        r0, r1 = (next(r for r in recs if r["rank"] == k and r["epoch"] == epoch) for k in (0, 1))
+        s0, s1 = set(r0["seen"].tolist()), set(r1["seen"].tolist())
+        assert len(s0) == len(r0["seen"]) and not (s0 & s1), "ranks must see disjoint examples"
+        assert len(s0) == len(s1) >= n_train // 2 - cfg.data.batch_size, "each rank sees about half the data"
+        assert torch.equal(r0["params"], r1["params"]), "DDP must keep both ranks' parameters identical"
+    assert outcome.metrics["test_acc"] > 0.5 and not outcome.skipped
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint_in_same_mlflow_run(ray_local, digits_cfg, tmp_path):
+    cfg = digits_cfg("train.epochs=6", "scaling.max_failures=2")
+    out = tmp_path / "rec"
+    out.mkdir()
+    run_dir = Path(cfg.resolved_storage_path()) / cfg.run_key()
+    killed: list[int] = []
+
+    def kill_after_two_checkpoints():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if len(list(run_dir.glob("checkpoint_*"))) >= 2 and (recs := list(out.glob("rank0-epoch2-*"))):
+                pid = int(recs[0].stem.split("pid")[1])
+                os.kill(pid, signal.SIGKILL)  # the RayTrainWorker process, mid epoch 3 or 4
+                killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_two_checkpoints, daemon=True)
+    killer.start()
+    outcome = fit(cfg, method=RecordingMethod(cfg, out, sleep=0.08))
+    killer.join(timeout=5)
+    assert killed, "the worker was never killed"
+    recs = _records(out)
+    pids = sorted({r["pid"] for r in recs})
+    assert len(pids) == 2 and killed[0] in pids
+    after = [r for r in recs if r["pid"] != killed[0]]
+    assert min(r["epoch"] for r in after) >= 2, "training restarted from scratch instead of the checkpoint"
+    assert max(r["epoch"] for r in after) == cfg.train.epochs - 1
+    runs = _runs_with_key(cfg, cfg.run_key())
+    assert len(runs) == 1 and runs[0].info.run_id == outcome.run_id
+    assert runs[0].info.status == "FINISHED"
+    assert int(runs[0].data.tags["metaensemble.resumed_from_epoch"]) >= 2
+    assert "test_acc" in runs[0].data.metrics
+
+    # The same command again: nothing is retrained, nothing new is written.
+    n_files, n_ckpts = len(list(out.iterdir())), len(list(run_dir.glob("checkpoint_*")))
+    again = fit(cfg, method=RecordingMethod(cfg, out))
+    assert again.skipped and again.run_id == outcome.run_id
+    assert again.metrics["test_acc"] == pytest.approx(runs[0].data.metrics["test_acc"])
+    assert len(list(out.iterdir())) == n_files and len(list(run_dir.glob("checkpoint_*"))) == n_ckpts
+    assert len(_runs_with_key(cfg, cfg.run_key())) == 1
+
+
+def test_parquet_shards_stream_through_ray_data_into_ddp_training(ray_local, digits_cfg, tmp_path):
+    root = write_parquet(data.load(DataConfig()), tmp_path / "pq", rows_per_shard=300)
+    cfg = digits_cfg("data.name=parquet", f"data.root={root}", "scaling.num_workers=2", "train.epochs=5",
+                     "model.kwargs.width=16")
+    out = tmp_path / "rec"
+    out.mkdir()
+    outcome = fit(cfg, method=RecordingMethod(cfg, out))
+    recs = _records(out)
+    for epoch in range(cfg.train.epochs):
+        s0, s1 = (set(next(r for r in recs if r["rank"] == k and r["epoch"] == epoch)["seen"].tolist()) for k in (0, 1))
+        assert s0 and s1 and not (s0 & s1), "Ray Data shards must be disjoint"
+    assert outcome.metrics["test_acc"] > 0.85, outcome.metrics
+
+
+def test_same_seed_same_result_on_cpu(ray_local, digits_cfg, tmp_path):
+    a = fit(digits_cfg("train.epochs=1", f"storage_path={tmp_path / 'a'}"))
+    b = fit(digits_cfg("train.epochs=1", f"storage_path={tmp_path / 'b'}"))
+    assert a.run_id != b.run_id
+    for k in ("val_nll", "test_nll", "test_acc"):
+        assert a.metrics[k] == b.metrics[k]
+
+
+def _mlflow_state():
+    c = tracking.client()
+    exps = c.search_experiments()
+    return sorted(e.name for e in exps), len(c.search_runs([e.experiment_id for e in exps])) if exps else 0
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (["data.name=cifar10", "data.root=/no/such/dir"], DataError, r"cifar-10-batches-py"),
+    (["model.kwargs.depth=3"], ConfigError, r"'convnet' does not take depth; it takes: .*width"),
+    (["train.select_metric=test_acc"], ConfigError, r"select_metric must be one of val_acc"),
+])
+def test_bad_input_fails_before_anything_is_written(ray_local, digits_cfg, tmp_path, overrides, error, match):
+    before = _mlflow_state()
+    cfg = digits_cfg(*overrides)
+    with pytest.raises(error, match=match):
+        fit(cfg)
+    assert _mlflow_state() == before
+    assert not (tmp_path / "ray").exists()

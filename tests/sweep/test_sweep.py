@@ -1,0 +1,89 @@
+"""Search-space validation (no Ray) and a real ASHA sweep of engine runs on digits."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import yaml
+
+from metaensemble import tracking
+from metaensemble.errors import SearchSpaceError
+from metaensemble.sweep import load_space, run_sweep
+
+
+def _space(tmp_path, **changes):
+    d = {
+        "name": f"t{uuid.uuid4().hex[:6]}",
+        "base": "configs/teachers/digits.yaml",
+        "overrides": {"storage_path": str(tmp_path / "ray"), "model.kwargs.width": 8, "train.epochs": 6},
+        "metric": "val_acc", "mode": "max", "num_samples": 1, "max_concurrent_trials": 2,
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        "params": {"optim.lr": {"grid": [0.1, 0.05, 1.0e-5, 2.0e-5]}},
+    }
+    d.update(changes)
+    p = tmp_path / f"{d['name']}.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def test_shipped_teacher_space_is_valid():
+    space = load_space("search_spaces/teacher.yaml")
+    assert space.metric == "val_acc" and set(space.params) == {"optim.lr", "optim.weight_decay", "train.epochs"}
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"metric": "test_acc"}, r"metric must be a validation metric"),
+    ({"params": {"optim.lrr": {"uniform": [0.1, 0.2]}}}, r"unknown config key 'optim.lrr'; valid keys here: .*lr"),
+    ({"params": {"optim.lr": {"gaussian": [0.1, 0.2]}}}, r"expected one of \{uniform, loguniform, choice, randint, grid\}"),
+    ({"params": {"optim.lr": {"loguniform": [0.0, 0.2]}}}, r"low must be > 0"),
+    ({"params": {"optim.lr": {"uniform": [0.3, 0.2]}}}, r"low < high"),
+    ({"params": {}}, r"params is empty"),
+    ({"schedular": {"name": "asha"}}, r"unknown key 'schedular'"),
+    ({"scheduler": {"name": "pbt"}}, r"scheduler.name"),
+    ({"base": "configs/nope.yaml"}, r"config file not found"),
+    ({"params": {"optim.lr": {"choice": [0.1, "fast"]}}}, r"optim.lr"),
+])
+def test_invalid_space_files_name_the_problem(tmp_path, changes, match):
+    with pytest.raises(SearchSpaceError, match=match):
+        load_space(_space(tmp_path, **changes))
+
+
+def test_missing_and_malformed_space_files(tmp_path):
+    with pytest.raises(SearchSpaceError, match=r"not found; shipped: .*teacher.yaml"):
+        load_space(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed")
+    with pytest.raises(SearchSpaceError, match="not valid YAML"):
+        load_space(tmp_path / "bad.yaml")
+
+
+def test_asha_sweep_stops_trials_early_with_one_child_run_per_trial(ray_local, tmp_path):
+    space = load_space(_space(tmp_path))
+    outcome = run_sweep(space)
+    assert len(outcome.trials) == 4
+    stopped = [t for t in outcome.trials if not t["done"]]
+    assert stopped, "ASHA should stop the trials whose learning rate cannot learn"
+    assert all(t["epochs"] < 6 for t in stopped)
+    assert outcome.best_params["optim.lr"] in (0.1, 0.05)
+
+    c = tracking.client()
+    children = tracking.child_runs(c, outcome.experiment_id, outcome.parent_run_id)
+    assert len(children) == 4
+    by_status = sorted(r.info.status for r in children)
+    assert by_status.count("KILLED") == len(stopped) and by_status.count("FINISHED") == 4 - len(stopped)
+    parent = c.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["best_val_acc"] == outcome.best_metric
+
+    # No placement group of a stopped trial is left holding resources.
+    from ray.util.state import list_placement_groups
+
+    deadline = time.monotonic() + 30
+    while (live := [p for p in list_placement_groups() if p.state == "CREATED"]) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not live, live
+
+    # The same command again restores the finished sweep instead of running new trials.
+    again = run_sweep(space)
+    assert again.parent_run_id == outcome.parent_run_id
+    assert len(tracking.child_runs(c, outcome.experiment_id, outcome.parent_run_id)) == 4

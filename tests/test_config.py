@@ -1,0 +1,59 @@
+import pytest
+import yaml
+
+from metaensemble.config import Config, load_config, parse_overrides, save_config
+from metaensemble.errors import ConfigError
+
+
+def test_yaml_and_overrides_resolve_with_types():
+    cfg = load_config("configs/teachers/digits.yaml", ["optim.lr=1e-3", "train.amp=true", "model.kwargs.width=24"])
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
+    assert cfg.train.amp is True
+    assert cfg.model.kwargs == {"width": 24}
+    assert cfg.data.name == "digits" and cfg.experiment_name == "digits/teachers"
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rate'.*valid keys here:.*\blr\b"):
+        load_config(None, ["optim.learning_rate=0.1"])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.epochz'.*epochs"):
+        load_config(p)
+
+
+def test_wrong_type_and_range_are_errors():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(None, ["train.epochs=zero"])
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(None, ["optim.lr=-1"])
+
+
+def test_unknown_registry_names_list_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown dataset 'mnist'; known datasets: .*digits"):
+        load_config(None, ["data.name=mnist"])
+    with pytest.raises(ConfigError, match=r"unknown model 'vgg99'; known models: .*resnet18"):
+        load_config(None, ["model.name=vgg99"])
+    with pytest.raises(ConfigError, match=r"unknown method 'magic'"):
+        load_config(None, ["method=magic"])
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["train.epochs"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("configs/nope.yaml")
+
+
+def test_saved_config_round_trips_and_hash_tracks_content(tmp_path):
+    cfg = load_config("configs/teachers/digits.yaml", ["seed=3"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = Config.model_validate(yaml.safe_load((tmp_path / "resolved.yaml").read_text()))
+    assert again == cfg
+    assert again.config_hash() == cfg.config_hash()
+    assert cfg.with_overrides({"seed": 4}).config_hash() == cfg.config_hash()  # seed excluded
+    assert cfg.with_overrides({"optim.lr": 0.2}).config_hash() != cfg.config_hash()
+    assert cfg.with_overrides({"seed": 4}).run_key() != cfg.run_key()

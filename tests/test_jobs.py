@@ -1,0 +1,40 @@
+"""The jobs as a user runs them: a fresh process, real Ray, the session's MLflow server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, env_extra, timeout=600):
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["jobs/train_teachers.py", "model.name=nope"], "unknown model 'nope'; known models:"),
+    (["jobs/train_teachers.py", "--config", "configs/missing.yaml"], "config file not found"),
+    (["jobs/train_teachers.py", "data.name=cifar10", "data.root=/nowhere"], "cifar-10-batches-py"),
+    (["jobs/sweep.py", "search_spaces/none.yaml"], "not found; shipped:"),
+    (["jobs/prepare_data.py", "--out", "x", "data.nme=digits"], "unknown config key 'data.nme'"),
+])
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, args, match):
+    home = tmp_path / "mlflow-home"
+    r = _run(args, {"METAENSEMBLE_MLFLOW_HOME": str(home), "MLFLOW_TRACKING_URI": ""}, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and match in r.stderr and "Traceback" not in r.stderr
+    assert not home.exists()
+
+
+def test_train_teachers_job_end_to_end(mlflow_uri, tmp_path):
+    r = _run(["jobs/train_teachers.py", "zoo.num_teachers=2", "train.epochs=1", "model.name=convnet",
+              "model.kwargs.width=4", f"storage_path={tmp_path / 'ray'}", "experiment=jobtest/teachers"],
+             {"MLFLOW_TRACKING_URI": mlflow_uri})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "teacher zoo teacher.digits.convnet: 2 teachers" in r.stdout
+    assert "seed version  val_acc test_acc" in r.stdout

@@ -1,0 +1,49 @@
+"""The teacher zoo: trained through the engine, registered, queried, idempotent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metaensemble import data, metrics, models, tracking
+from metaensemble.teachers import train_zoo
+from metaensemble.tracking import TeacherZoo
+
+
+def test_zoo_trains_missing_seeds_concurrently_registers_and_skips_known(ray_local, digits_cfg):
+    cfg = digits_cfg("zoo.num_teachers=2", "train.epochs=2", "model.name=mlp", "model.kwargs={}")
+    zoo = train_zoo(cfg)
+    entries = zoo.teachers()
+    assert zoo.name == "teacher.digits.mlp" and [e.seed for e in entries] == [0, 1]
+    for e in entries:
+        assert e.config_hash == cfg.config_hash() and {"val_acc", "test_acc", "test_nll", "test_ece"} <= set(e.metrics)
+
+    # A downloaded teacher is the model whose test accuracy was logged.
+    teacher = zoo.load(entries[1])
+    split = data.load(cfg.data)
+    with torch.no_grad():
+        batches = list(data.ArrayLoader(split.test, split.info, 512))
+        logp = torch.cat([torch.log_softmax(teacher(b["x"]), 1) for b in batches])
+        y = torch.cat([b["y"] for b in batches])
+    assert metrics.accuracy(logp.exp(), y) == pytest.approx(entries[1].metrics["test_acc"], abs=1e-6)
+    assert isinstance(models.load(entries[0].uri), torch.nn.Module)  # models:/ URI
+
+    c = tracking.client()
+    exp = c.get_experiment_by_name(cfg.experiment_name)
+    n_runs = len(c.search_runs([exp.experiment_id]))
+    train_zoo(cfg)  # the same command: nothing retrained
+    assert len(c.search_runs([exp.experiment_id])) == n_runs
+    assert [e.version for e in zoo.teachers()] == [e.version for e in entries]
+
+    grown = train_zoo(cfg.with_overrides({"zoo.num_teachers": 3}))  # only seed 2 is new
+    assert [e.seed for e in grown.teachers()] == [0, 1, 2]
+    assert len(c.search_runs([exp.experiment_id])) == n_runs + 1
+
+
+def test_zoo_of_unknown_pair_is_empty_and_require_explains(mlflow_uri):
+    zoo = TeacherZoo("digits", "resnet50")
+    assert zoo.teachers() == [] and not zoo.exists()
+    from metaensemble.errors import ZooError
+
+    with pytest.raises(ZooError, match=r"has 0 teachers, 4 needed.*train_teachers.py"):
+        zoo.require(4)
