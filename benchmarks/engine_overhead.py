@@ -88,9 +88,9 @@ def engine_run(cfg) -> dict:
     c = tracking.client()
     hist = {k: sorted(c.get_metric_history(outcome.run_id, k), key=lambda m: m.step)
             for k in ("train_images_per_s", "epoch_time_s", "train_time_s")}
-    n_imgs = [m.value * t.value for m, t in zip(hist["train_images_per_s"], hist["train_time_s"])]
+    n_imgs = [m.value * t.value for m, t in zip(hist["train_images_per_s"], hist["train_time_s"], strict=True)]
     steady = slice(1, cfg.train.epochs)
-    epoch_rates = [n / e.value for n, e in zip(n_imgs, hist["epoch_time_s"])][steady]
+    epoch_rates = [n / e.value for n, e in zip(n_imgs, hist["epoch_time_s"], strict=True)][steady]
     return {
         "train_images_per_s": statistics.median(m.value for m in hist["train_images_per_s"][steady]),
         "epoch_images_per_s": statistics.median(epoch_rates),

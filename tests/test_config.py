@@ -57,3 +57,16 @@ def test_saved_config_round_trips_and_hash_tracks_content(tmp_path):
     assert cfg.with_overrides({"seed": 4}).config_hash() == cfg.config_hash()  # seed excluded
     assert cfg.with_overrides({"optim.lr": 0.2}).config_hash() != cfg.config_hash()
     assert cfg.with_overrides({"seed": 4}).run_key() != cfg.run_key()
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+
+    from metaensemble.config import REPO_ROOT
+
+    files = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.run_key().startswith(cfg.task), f
+    assert Path(REPO_ROOT / "cluster.yaml").is_file()

@@ -11,7 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from metaensemble.data.core import ArraySplit, DatasetInfo, DataSplits, split_indices
-from metaensemble.data.loaders import ArrayLoader, DatasetLoader, RayShardLoader, augment_batch, normalise
+from metaensemble.data.loaders import (
+    ArrayLoader,
+    DatasetLoader,
+    RayShardLoader,
+    augment_batch,
+    normalise,
+)
 from metaensemble.registry import Registry
 
 

@@ -60,7 +60,7 @@ def load_synthetic(cfg: DataConfig) -> DataSplits:
     labels = labels[torch.randperm(cfg.num_samples, generator=g)]
     x = protos[labels]
     shifts = torch.randint(-size // 8, size // 8 + 1, (cfg.num_samples, 2), generator=g)
-    x = torch.stack([torch.roll(xi, (int(s[0]), int(s[1])), dims=(1, 2)) for xi, s in zip(x, shifts)])
+    x = torch.stack([torch.roll(xi, (int(s[0]), int(s[1])), dims=(1, 2)) for xi, s in zip(x, shifts, strict=True)])
     contrast = 0.6 + 0.8 * torch.rand(cfg.num_samples, 1, 1, 1, generator=g)
     x = (x - 0.5) * contrast + 0.5 + 0.25 * torch.randn(x.shape, generator=g)
     images = (x.clamp(0, 1) * 255).round().to(torch.uint8)

@@ -7,7 +7,14 @@
 
 from metaensemble.models import resnet, small, timm_models, vgg  # noqa: F401  (registers)
 from metaensemble.models.checkpoint import (
-    check_state_dict, load, local_dir, read_meta, read_weights, save_model, state_dict_tensors, unwrap,
+    check_state_dict,
+    load,
+    local_dir,
+    read_meta,
+    read_weights,
+    save_model,
+    state_dict_tensors,
+    unwrap,
 )
 from metaensemble.models.registry import MODELS, create_model, model_kwargs, register_model
 

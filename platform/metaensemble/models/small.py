@@ -12,7 +12,7 @@ def mlp(num_classes: int, in_chans: int, img_size: int, hidden: tuple[int, ...] 
         bias: bool = True) -> nn.Module:
     dims = [in_chans * img_size * img_size, *hidden]
     layers: list[nn.Module] = [nn.Flatten()]
-    for a, b in zip(dims[:-1], dims[1:]):
+    for a, b in zip(dims[:-1], dims[1:], strict=True):
         layers += [nn.Linear(a, b, bias=bias), nn.ReLU(inplace=True)]
     layers.append(nn.Linear(dims[-1], num_classes, bias=bias))
     return nn.Sequential(*layers)

@@ -1,7 +1,15 @@
 """The MLflow side: store, runs, registry, teacher zoo."""
 
 from metaensemble.tracking.runs import (
-    RunHandle, child_runs, client, experiment_id, find_run, log_config, log_metrics, open_run, set_tags,
+    RunHandle,
+    child_runs,
+    client,
+    experiment_id,
+    find_run,
+    log_config,
+    log_metrics,
+    open_run,
+    set_tags,
 )
 from metaensemble.tracking.store import LocalTrackingServer, ensure_tracking, local_store_dir
 from metaensemble.tracking.zoo import TeacherEntry, TeacherZoo, registered_name
