@@ -87,3 +87,17 @@ def test_asha_sweep_stops_trials_early_with_one_child_run_per_trial(ray_local, t
     again = run_sweep(space)
     assert again.parent_run_id == outcome.parent_run_id
     assert len(tracking.child_runs(c, outcome.experiment_id, outcome.parent_run_id)) == 4
+
+
+def test_optuna_search_runs_its_trials_under_one_parent(ray_local, tmp_path):
+    space = load_space(_space(tmp_path, num_samples=2, scheduler={"name": "fifo"},
+                              search={"name": "optuna", "seed": 1},
+                              overrides={"storage_path": str(tmp_path / "ray"), "model.kwargs.width": 8, "train.epochs": 1},
+                              params={"optim.lr": {"loguniform": [0.01, 0.2]}}))
+    outcome = run_sweep(space)
+    assert len(outcome.trials) == 2 and all(t["done"] for t in outcome.trials)
+    lrs = [t["params"]["optim.lr"] for t in outcome.trials]
+    assert all(0.01 <= lr <= 0.2 for lr in lrs) and lrs[0] != lrs[1]
+    children = tracking.child_runs(tracking.client(), outcome.experiment_id, outcome.parent_run_id)
+    assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
+    assert sorted(float(r.data.params["optim.lr"]) for r in children) == sorted(lrs)

@@ -12,6 +12,13 @@ def _norm(c: int, enabled: bool) -> nn.Module:
     return nn.BatchNorm2d(c) if enabled else nn.Identity()
 
 
+def _shortcut(cin: int, cout: int, stride: int, norm: bool) -> nn.Module:
+    """Identity, or a strided 1x1 projection where the shape changes."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=not norm), _norm(cout, norm))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -23,9 +30,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, out, 3, 1, 1, bias=not norm)
         self.bn2 = _norm(out, norm)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Identity()
-        if stride != 1 or cin != out:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, out, 1, stride, bias=not norm), _norm(out, norm))
+        self.shortcut = _shortcut(cin, out, stride, norm)
 
     def forward(self, x):
         y = self.relu(self.bn1(self.conv1(x)))
@@ -45,9 +50,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, out, 1, bias=not norm)
         self.bn3 = _norm(out, norm)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Identity()
-        if stride != 1 or cin != out:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, out, 1, stride, bias=not norm), _norm(out, norm))
+        self.shortcut = _shortcut(cin, out, stride, norm)
 
     def forward(self, x):
         y = self.relu(self.bn1(self.conv1(x)))
