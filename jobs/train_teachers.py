@@ -19,8 +19,7 @@ def main() -> int:
     zoo = train_zoo(cfg)
     print()
     print(zoo.table())
-    print(f"\nMLflow: {tracking.ensure_tracking()}  (experiment {cfg.experiment_name}, registered model {zoo.name})")
-    print("Browse later with: python jobs/mlflow_ui.py")
+    print(f"\nMLflow: {tracking.describe_store()}; experiment {cfg.experiment_name}, registered model {zoo.name}")
     return 0
 
 

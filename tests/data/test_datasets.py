@@ -4,45 +4,14 @@ from __future__ import annotations
 
 import pickle
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_cifar, write_imagefolder
 
 from metaensemble import data
 from metaensemble.config import DataConfig
 from metaensemble.data.parquet import load_parquet_arrays, write_parquet
 from metaensemble.errors import DataError
-
-
-def write_cifar(root, name="cifar10", n_per_batch=20, n_test=30, seed=0):
-    """Tiny CIFAR files in the python-pickle layout (bytes keys, as the originals)."""
-    rng = np.random.default_rng(seed)
-    if name == "cifar10":
-        d = root / "cifar-10-batches-py"
-        d.mkdir(parents=True)
-        files, key, k = [f"data_batch_{i}" for i in range(1, 6)], b"labels", 10
-    else:
-        d = root / "cifar-100-python"
-        d.mkdir(parents=True)
-        files, key, k = ["train"], b"fine_labels", 100
-    blobs = {}
-    for f in files + (["test_batch"] if name == "cifar10" else ["test"]):
-        n = n_test if f.startswith("test") else n_per_batch
-        blob = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: rng.integers(0, k, n).tolist()}
-        (d / f).write_bytes(pickle.dumps(blob, protocol=2))
-        blobs[f] = blob
-    return blobs
-
-
-def write_imagefolder(root, classes=("cat", "dog", "owl"), per_class=6, size=20):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in classes:
-            (root / split / c).mkdir(parents=True)
-            for i in range(per_class if split == "train" else 2):
-                Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
 
 
 def _disjoint(s: data.DataSplits) -> bool:

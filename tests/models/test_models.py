@@ -20,17 +20,43 @@ def test_every_model_builds_and_runs_forward(name):
     assert y.shape == (2, 10) and torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("dataset,extra", [
-    ("digits", {}), ("synthetic", {"image_size": 16, "num_samples": 60}),
-])
-def test_models_run_on_registry_datasets(dataset, extra):
-    s = data.load(DataConfig(name=dataset, **extra))
-    batch = next(iter(data.ArrayLoader(s.val, s.info, 4)))
+def _first_val_batch(name: str, tmp_path):
+    """One val batch of every registered dataset (file formats written here)."""
+    from conftest import write_cifar, write_imagefolder
+
+    from metaensemble.data.parquet import write_parquet
+
+    extra: dict = {}
+    if name in ("cifar10", "cifar100"):
+        write_cifar(tmp_path, name)
+        extra = {"root": str(tmp_path), "val_fraction": 0.2}
+    elif name == "imagefolder":
+        write_imagefolder(tmp_path)
+        extra = {"root": str(tmp_path), "image_size": 16, "val_fraction": 0.25}
+    elif name == "parquet":
+        extra = {"root": str(write_parquet(data.load(DataConfig()), tmp_path / "pq"))}
+    elif name == "synthetic":
+        extra = {"image_size": 16, "num_samples": 60}
+    s = data.load(DataConfig(name=name, **extra))
+    if isinstance(s.val, data.ArraySplit):
+        return s.info, next(iter(data.ArrayLoader(s.val, s.info, 4)))
+    return s.info, next(iter(data.DatasetLoader(s.val, 4)))
+
+
+def test_dataset_registry_is_covered():
+    assert data.names() == ["cifar10", "cifar100", "digits", "imagefolder", "parquet", "synthetic"]
+
+
+@pytest.mark.parametrize("dataset", data.names())
+def test_models_run_on_every_registry_dataset(dataset, tmp_path):
+    info, batch = _first_val_batch(dataset, tmp_path)
+    assert batch["x"].shape[1:] == (info.in_chans, info.img_size, info.img_size)
     for name in ("mlp", "convnet", "resnet18", "wrn", "vgg11_bn", "deit_tiny"):
         kw = {"depth": 10, "widen_factor": 1} if name == "wrn" else {}
-        m = models.create_model(name, num_classes=s.info.num_classes, in_chans=s.info.in_chans,
-                                img_size=s.info.img_size, **kw).eval()
-        assert m(batch["x"]).shape == (4, s.info.num_classes)
+        m = models.create_model(name, num_classes=info.num_classes, in_chans=info.in_chans,
+                                img_size=info.img_size, **kw).eval()
+        with torch.no_grad():
+            assert m(batch["x"]).shape == (4, info.num_classes)
 
 
 def test_variants_really_differ():

@@ -125,3 +125,10 @@ def ensure_tracking() -> str:
 
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def describe_store() -> str:
+    """Where this process's runs went, in words a user can act on."""
+    if _OWNED is not None and os.environ.get("MLFLOW_TRACKING_URI") == _OWNED.url:
+        return f"local store {_OWNED.store} (browse it with: python jobs/mlflow_ui.py)"
+    return f"server {os.environ.get('MLFLOW_TRACKING_URI') or 'not configured'}"
