@@ -101,3 +101,39 @@ def test_optuna_search_runs_its_trials_under_one_parent(ray_local, tmp_path):
     children = tracking.child_runs(tracking.client(), outcome.experiment_id, outcome.parent_run_id)
     assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
     assert sorted(float(r.data.params["optim.lr"]) for r in children) == sorted(lrs)
+
+
+def test_interrupted_sweep_is_restored_by_the_same_command(ray_local, mlflow_uri, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = _space(tmp_path, scheduler={"name": "fifo"}, max_concurrent_trials=1,
+                  overrides={"storage_path": str(tmp_path / "ray"), "model.kwargs.width": 8, "train.epochs": 2},
+                  params={"optim.lr": {"grid": [0.1, 0.05, 0.02]}})
+    space = load_space(path)
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": mlflow_uri}
+    c = tracking.client()
+    exp_name = f"digits/sweep-{space.name}"
+    with open(tmp_path / "sweep.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "jobs/sweep.py", str(path)], cwd=repo, env=env, stdout=log, stderr=log)
+        first_done, deadline = None, time.monotonic() + 300
+        while first_done is None and time.monotonic() < deadline and proc.poll() is None:
+            exp = c.get_experiment_by_name(exp_name)
+            runs = c.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'") if exp else []
+            first_done = next((r for r in runs if "metaensemble.trial_id" in r.data.tags), None)
+            time.sleep(0.5)
+        assert first_done is not None and proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+        time.sleep(3)  # let Tune write its experiment state after that trial
+        proc.kill()  # the sweep's driver dies with trials left to run
+        proc.wait()
+
+    outcome = run_sweep(space)  # the same sweep again: restored, not restarted
+    assert len(outcome.trials) == 3 and all(t["done"] for t in outcome.trials)
+    children = tracking.child_runs(c, outcome.experiment_id, outcome.parent_run_id)
+    assert len(children) == 3, "a restored sweep must not start its trials over"
+    again = c.get_run(first_done.info.run_id)
+    assert again.info.end_time == first_done.info.end_time, "a finished trial was trained again"
+    assert sorted(r.info.status for r in children) == ["FINISHED"] * 3

@@ -80,6 +80,10 @@ def trial_driver(params: dict[str, Any], static: dict[str, Any]) -> None:
     run_name = static.get("run_name_fn", lambda c, t: f"{static['name']}-{t}")(cfg, ctx.get_trial_id())
     outcome = engine.fit(cfg, run_name=run_name, parent_run_id=static.get("parent_run_id"), in_tune=True,
                          tags={"metaensemble.trial_id": ctx.get_trial_id()})
+    if outcome.skipped:
+        # Finished before (e.g. the sweep was interrupted after this trial ended but before
+        # Tune saved that): nothing was trained, so hand Tune the run's final metrics.
+        tune.report({**outcome.metrics, "epoch": cfg.train.epochs, "final": 1})
     on_done = static.get("on_done")
     if on_done is not None:
         on_done(cfg, outcome)
