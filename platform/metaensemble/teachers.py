@@ -1,21 +1,31 @@
 """Build a teacher zoo: N seeds of one (dataset, arch), trained by the engine, logged
 and registered as versions of ``teacher.<dataset>.<arch>``. Idempotent: seeds already
-registered are skipped; an interrupted build resumes."""
+registered with the same recipe (config hash) are skipped; an interrupted build resumes."""
 
 from __future__ import annotations
 
 from metaensemble import engine, tracking
 from metaensemble.config import Config
-from metaensemble.tracking import TeacherZoo
+from metaensemble.tracking import TeacherEntry, TeacherZoo
 
 
 def _teacher_run_name(cfg: Config, trial_id: str) -> str:
     return cfg.run_key()  # by seed and config: a rerun reuses the same run
 
 
+def missing_seeds(entries: list[TeacherEntry], wanted: list[int], config_hash: str) -> list[int]:
+    """Seeds of ``wanted`` without a registered teacher trained with this exact recipe.
+
+    A seed registered under another config hash (a changed recipe) is missing: it gets a
+    new version, which then is the zoo's newest for that seed.
+    """
+    have = {e.seed for e in entries if e.config_hash == config_hash}
+    return [s for s in wanted if s not in have]
+
+
 def register_teacher(cfg: Config, outcome: engine.RunOutcome) -> None:
     zoo = TeacherZoo(cfg.data.name, cfg.model.name)
-    if cfg.seed in zoo.seeds():
+    if not missing_seeds(zoo.teachers(), [cfg.seed], cfg.config_hash()):
         return
     metrics = dict(outcome.metrics)
     if "test_acc" not in metrics:  # finished in an earlier call: read what rank 0 logged
@@ -33,10 +43,13 @@ def train_zoo(cfg: Config) -> TeacherZoo:
     engine.ensure_ray()
     zoo = TeacherZoo(cfg.data.name, cfg.model.name, uri)
     wanted = list(range(cfg.zoo.first_seed, cfg.zoo.first_seed + cfg.zoo.num_teachers))
-    have = zoo.seeds()
-    missing = [s for s in wanted if s not in have]
-    print(f"teacher zoo {zoo.name}: {len(wanted) - len(missing)} of {len(wanted)} seeds registered; "
-          f"training {len(missing)}: {missing}", flush=True)
+    entries = zoo.teachers()
+    missing = missing_seeds(entries, wanted, cfg.config_hash())
+    other = sorted({e.seed for e in entries if e.seed in missing})
+    print(f"teacher zoo {zoo.name}: {len(wanted) - len(missing)} of {len(wanted)} seeds registered with this "
+          f"recipe (config {cfg.config_hash()}); training {len(missing)}: {missing}", flush=True)
+    if other:
+        print(f"  seeds {other} are registered with another recipe; new versions will supersede them", flush=True)
     if not missing:
         return zoo
     n_conc = concurrency(cfg, cfg.zoo.max_concurrent)

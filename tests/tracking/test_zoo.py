@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from metaensemble import data, metrics, models, tracking
-from metaensemble.teachers import train_zoo
-from metaensemble.tracking import TeacherZoo
+from metaensemble.teachers import missing_seeds, train_zoo
+from metaensemble.tracking import TeacherEntry, TeacherZoo
 
 
 def test_zoo_trains_missing_seeds_concurrently_registers_and_skips_known(ray_local, digits_cfg):
@@ -47,3 +47,13 @@ def test_zoo_of_unknown_pair_is_empty_and_require_explains(mlflow_uri):
 
     with pytest.raises(ZooError, match=r"has 0 teachers, 4 needed.*train_teachers.py"):
         zoo.require(4)
+
+
+def test_a_seed_counts_as_present_only_with_the_same_recipe():
+    def entry(seed, h):
+        return TeacherEntry("teacher.digits.convnet", seed + 1, seed, "run", "src", h)
+
+    entries = [entry(0, "aaa"), entry(1, "aaa"), entry(2, "bbb")]
+    assert missing_seeds(entries, [0, 1, 2, 3], "aaa") == [2, 3]
+    assert missing_seeds(entries, [0, 1, 2], "bbb") == [0, 1]
+    assert missing_seeds([], [5], "aaa") == [5]
