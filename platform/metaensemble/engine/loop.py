@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -102,7 +103,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_images_per_s": float(totals[2]) / max(train_time, 1e-9),
             "train_time_s": train_time,
         }
-        checkpoint = None
+        ckpt_dir = None
         if rank == 0:
             logp, y = method.predict(base, loaders["val"])
             epoch_metrics.update(metrics.classification_metrics(logp, y, "val_"))
@@ -112,19 +113,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 best_weights = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
             epoch_metrics["best_epoch"] = state["best_epoch"]
             state["epochs_done"] = epoch + 1
-            tmp = tempfile.mkdtemp(prefix="me-ckpt-")
-            _save(Path(tmp), base, best_weights, optimizer, scheduler, state, info)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ckpt_dir = _write_checkpoint(base, best_weights, optimizer, scheduler, state, info)
             epoch_metrics["epoch_time_s"] = time.perf_counter() - t0
             tracker.metrics(epoch_metrics, step=epoch + 1)
             _say(_progress_line(config["run_key"], cfg.train.epochs, epoch_metrics))
-        ray.train.report(epoch_metrics, checkpoint=checkpoint)
-        if checkpoint is not None:
-            import shutil
-
-            shutil.rmtree(checkpoint.path, ignore_errors=True)
+        _report(epoch_metrics, ckpt_dir)
 
     final: dict[str, Any] = {"epoch": cfg.train.epochs, "final": 1}  # not "done": Tune reads that as "stop the trial"
+    ckpt_dir = None
     if rank == 0:
         if best_weights is not None:
             base.load_state_dict(best_weights)
@@ -140,18 +136,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker.metrics({k: v for k, v in final.items() if k not in ("epoch", "final")}, step=cfg.train.epochs)
         # The last report carries a checkpoint too, so Result.metrics/.checkpoint are the
         # final ones; its weights are the selected (best) model.
-        tmp = tempfile.mkdtemp(prefix="me-ckpt-")
-        _save(Path(tmp), base, best_weights, optimizer, scheduler, state, info)
-        final_ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ckpt_dir = _write_checkpoint(base, best_weights, optimizer, scheduler, state, info)
         _say(f"[{config['run_key']}] done: best epoch {state['best_epoch']}, val_acc {final['val_acc']:.4f}, "
               f"test_acc {final['test_acc']:.4f}, test_nll {final['test_nll']:.4f}, test_ece {final['test_ece']:.4f}")
-    else:
-        final_ckpt = None
-    ray.train.report(final, checkpoint=final_ckpt)
-    if final_ckpt is not None:
-        import shutil
+    _report(final, ckpt_dir)
 
-        shutil.rmtree(final_ckpt.path, ignore_errors=True)
+
+def _write_checkpoint(*state) -> Path:
+    """Rank 0: a temporary checkpoint folder (see the module docstring); ``_report``
+    hands it to Ray and deletes it."""
+    d = Path(tempfile.mkdtemp(prefix="me-ckpt-"))
+    _save(d, *state)
+    return d
+
+
+def _report(metrics_: dict[str, Any], ckpt_dir: Path | None) -> None:
+    """``ray.train.report`` from every rank (it is also the barrier); rank 0 passes the
+    checkpoint folder, which Ray persists during the call."""
+    import ray.train
+
+    try:
+        ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+        ray.train.report(metrics_, checkpoint=ckpt)
+    finally:
+        if ckpt_dir is not None:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 def _say(msg: str) -> None:
