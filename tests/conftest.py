@@ -37,6 +37,9 @@ def ray_local(mlflow_uri):
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    from metaensemble.engine.trainer import REPORT_POLL_S
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
     ray.init(num_cpus=4, log_to_driver=True, include_dashboard=True)
     yield ray
     ray.shutdown()

@@ -33,6 +33,9 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     """Used only by datasets without an official test split (digits, synthetic)."""
     split_seed: int = 0
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    """Train on a fixed subset of the train split (the same examples on every worker and
+    every run with this split_seed); val and test are unchanged."""
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(512, gt=0)
     augment: bool = True
@@ -71,6 +74,9 @@ class TrainConfig(_Strict):
     select_mode: Literal["max", "min"] = "max"
     log_every: int = Field(0, ge=0)
     """Print a line every N steps (0: per-epoch lines only)."""
+    steps_per_epoch: int | None = Field(None, gt=0)
+    """Optimiser steps per epoch (per worker), cycling the train loader as needed; default:
+    one pass over the worker's shard. Small subsets (meta-training) set it."""
 
 
 class ScalingConfig(_Strict):
@@ -90,6 +96,53 @@ class ZooConfig(_Strict):
     """0: as many as the cluster's resources allow."""
 
 
+class DistillConfig(_Strict):
+    """Distillation from an ensemble (kd, weightformer): the loss
+    alpha * T^2 * KL(mean_k softmax(z_k/T) || softmax(z_s/T)) + (1 - alpha) * CE."""
+
+    teachers: list[str] = Field(default_factory=list)
+    """Teacher checkpoints (folders or MLflow URIs such as models:/teacher.digits.convnet/3)."""
+    alpha: float = Field(1.0, ge=0.0, le=1.0)
+    temperature: float = Field(4.0, gt=0.0)
+
+
+class MetaConfig(_Strict):
+    """WeightFormer meta-training: which teachers, how ensembles are drawn, the extra losses."""
+
+    ensemble_size: int = Field(4, ge=2)
+    """K, the teachers per ensemble (at most the generator's max_teachers)."""
+    train_teachers: list[str] = Field(default_factory=list)
+    val_teachers: list[str] = Field(default_factory=list)
+    test_teachers: list[str] = Field(default_factory=list)
+    """Teacher URIs per side; the meta-train job fills them from the teacher zoo."""
+    zoo_size: int = Field(16, ge=2)
+    num_val_teachers: int = Field(4, ge=0)
+    num_test_teachers: int = Field(4, ge=1)
+    teacher_config: str = "configs/teachers/digits.yaml"
+    """Recipe the job uses to train zoo teachers the registry lacks."""
+    val_ensembles: int = Field(4, ge=1)
+    test_ensembles: int = Field(4, ge=1)
+    lambda_mask: float = Field(1e-3, ge=0.0)
+    lambda_shift: float = Field(0.1, ge=0.0)
+    """0 switches shift consistency off (no second view is generated)."""
+    ablations: list[Literal["no_mask", "no_shift", "no_cross", "base_mean", "mlp"]] = Field(
+        default_factory=lambda: ["no_mask", "no_shift", "no_cross", "base_mean", "mlp"])
+    mlp_hidden: int = Field(256, gt=0)
+    kd_epochs: int = Field(15, ge=1)
+    """Epochs of the KD baselines (on the subset and on the full train split)."""
+    kd_ensembles: int = Field(2, ge=0)
+    """How many of the test ensembles get KD baselines (each costs two training runs)."""
+    finetune_epochs: int = Field(1, ge=0)
+    finetune_lr: float = Field(0.01, gt=0.0)
+
+
+DISTILL_METHODS = ("kd", "weightformer")
+META_METHODS = ("weightformer",)
+META_EVAL_ONLY = ("zoo_size", "num_val_teachers", "num_test_teachers", "teacher_config", "test_ensembles",
+                  "ablations", "mlp_hidden", "kd_epochs", "kd_ensembles", "finetune_epochs", "finetune_lr")
+"""Fields of ``meta`` that only the job's evaluation reads: changing them retrains nothing."""
+
+
 class Config(_Strict):
     task: str = "teachers"
     method: str = "supervised"
@@ -100,6 +153,8 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     zoo: ZooConfig = Field(default_factory=ZooConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    meta: MetaConfig = Field(default_factory=MetaConfig)
     storage_path: str = "runs/ray"
     """Ray Train storage: a folder (relative to the repository) or a URI (s3://...)."""
     experiment: str | None = None
@@ -133,6 +188,14 @@ class Config(_Strict):
         d = self.to_dict()
         for k in ("storage_path", "experiment", "zoo"):
             d.pop(k, None)
+        # Sections a method does not read do not name its runs.
+        if self.method not in DISTILL_METHODS:
+            d.pop("distill")
+        if self.method not in META_METHODS:
+            d.pop("meta")
+        else:
+            for k in META_EVAL_ONLY:
+                d["meta"].pop(k)
         d["scaling"] = {k: v for k, v in d["scaling"].items() if k in ("num_workers",)}
         if exclude_seed:
             d.pop("seed")

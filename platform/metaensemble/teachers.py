@@ -65,7 +65,7 @@ def train_zoo(cfg: Config) -> TeacherZoo:
     name = f"zoo-{cfg.data.name}-{cfg.model.name}-{cfg.config_hash()}-seeds{'_'.join(map(str, missing))}"
     grid = launch(static, {"params": {"seed": tune.grid_search(missing)}}, name=name[:180],
                   storage=f"{cfg.resolved_storage_path()}/zoo", metric="val_acc", mode="max",
-                  num_samples=1, max_concurrent=n_conc)
+                  num_samples=1, max_concurrent=n_conc, verbose=0)
     errors = [r.error for r in grid if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} teacher run(s) failed; first: {errors[0]}")

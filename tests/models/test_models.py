@@ -10,9 +10,16 @@ import torch
 from metaensemble import data, models
 from metaensemble.config import DataConfig
 from metaensemble.errors import CheckpointError, ConfigError
+from metaensemble.methods.weightformer.generator import GENERATORS  # parameter generators, not image models
+
+IMAGE_MODELS = [n for n in models.names() if n not in GENERATORS]
 
 
-@pytest.mark.parametrize("name", models.names())
+def test_generators_are_registered_next_to_the_image_models():
+    assert set(GENERATORS) <= set(models.names())
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_every_model_builds_and_runs_forward(name):
     m = models.create_model(name, num_classes=10, in_chans=3, img_size=32).eval()
     with torch.no_grad():

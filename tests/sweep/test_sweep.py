@@ -33,6 +33,20 @@ def test_shipped_teacher_space_is_valid():
     assert space.metric == "val_acc" and set(space.params) == {"optim.lr", "optim.weight_decay", "train.epochs"}
 
 
+def test_shipped_generator_space_is_valid_and_scores_meta_validation_ensembles():
+    space = load_space("search_spaces/generator.yaml")
+    assert space.metric == "val_acc" and space.scheduler.name == "asha"
+    assert {"model.kwargs.d_model", "model.kwargs.depth", "model.kwargs.heads", "optim.lr", "distill.alpha",
+            "distill.temperature", "meta.lambda_mask", "meta.lambda_shift", "data.train_fraction"} == set(space.params)
+    base = space.base_config([])
+    assert base.method == "weightformer" and base.meta.ablations == []
+    # val_acc of a weightformer run is measured on students generated for meta-val
+    # ensembles; the meta-test teachers only ever enter the final test report
+    from metaensemble.methods.weightformer import WeightFormerMethod
+
+    assert "meta-validation" in WeightFormerMethod.predict.__doc__
+
+
 @pytest.mark.parametrize("changes,match", [
     ({"metric": "test_acc"}, r"metric must be a validation metric"),
     ({"params": {"optim.lrr": {"uniform": [0.1, 0.2]}}}, r"unknown config key 'optim.lrr'; valid keys here: .*lr"),

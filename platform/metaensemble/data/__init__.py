@@ -56,11 +56,33 @@ def check_name(name: str) -> None:
 
 def check(cfg) -> None:
     """Raise DataError/ConfigError if ``cfg`` (a DataConfig) cannot be loaded."""
-    DATASETS.get(cfg.name).check(cfg)
+    spec = DATASETS.get(cfg.name)
+    if spec.streaming and cfg.train_fraction < 1.0:
+        from metaensemble.errors import ConfigError
+
+        raise ConfigError(f"data.train_fraction={cfg.train_fraction} is not supported for the streaming "
+                          f"dataset {cfg.name!r}; write the subset you want with jobs/prepare_data.py")
+    spec.check(cfg)
 
 
 def load(cfg) -> DataSplits:
-    return DATASETS.get(cfg.name).load(cfg)
+    splits = DATASETS.get(cfg.name).load(cfg)
+    if cfg.train_fraction < 1.0:
+        splits.train = train_subset(splits.train, cfg.train_fraction, cfg.split_seed)
+    return splits
+
+
+def train_subset(split, fraction: float, seed: int):
+    """A fixed ``fraction`` of ``split`` (at least one example), chosen by ``seed``."""
+    import numpy as np
+
+    n = len(split)
+    keep = np.sort(np.random.default_rng([seed, 7]).permutation(n)[: max(1, int(round(n * fraction)))])
+    if isinstance(split, ArraySplit):
+        return split.subset(keep)
+    import torch.utils.data
+
+    return torch.utils.data.Subset(split, keep.tolist())
 
 
 def is_streaming(cfg) -> bool:

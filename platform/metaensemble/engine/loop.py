@@ -37,6 +37,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = build_config(config["cfg"])
+    os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]  # methods may fetch teachers from MLflow
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     method = config.get("method") or methods.build(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -52,7 +54,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     base = unwrap(model)
     optimizer = build_optimizer(cfg.optim, model.parameters())
-    steps_per_epoch = max(1, n_train // world // cfg.data.batch_size)
+    steps_per_epoch = cfg.train.steps_per_epoch or max(1, n_train // world // cfg.data.batch_size)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
 
     state = {"epochs_done": 0, "best_score": None, "best_epoch": -1, "run_id": config["run_id"]}
@@ -71,11 +73,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sign = 1.0 if cfg.train.select_mode == "max" else -1.0
 
     for epoch in range(state["epochs_done"], cfg.train.epochs):
-        loaders["train"].set_epoch(epoch)
         model.train()
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, examples
         t0 = time.perf_counter()
-        for step, batch in enumerate(loaders["train"]):
+        for step, batch in enumerate(_epoch_batches(loaders["train"], epoch, cfg.train.steps_per_epoch)):
             with amp:
                 loss, logs = method.training_step(model, batch)
             optimizer.zero_grad(set_to_none=True)
@@ -105,7 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         ckpt_dir = None
         if rank == 0:
-            logp, y = method.predict(base, loaders["val"])
+            logp, y = method.predict(base, loaders["val"], split="val")
             epoch_metrics.update(metrics.classification_metrics(logp, y, "val_"))
             score = sign * epoch_metrics[cfg.train.select_metric]
             if state["best_score"] is None or score > state["best_score"]:
@@ -124,8 +125,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         if best_weights is not None:
             base.load_state_dict(best_weights)
-        val_logp, val_y = method.predict(base, loaders["val"])
-        test_logp, test_y = method.predict(base, loaders["test"])
+        val_logp, val_y = method.predict(base, loaders["val"], split="val")
+        test_logp, test_y = method.predict(base, loaders["test"], split="test")
         final.update(metrics.calibrated_report(val_logp, val_y, test_logp, test_y))
         final["best_epoch"] = state["best_epoch"]
         with tempfile.TemporaryDirectory() as d:
@@ -140,6 +141,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _say(f"[{config['run_key']}] done: best epoch {state['best_epoch']}, val_acc {final['val_acc']:.4f}, "
               f"test_acc {final['test_acc']:.4f}, test_nll {final['test_nll']:.4f}, test_ece {final['test_ece']:.4f}")
     _report(final, ckpt_dir)
+
+
+def _epoch_batches(loader, epoch: int, steps: int | None):
+    """One epoch of batches: a pass over the loader, or exactly ``steps`` batches, taking
+    further reshuffled passes when the (sub)set is smaller than that."""
+    if not steps:
+        loader.set_epoch(epoch)
+        yield from loader
+        return
+    done, rep = 0, 0
+    while done < steps:
+        loader.set_epoch(epoch * 100_003 + rep)
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+            done += 1
+            if done == steps:
+                return
+        if empty:
+            raise RuntimeError("the train loader yields no batch: data.batch_size exceeds the worker's shard")
+        rep += 1
 
 
 def _write_checkpoint(*state) -> Path:

@@ -20,6 +20,10 @@ from metaensemble.config import Config
 from metaensemble.errors import ConfigError
 
 LOCAL_CPUS_MIN = 4  # logical CPUs for a local instance: trials' drivers + workers fit on 2 cores
+REPORT_POLL_S = "0.2"
+"""Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s
+by default) and a report waits for that poll, so a per-epoch report costs up to 2 s: on
+a small dataset most of a run. A local instance inherits this process's environment."""
 
 
 @dataclass
@@ -41,6 +45,7 @@ def validate(cfg: Config, method: methods.Method | None = None) -> None:
     data.check(cfg.data)
     if method is None:
         methods.check_name(cfg.method)
+    (method or methods.build(cfg)).validate()
     accepted = set(models.model_kwargs(cfg.model.name))
     unknown = sorted(set(cfg.model.kwargs) - accepted)
     if unknown:
@@ -67,6 +72,7 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
         ray.init(num_cpus=max(LOCAL_CPUS_MIN, os.cpu_count() or 1), log_to_driver=True)
 
 

@@ -1,10 +1,14 @@
-"""Method registry: name -> Method subclass. Later issues add kd, latentbe, fusion, ..."""
+"""Method registry: name -> Method subclass (supervised, kd, weightformer; later issues add more)."""
 
 from metaensemble.methods.base import Method
+from metaensemble.methods.kd import EnsembleKD
+from metaensemble.methods.weightformer import WeightFormerMethod
 from metaensemble.registry import Registry
 
 METHODS: Registry[type[Method]] = Registry("method")
 METHODS.add("supervised", Method)
+METHODS.add("kd", EnsembleKD)
+METHODS.add("weightformer", WeightFormerMethod)
 
 
 def check_name(name: str) -> None:

@@ -26,6 +26,9 @@ class Method:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
 
+    def validate(self) -> None:
+        """Method-specific checks of ``cfg`` before any work starts (raise ConfigError)."""
+
     def build_model(self, info: DatasetInfo) -> nn.Module:
         """The model to train, built from ``cfg.model`` for ``info``'s input shape."""
         return create_model(
@@ -40,8 +43,11 @@ class Method:
         return loss, {"loss": loss.detach(), "correct": (logits.argmax(1) == batch["y"]).sum()}
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities [N, C] (float32, cpu) and labels [N] over ``loader``."""
+    def predict(self, model: nn.Module, loader, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities [N, C] (float32, cpu) and labels [N] over ``loader``.
+
+        ``split`` ("val" or "test") names the data split; methods that evaluate several
+        derived models (the meta-learners) use it to pick which ones."""
         model.eval()
         logps, ys = [], []
         for batch in loader:

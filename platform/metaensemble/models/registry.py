@@ -14,7 +14,32 @@ import torch.nn as nn
 from metaensemble.errors import ConfigError
 from metaensemble.registry import Registry
 
-MODELS: Registry = Registry("model")
+
+class _ModelRegistry(Registry):
+    """The architecture registry, plus architectures that live with their method (the
+    WeightFormer generators), imported on first lookup to keep imports acyclic."""
+
+    _plugins_loaded = False
+
+    def _plugins(self) -> None:
+        if not self._plugins_loaded:
+            type(self)._plugins_loaded = True
+            import metaensemble.methods.weightformer.generator  # noqa: F401  (registers)
+
+    def check(self, name: str) -> None:
+        self._plugins()
+        super().check(name)
+
+    def names(self) -> list[str]:
+        self._plugins()
+        return super().names()
+
+    def __contains__(self, name: object) -> bool:
+        self._plugins()
+        return super().__contains__(name)
+
+
+MODELS: Registry = _ModelRegistry("model")
 _BASE_ARGS = ("num_classes", "in_chans", "img_size")
 
 

@@ -90,7 +90,8 @@ def trial_driver(params: dict[str, Any], static: dict[str, Any]) -> None:
 
 
 def launch(static: dict[str, Any], param_space: dict[str, Any], *, name: str, storage: str,
-           metric: str, mode: str, num_samples: int, max_concurrent: int, scheduler=None, search_alg=None):
+           metric: str, mode: str, num_samples: int, max_concurrent: int, scheduler=None, search_alg=None,
+           verbose: int = 2):
     """Run (or restore) a Tuner over ``trial_driver``; returns the ResultGrid."""
     from ray import tune
 
@@ -106,15 +107,25 @@ def launch(static: dict[str, Any], param_space: dict[str, Any], *, name: str, st
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, scheduler=scheduler,
                                         search_alg=search_alg,
                                         max_concurrent_trials=None if search_alg else max_concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=storage),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=verbose),
         )
     return tuner.fit()
+
+
+def prepare(base: Config) -> Config:
+    """Resolve a base config's external inputs once, before any trial: a meta-learner's
+    teachers come from the zoo (trained first if missing), split by teacher."""
+    if base.method == "weightformer":
+        from metaensemble.meta_ensemble import plan
+
+        return plan(base).cfg
+    return base
 
 
 def run_sweep(space: SearchSpace, extra_overrides: list[str] | None = None) -> SweepOutcome:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    base = space.base_config(extra_overrides)
+    base = prepare(space.base_config(extra_overrides))
     engine.validate(base)
     if space.search.name == "optuna" and any("grid" in d for d in space.params.values()):
         raise SearchSpaceError(f"{space.source}: optuna search cannot take grid params; use choice")

@@ -111,6 +111,7 @@ def ensure_tracking() -> str:
     Sets ``MLFLOW_TRACKING_URI`` in this process so later MLflow calls and child
     processes use it.
     """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file: noise in job logs
     global _OWNED
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:

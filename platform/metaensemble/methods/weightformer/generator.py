@@ -1,0 +1,268 @@
+"""Parameter generators: WeightFormer and the MLP baseline, registered as models.
+
+Both map an ensemble's per-layer rows to the student's rows::
+
+    out = generator([X_1, ..., X_L])     # X_l: [V, K, C_out_l, row_len_l]  (V views)
+    out["rows"][l]                       # [V, C_out_l, row_len_l], base + residual
+    out["cross"][l]                      # [V, d_model], the [cross] input of layer l
+    out["mask_l1"]                       # scalar, mean |attention-mask bias|
+
+The residual is predicted in units of each segment's RMS over the ensemble (weights,
+bias, BN scale, BN statistics differ in scale by orders of magnitude) and added to the
+base row: teacher 1's (``base="anchor"``) or the teachers' mean (``base="mean"``).
+Rows longer than ``chunk`` are cut into chunks, embedded by one per-layer projection and
+pooled, so no layer needs a projection as wide as its rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from metaensemble.errors import ConfigError
+from metaensemble.methods.weightformer.tokens import Layout, build_layout, num_chunks, segment_ids
+from metaensemble.models.registry import create_model, register_model
+
+POS_FEATURES = 32
+
+
+def student_skeleton(student: str, student_kwargs: dict[str, Any] | None, num_classes: int, in_chans: int,
+                     img_size: int) -> tuple[nn.Module, Layout]:
+    """A freshly built student and its token layout."""
+    m = create_model(student, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **(student_kwargs or {}))
+    return m, build_layout(m, torch.zeros(2, in_chans, img_size, img_size))
+
+
+def segment_scale(x: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
+    """Per view, each column's segment RMS over the ensemble: x [V, K, R, L] -> [V, L]
+    (detached: a scale, not something to learn through)."""
+    x = x.detach()
+    sq = x.pow(2).mean(dim=(1, 2))  # [V, L]
+    width = torch.bincount(seg, minlength=n_seg).to(x.dtype)
+    per_seg = torch.zeros(x.shape[0], n_seg, dtype=x.dtype, device=x.device).index_add_(1, seg, sq) / width
+    return per_seg.sqrt().clamp_min(1e-6)[:, seg]
+
+
+def sinusoid(pos: torch.Tensor, dim: int = POS_FEATURES) -> torch.Tensor:
+    """[N] integer positions -> [N, dim] sin/cos features (any width, no table)."""
+    freq = torch.exp(torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    ang = pos.float()[:, None] * freq[None]
+    return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+
+def distance_bucket(d: torch.Tensor, buckets: int) -> torch.Tensor:
+    """|r_i - r_j| -> bucket: 0 for 0, then 1 + floor(log2 d), capped at ``buckets - 1``."""
+    b = torch.where(d > 0, 1 + torch.log2(d.clamp_min(1).float()).floor().long(), torch.zeros_like(d))
+    return b.clamp_max(buckets - 1)
+
+
+class _RowCodec(nn.Module):
+    """Per-layer chunked row <-> d_model maps, in segment-RMS units."""
+
+    def __init__(self, layout: Layout, d_model: int, chunk: int, in_mult: int = 1, residual_scale: float = 0.05) -> None:
+        super().__init__()
+        self.chunk, self.residual_scale = chunk, residual_scale
+        self.inp = nn.ModuleList(nn.Linear(chunk * in_mult, d_model) for _ in layout.layers)
+        self.out = nn.ModuleList(nn.Linear(d_model, chunk) for _ in layout.layers)
+        self.chunk_in = nn.ParameterList(nn.Parameter(torch.randn(num_chunks(ly, chunk), d_model) * 0.02) for ly in layout.layers)
+        self.chunk_out = nn.ParameterList(nn.Parameter(torch.randn(num_chunks(ly, chunk), d_model) * 0.02) for ly in layout.layers)
+        # Per row and segment, a multiplicative correction of the base: rescaling a
+        # neuron's weights or a BN scale is the correction most often needed, and a
+        # low-dimensional state reconstructs it poorly as an additive row.
+        self.gain = nn.ModuleList(nn.Linear(d_model, len(ly.segments)) for ly in layout.layers)
+        for li, ly in enumerate(layout.layers):
+            self.register_buffer(f"seg{li}", segment_ids(ly), persistent=False)
+        self.n_seg = [len(ly.segments) for ly in layout.layers]
+        for lin in [*self.out, *self.gain]:  # small residual at start: the generator begins near its base
+            nn.init.normal_(lin.weight, std=1e-3 / math.sqrt(d_model))
+            nn.init.zeros_(lin.bias)
+
+    def seg(self, li: int) -> torch.Tensor:
+        return getattr(self, f"seg{li}")
+
+    def chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., L] -> [..., n_chunks, chunk], zero-padded."""
+        n = math.ceil(x.shape[-1] / self.chunk)
+        return F.pad(x, (0, n * self.chunk - x.shape[-1])).unflatten(-1, (n, self.chunk))
+
+    def encode(self, li: int, xn: torch.Tensor) -> torch.Tensor:
+        """Normalised rows [..., R, L * in_mult chunks] -> [..., R, d]; chunk embeddings pooled."""
+        return (self.inp[li](xn) + self.chunk_in[li]).mean(dim=-2)
+
+    def decode(self, li: int, h: torch.Tensor, base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Hidden rows h [V, R, d] -> the residual [V, R, L] on ``base`` [V, R, L]:
+        base * gain(h) per segment + an additive row in units of the segment RMS ``scale`` [V, L],
+        both damped by ``residual_scale``: a layer-wide gain is one very sensitive direction
+        (it rescales every neuron at once), and undamped it makes SGD diverge in tens of steps."""
+        y = self.out[li](h.unsqueeze(-2) + self.chunk_out[li]).flatten(-2)[..., :base.shape[-1]]
+        g = self.gain[li](h)[..., self.seg(li)]  # [V, R, L]
+        return self.residual_scale * (base * g + y * scale[:, None, :])
+
+    def zero_residual_(self) -> None:
+        with torch.no_grad():
+            for lin in [*self.out, *self.gain]:
+                lin.weight.zero_()
+                lin.bias.zero_()
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block whose attention takes an additive [H, N, N] bias."""
+
+    def __init__(self, d: int, heads: int, ff_mult: int) -> None:
+        super().__init__()
+        if d % heads:
+            raise ConfigError(f"d_model={d} is not divisible by heads={heads}")
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ff = nn.Sequential(nn.Linear(d, ff_mult * d), nn.GELU(), nn.Linear(ff_mult * d, d))
+
+    def forward(self, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        v_, n, d = h.shape
+        q, k, v = self.qkv(self.ln1(h)).view(v_, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.unsqueeze(0))
+        h = h + self.proj(a.transpose(1, 2).reshape(v_, n, d))
+        return h + self.ff(self.ln2(h))
+
+
+def _base(x: torch.Tensor, base: str) -> torch.Tensor:
+    return x[:, 0] if base == "anchor" else x.mean(dim=1)
+
+
+class WeightFormer(nn.Module):
+    """The transformer generator (see the module docstring). Switches for ablations:
+    ``mask`` (learnable attention-mask bias), ``cross_layer`` ([cross] flow between
+    layers), ``base`` (anchor or mean); shift consistency is a loss (the method's)."""
+
+    def __init__(self, layout: Layout, *, d_model: int = 64, depth: int = 2, heads: int = 4, max_teachers: int = 8,
+                 chunk: int = 256, mask: bool = True, cross_layer: bool = True,
+                 base: Literal["anchor", "mean"] = "anchor", ff_mult: int = 2, dist_buckets: int = 8,
+                 residual_scale: float = 0.05) -> None:
+        super().__init__()
+        if base not in ("anchor", "mean"):
+            raise ConfigError(f"base must be 'anchor' or 'mean', got {base!r}")
+        self.layout, self.max_teachers, self.base = layout, max_teachers, base
+        self.use_mask, self.cross_layer, self.dist_buckets = mask, cross_layer, dist_buckets
+        self.codec = _RowCodec(layout, d_model, chunk, residual_scale=residual_scale)
+        self.model_id = nn.Embedding(max_teachers + 1, d_model)
+        self.pos = nn.Linear(POS_FEATURES, d_model)
+        self.layer_emb = nn.Embedding(len(layout.layers), d_model)
+        self.cross0 = nn.Parameter(torch.randn(d_model) * 0.02)
+        self.cross_proj = nn.Linear(d_model, d_model) if cross_layer else None
+        self.blocks = nn.ModuleList(_Block(d_model, heads, ff_mult) for _ in range(depth))
+        self.mask_bias = nn.Parameter(torch.zeros(heads, max_teachers + 1, max_teachers + 1, dist_buckets)) if mask else None
+        self.norm = nn.LayerNorm(d_model)
+        self._index_cache: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def token_ids(self, k: int, rows: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(model ids [N], relative positions [N], distance buckets [N, N]) of a layer's
+        sequence of 1 + k * rows tokens; [cross] has id 0 and position 0."""
+        key = (k, rows, str(device))
+        if key not in self._index_cache:
+            ids = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1, k + 1).repeat_interleave(rows)])
+            pos = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(rows).repeat(k)])
+            dist = (pos[:, None] - pos[None, :]).abs()
+            self._index_cache[key] = (ids.to(device), pos.to(device), distance_bucket(dist, self.dist_buckets).to(device))
+        return self._index_cache[key]
+
+    def attention_bias(self, ids: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor | None:
+        if self.mask_bias is None:
+            return None
+        return self.mask_bias[:, ids[:, None], ids[None, :], buckets]  # [H, N, N]
+
+    def forward(self, xs: list[torch.Tensor]) -> dict[str, Any]:
+        v, k = xs[0].shape[:2]
+        if not 2 <= k <= self.max_teachers:
+            raise ConfigError(f"ensemble of {k} teachers; this generator takes 2 to max_teachers={self.max_teachers}")
+        cross_in = self.cross0.expand(v, -1)
+        rows_out, cross_inputs = [], []
+        for li, (x, layer) in enumerate(zip(xs, self.layout.layers, strict=True)):
+            r = layer.rows
+            scale = segment_scale(x, self.codec.seg(li), self.codec.n_seg[li])  # [V, L]
+            xn = self.codec.chunks(x / scale[:, None, None, :])  # [V, K, R, nc, chunk]
+            tok = self.codec.encode(li, xn)  # [V, K, R, d]
+            ids, pos, buckets = self.token_ids(k, r, x.device)
+            tok = (tok + self.model_id(ids[1:]).view(k, r, -1) + self.pos(sinusoid(pos[1:1 + r])) + self.layer_emb.weight[li])
+            h = torch.cat([cross_in.unsqueeze(1), tok.reshape(v, k * r, -1)], dim=1)
+            cross_inputs.append(cross_in)
+            bias = self.attention_bias(ids, buckets)
+            for blk in self.blocks:
+                h = blk(h, bias)
+            h = self.norm(h)
+            pooled = h[:, 1:].reshape(v, k, r, -1).mean(dim=1)  # [V, R, d]
+            base = _base(x, self.base)
+            rows_out.append(base + self.codec.decode(li, pooled, base, scale))
+            cross_in = self.cross_proj(h[:, 0]) if self.cross_proj is not None else self.cross0.expand(v, -1)
+        mask_l1 = self.mask_bias.abs().mean() if self.mask_bias is not None else xs[0].new_zeros(())
+        return {"rows": rows_out, "cross": cross_inputs, "mask_l1": mask_l1}
+
+    def zero_residual_(self) -> None:
+        self.codec.zero_residual_()
+
+
+class MLPGenerator(nn.Module):
+    """Baseline: per layer, a 2-layer MLP from the K teachers' row r (concatenated,
+    chunk by chunk) to the student's row r; no attention, no cross-layer flow."""
+
+    def __init__(self, layout: Layout, *, ensemble_size: int = 4, hidden: int = 256, chunk: int = 256,
+                 base: Literal["anchor", "mean"] = "anchor", residual_scale: float = 0.05) -> None:
+        super().__init__()
+        self.layout, self.k, self.base = layout, ensemble_size, base
+        self.codec = _RowCodec(layout, hidden, chunk, in_mult=ensemble_size, residual_scale=residual_scale)
+        self.act = nn.GELU()
+
+    def forward(self, xs: list[torch.Tensor]) -> dict[str, Any]:
+        v, k = xs[0].shape[:2]
+        if k != self.k:
+            raise ConfigError(f"ensemble of {k} teachers; this MLP generator was built for exactly {self.k}")
+        rows_out = []
+        for li, x in enumerate(xs):
+            scale = segment_scale(x, self.codec.seg(li), self.codec.n_seg[li])
+            xn = self.codec.chunks(x / scale[:, None, None, :])  # [V, K, R, nc, chunk]
+            xn = xn.permute(0, 2, 3, 1, 4).flatten(-2)  # [V, R, nc, K*chunk]
+            hid = self.act(self.codec.inp[li](xn) + self.codec.chunk_in[li]).mean(dim=-2)  # [V, R, hidden]
+            base = _base(x, self.base)
+            rows_out.append(base + self.codec.decode(li, hid, base, scale))
+        return {"rows": rows_out, "cross": [], "mask_l1": xs[0].new_zeros(())}
+
+    def zero_residual_(self) -> None:
+        self.codec.zero_residual_()
+
+
+def _attach_student(gen: nn.Module, student: str, student_kwargs: dict[str, Any] | None, num_classes: int,
+                    in_chans: int, img_size: int) -> nn.Module:
+    gen.student_spec = {"arch": student, "kwargs": {"num_classes": num_classes, "in_chans": in_chans,
+                                                    "img_size": img_size, **(student_kwargs or {})}}
+    return gen
+
+
+@register_model("weightformer")
+def weightformer(num_classes: int, in_chans: int, img_size: int, student: str = "convnet",
+                 student_kwargs: dict[str, Any] | None = None, d_model: int = 64, depth: int = 2, heads: int = 4,
+                 max_teachers: int = 8, chunk: int = 256, mask: bool = True, cross_layer: bool = True,
+                 base: str = "anchor", ff_mult: int = 2, dist_buckets: int = 8,
+                 residual_scale: float = 0.05) -> WeightFormer:
+    """WeightFormer for students ``student(**student_kwargs)`` on this dataset shape."""
+    _, layout = student_skeleton(student, student_kwargs, num_classes, in_chans, img_size)
+    gen = WeightFormer(layout, d_model=d_model, depth=depth, heads=heads, max_teachers=max_teachers, chunk=chunk,
+                       mask=mask, cross_layer=cross_layer, base=base, ff_mult=ff_mult, dist_buckets=dist_buckets,
+                       residual_scale=residual_scale)  # type: ignore[arg-type]
+    return _attach_student(gen, student, student_kwargs, num_classes, in_chans, img_size)
+
+
+@register_model("mlp_generator")
+def mlp_generator(num_classes: int, in_chans: int, img_size: int, student: str = "convnet",
+                  student_kwargs: dict[str, Any] | None = None, ensemble_size: int = 4, hidden: int = 256,
+                  chunk: int = 256, base: str = "anchor", residual_scale: float = 0.05) -> MLPGenerator:
+    """The MLP generator baseline for the same students (exactly ``ensemble_size`` teachers)."""
+    _, layout = student_skeleton(student, student_kwargs, num_classes, in_chans, img_size)
+    gen = MLPGenerator(layout, ensemble_size=ensemble_size, hidden=hidden, chunk=chunk, base=base,
+                       residual_scale=residual_scale)  # type: ignore[arg-type]
+    return _attach_student(gen, student, student_kwargs, num_classes, in_chans, img_size)
+
+
+GENERATORS = ("weightformer", "mlp_generator")

@@ -1,0 +1,234 @@
+"""WeightFormer meta-training as an engine method.
+
+The engine's "model" is the generator; each training step samples an ensemble of K
+meta-train teachers and a minibatch, generates the student (two views when shift
+consistency is on), runs it with ``functional_call`` and back-propagates
+
+    alpha * T^2 * KL(p_bar || softmax(z_s / T)) + (1 - alpha) * CE
+    + lambda_mask * mean|mask bias| + lambda_shift * MSE(view 1, view 2)
+
+into the generator. Validation (and the engine's final test report) generates a student
+for each meta-validation (meta-test) ensemble, recomputes its BatchNorm statistics on
+the training subset and predicts: the metrics are means over those students.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from metaensemble import data
+from metaensemble.config import Config
+from metaensemble.data import DatasetInfo
+from metaensemble.errors import ConfigError, ZooError
+from metaensemble.methods.base import Method
+from metaensemble.methods.kd import LoadedTeacher, ensemble_kd_loss, load_teachers, teacher_logits
+from metaensemble.methods.weightformer.generator import GENERATORS, segment_scale
+from metaensemble.methods.weightformer.student import (
+    assemble,
+    ensemble_input,
+    generate_student,
+    make_ensembles,
+    student_logits,
+)
+from metaensemble.methods.weightformer.tokens import tokenise
+from metaensemble.models import create_model, model_kwargs
+
+SIDES = ("train", "val", "test")
+
+
+def generator_max_teachers(cfg: Config) -> int:
+    """The largest ensemble the configured generator takes."""
+    kw = cfg.model.kwargs
+    if cfg.model.name == "mlp_generator":
+        return int(kw.get("ensemble_size", 4))
+    import inspect
+
+    from metaensemble.models import MODELS
+
+    default = inspect.signature(MODELS.get(cfg.model.name)).parameters["max_teachers"].default
+    return int(kw.get("max_teachers", default))
+
+
+class TeacherPool:
+    """One side's teachers: frozen modules, their state dicts and their token rows."""
+
+    def __init__(self, loaded: list[LoadedTeacher], layout) -> None:
+        self.uris = [t.uri for t in loaded]
+        self.hashes = [t.sha256 for t in loaded]
+        self.models = [t.model for t in loaded]
+        self.states = [{k: v.detach().clone() for k, v in t.model.state_dict().items()} for t in loaded]
+        self.rows = [tokenise(s, layout) for s in self.states]
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+
+class WeightFormerMethod(Method):
+    name = "weightformer"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.pools: dict[str, TeacherPool] = {}
+        self._bn_loader = None
+
+    # ---- before any work -------------------------------------------------------------
+    def validate(self) -> None:
+        self.validate_generator()
+        self.validate_teachers()
+
+    def validate_generator(self) -> None:
+        """Checks that need no teachers: the generator, its kwargs, K against its maximum."""
+        cfg, m = self.cfg, self.cfg.meta
+        if cfg.model.name not in GENERATORS:
+            raise ConfigError(f"method weightformer trains a generator; model.name must be one of "
+                              f"{', '.join(GENERATORS)}, got {cfg.model.name!r}")
+        if "student" not in cfg.model.kwargs:
+            raise ConfigError("model.kwargs.student must name the student architecture (e.g. convnet)")
+        kmax = generator_max_teachers(cfg)
+        if m.ensemble_size > kmax:
+            what = "ensemble_size" if cfg.model.name == "mlp_generator" else "max_teachers"
+            raise ConfigError(f"meta.ensemble_size={m.ensemble_size} exceeds the generator's {what}={kmax}; "
+                              f"valid ensemble sizes: 2..{kmax}")
+        if cfg.model.name == "mlp_generator" and m.ensemble_size != kmax:
+            raise ConfigError(f"the MLP generator takes exactly model.kwargs.ensemble_size={kmax} teachers, "
+                              f"but meta.ensemble_size={m.ensemble_size}")
+        unknown = set(cfg.model.kwargs) - set(model_kwargs(cfg.model.name))
+        if unknown:
+            raise ConfigError(f"model {cfg.model.name!r} does not take {', '.join(sorted(unknown))}; "
+                              f"it takes: {', '.join(model_kwargs(cfg.model.name))}")
+
+    def validate_teachers(self) -> None:
+        """Each side holds at least K teachers and no teacher is on two sides."""
+        m = self.cfg.meta
+        for side in SIDES:
+            n = len(getattr(m, f"{side}_teachers"))
+            if n < m.ensemble_size:
+                raise ZooError(f"meta.{side}_teachers has {n} teachers, fewer than the ensemble size "
+                               f"K={m.ensemble_size}; the zoo needs more teachers (or a smaller K)")
+        seen: dict[str, str] = {}
+        for side in SIDES:
+            for uri in getattr(m, f"{side}_teachers"):
+                if uri in seen and seen[uri] != side:
+                    raise ZooError(f"teacher {uri} is in both meta.{seen[uri]}_teachers and meta.{side}_teachers; "
+                                   f"the sides must be disjoint")
+                seen[uri] = side
+
+    # ---- on each worker --------------------------------------------------------------
+    def build_model(self, info: DatasetInfo) -> nn.Module:
+        gen = create_model(self.cfg.model.name, num_classes=info.num_classes, in_chans=info.in_chans,
+                           img_size=info.img_size, **self.cfg.model.kwargs)
+        self.setup(gen)
+        return gen
+
+    def setup(self, gen: nn.Module) -> None:
+        """Load the three teacher pools (checking architectures and that no checkpoint is
+        on two sides), draw the fixed val/test ensembles, seed this worker's sampler."""
+        m = self.cfg.meta
+        self.layout, self.student_spec = gen.layout, gen.student_spec
+        self.skeleton = create_model(self.student_spec["arch"], **self.student_spec["kwargs"]).train()
+        for side in SIDES:
+            self.pools[side] = TeacherPool(load_teachers(list(getattr(m, f"{side}_teachers")), self.student_spec),
+                                           self.layout)
+        check_disjoint({s: p.hashes for s, p in self.pools.items()})
+        self.ensembles = {
+            "val": make_ensembles(len(self.pools["val"]), m.ensemble_size, m.val_ensembles, self.cfg.seed),
+            "test": make_ensembles(len(self.pools["test"]), m.ensemble_size, m.test_ensembles, self.cfg.seed + 1),
+        }
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.rng = np.random.default_rng([self.cfg.seed, rank, 17])
+
+    def sample_orders(self) -> list[list[int]]:
+        """This step's ensemble (random K meta-train teachers, random order) and, with
+        shift consistency on, the same teachers cyclically shifted by 1..K-1."""
+        k = self.cfg.meta.ensemble_size
+        order = self.rng.choice(len(self.pools["train"]), size=k, replace=False).tolist()
+        if self.cfg.meta.lambda_shift <= 0:
+            return [order]
+        s = int(self.rng.integers(1, k))
+        return [order, order[s:] + order[:s]]
+
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        x, y = batch["x"], batch["y"]
+        pool, d, m = self.pools["train"], self.cfg.distill, self.cfg.meta
+        if self.skeleton_device() != x.device:
+            self.skeleton = self.skeleton.to(x.device)
+            pool.models = [t.to(x.device) for t in pool.models]
+        orders = self.sample_orders()
+        xs = ensemble_input(pool.rows, orders, device=x.device)
+        out = model(xs)
+        t_logits = teacher_logits([pool.models[i] for i in orders[0]], x)
+        anchor = {k: v.to(x.device) for k, v in pool.states[orders[0][0]].items()}
+        kd, logits0 = 0.0, None
+        for v in range(len(orders)):
+            z = student_logits(self.skeleton, assemble(out["rows"], self.layout, anchor, v), x)
+            kd = kd + ensemble_kd_loss(z, t_logits, y, d.alpha, d.temperature) / len(orders)
+            logits0 = z if logits0 is None else logits0
+        loss = kd + m.lambda_mask * out["mask_l1"]
+        shift = torch.zeros((), device=x.device)
+        if len(orders) == 2:
+            shift = shift_consistency(out["rows"], xs, self.layout)
+            loss = loss + m.lambda_shift * shift
+        return loss, {"loss": loss.detach(), "correct": (logits0.argmax(1) == y).sum(), "kd": float(kd.detach()),
+                      "shift": float(shift.detach()), "mask_l1": float(out["mask_l1"].detach())}
+
+    def skeleton_device(self) -> torch.device:
+        return next(self.skeleton.parameters()).device
+
+    # ---- evaluation ------------------------------------------------------------------
+    def bn_loader(self, device):
+        """The training subset, unaugmented, for recomputing generated students' BN stats."""
+        if self._bn_loader is None or self._bn_loader.device != torch.device(device):
+            splits = data.load(self.cfg.data)
+            self._bn_loader = make_eval_loader(splits.train, splits.info, self.cfg.data.eval_batch_size, device)
+        return self._bn_loader
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, loader, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions of the students generated for every ``split`` ensemble (val: the
+        meta-validation ensembles, test: the meta-test ensembles), concatenated."""
+        pool = self.pools[split]
+        dev = next(model.parameters()).device
+        logps, ys = [], []
+        for order in self.ensembles[split]:
+            student, _ = generate_student(model, pool.rows, pool.states, order, self.bn_loader(dev))
+            lp, yy = super().predict(student, loader)
+            logps.append(lp)
+            ys.append(yy)
+        return torch.cat(logps), torch.cat(ys)
+
+
+def shift_consistency(rows: list[torch.Tensor], xs: list[torch.Tensor], layout) -> torch.Tensor:
+    """Mean over layers of the MSE between the two views' generated rows, in units of
+    each segment's RMS (so weights and BN statistics count alike)."""
+    from metaensemble.methods.weightformer.tokens import segment_ids
+
+    terms = []
+    for r, x, layer in zip(rows, xs, layout.layers, strict=True):
+        seg = segment_ids(layer).to(x.device)
+        scale = segment_scale(x[:1], seg, len(layer.segments))[0]
+        terms.append(F.mse_loss(r[0] / scale, r[1] / scale))
+    return torch.stack(terms).mean()
+
+
+def check_disjoint(hashes: dict[str, list[str]]) -> None:
+    """No checkpoint (by SHA-256 of its weights) may sit on two sides of the split."""
+    sides = list(hashes)
+    for i, a in enumerate(sides):
+        for b in sides[i + 1:]:
+            shared = set(hashes[a]) & set(hashes[b])
+            if shared:
+                raise ZooError(f"{len(shared)} teacher checkpoint(s) appear in both meta-{a} and meta-{b} "
+                               f"(sha256 {sorted(shared)[0][:12]}...); held-out teachers must never be trained on")
+
+
+def make_eval_loader(split, info, batch_size: int, device):
+    if isinstance(split, data.ArraySplit):
+        return data.ArrayLoader(split, info, batch_size, device=device)
+    return data.DatasetLoader(split, batch_size, device=device)

@@ -1,0 +1,292 @@
+"""WeightFormer: the spec's testable properties, on real (small) networks, no Ray.
+
+Numbers refer to the list in methods/weightformer.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from metaensemble.config import load_config
+from metaensemble.errors import ConfigError, ZooError
+from metaensemble.methods.weightformer import WeightFormerMethod
+from metaensemble.methods.weightformer.generator import student_skeleton
+from metaensemble.methods.weightformer.method import check_disjoint, shift_consistency
+from metaensemble.methods.weightformer.student import (
+    assemble,
+    ensemble_input,
+    generate_student,
+    make_ensembles,
+    student_logits,
+)
+from metaensemble.methods.weightformer.tokens import detokenise, token_index, tokenise
+from metaensemble.models import create_model, save_model
+
+SHAPE = {"num_classes": 10, "in_chans": 1, "img_size": 8}
+
+
+def nets(arch="convnet", n=4, **kw):
+    out = []
+    for s in range(n):
+        torch.manual_seed(100 + s)
+        m = create_model(arch, **SHAPE, **kw)
+        with torch.no_grad():  # non-trivial BN statistics and affine values
+            for mod in m.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.running_mean.normal_()
+                    mod.running_var.uniform_(0.5, 2.0)
+                    mod.weight.uniform_(0.5, 1.5)
+                    mod.bias.normal_(0, 0.1)
+        out.append(m.eval())
+    return out
+
+
+def gen(name="weightformer", student="convnet", skw=None, **kw):
+    torch.manual_seed(0)
+    return create_model(name, **SHAPE, student=student, student_kwargs=skw or {"width": 4}, **kw)
+
+
+def pool(models, layout):
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    return [tokenise(s, layout) for s in states], states
+
+
+# ---- 1: the assembled student ------------------------------------------------------------
+@pytest.mark.parametrize("arch,kw", [("convnet", {"width": 4}), ("mlp", {"hidden": (16, 8)}),
+                                     ("resnet18", {"width": 4, "stem": "cifar"}), ("vgg11", {"width_mult": 0.125})])
+def test_assembled_student_has_exactly_the_architectures_tensors(arch, kw):
+    g = gen(student=arch, skw=kw)
+    teachers = nets(arch, 2, **kw)
+    rows, states = pool(teachers, g.layout)
+    out = g(ensemble_input(rows, [[0, 1]]))
+    state = assemble(out["rows"], g.layout, states[0])
+    ref = teachers[0].state_dict()
+    assert set(state) == set(ref)
+    for k, v in ref.items():
+        assert state[k].shape == v.shape and state[k].dtype == v.dtype, k
+    fresh = create_model(arch, **SHAPE, **kw)
+    fresh.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True)
+    # every floating tensor is generated: the layout covers all of them
+    floats = {k for k, v in ref.items() if v.is_floating_point()}
+    assert floats == {s.key for ly in g.layout.layers for s in ly.segments}
+
+
+# ---- 2: tokens ---------------------------------------------------------------------------
+def test_tokenise_detokenise_is_identity_and_rows_sit_where_the_layout_says():
+    _, layout = student_skeleton("convnet", {"width": 4}, **SHAPE)
+    teachers = nets(n=3, width=4)
+    for t in teachers:
+        s = t.state_dict()
+        back = detokenise(tokenise(s, layout), layout, like=s)
+        assert set(back) == set(s) and all(torch.equal(back[k], s[k]) for k in s)
+    rows, _ = pool(teachers, layout)
+    xs = ensemble_input(rows, [[2, 0, 1]])
+    conv = teachers[0][0].weight  # layer 0 = first conv + its BN
+    ly = layout.layers[0]
+    assert ly.rows == conv.shape[0] and ly.row_len == conv[0].numel() + 4
+    for pos, k in enumerate([2, 0, 1]):
+        for r in range(ly.rows):
+            w = teachers[k][0].weight[r].flatten()
+            bn = teachers[k][1]
+            expect = torch.cat([w, torch.stack([bn.weight[r], bn.bias[r], bn.running_mean[r], bn.running_var[r]])])
+            assert torch.equal(xs[0][0, pos, r], expect.float())
+    assert token_index(2, 3, ly.rows) == 1 + 2 * ly.rows + 3
+
+
+# ---- 3: sequences ------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [2, 3, 5, 8])
+def test_sequence_has_cross_plus_k_times_rows_tokens_with_ids_and_positions(k):
+    g = gen(max_teachers=8)
+    seen = []
+    h = g.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    rows, _ = pool(nets(n=k, width=4), g.layout)
+    g(ensemble_input(rows, [list(range(k))]))
+    h.remove()
+    assert seen == [1 + k * ly.rows for ly in g.layout.layers]
+    for ly in g.layout.layers:
+        ids, pos, _ = g.token_ids(k, ly.rows, "cpu")
+        assert ids[0] == 0 and (ids[1:] > 0).all()
+        for t in range(k):
+            sl = slice(token_index(t, 0, ly.rows), token_index(t, ly.rows - 1, ly.rows) + 1)
+            assert (ids[sl] == t + 1).all() and torch.equal(pos[sl], torch.arange(ly.rows))
+
+
+def test_ensemble_size_above_the_maximum_is_refused():
+    g = gen(max_teachers=3)
+    rows, _ = pool(nets(n=4, width=4), g.layout)
+    with pytest.raises(ConfigError, match="max_teachers=3"):
+        g(ensemble_input(rows, [[0, 1, 2, 3]]))
+    m = gen("mlp_generator", ensemble_size=3)
+    with pytest.raises(ConfigError, match="exactly 3"):
+        m(ensemble_input(rows, [[0, 1]]))
+
+
+# ---- 4 and 8: gradients ------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["weightformer", "mlp_generator"])
+def test_loss_through_functional_call_reaches_every_generator_parameter_and_no_teacher(name):
+    from metaensemble.methods.kd import ensemble_kd_loss
+
+    g = gen(name)
+    teachers = nets(n=4, width=4)
+    for t in teachers:
+        t.requires_grad_(True)
+    rows, states = pool(teachers, g.layout)
+    skel, _ = student_skeleton("convnet", {"width": 4}, **SHAPE)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    out = g(ensemble_input(rows, [[0, 1, 2, 3], [1, 2, 3, 0]]))
+    z = student_logits(skel.train(), assemble(out["rows"], g.layout, states[0]), x)
+    with torch.no_grad():
+        tz = torch.stack([t(x) for t in teachers])
+    loss = ensemble_kd_loss(z, tz, y, 0.5, 4.0) + out["mask_l1"] + shift_consistency(out["rows"], ensemble_input(rows, [[0, 1, 2, 3]]), g.layout)
+    loss.backward()
+    for n, p in g.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    for t in teachers:
+        assert all(p.grad is None for p in t.parameters())
+    if name == "weightformer":
+        assert g.mask_bias.grad.abs().sum() > 0
+
+
+def test_sparsity_is_zero_for_a_zero_mask_and_l1_otherwise():
+    g = gen()
+    rows, _ = pool(nets(n=2, width=4), g.layout)
+    assert float(g(ensemble_input(rows, [[0, 1]]))["mask_l1"]) == 0.0
+    with torch.no_grad():
+        g.mask_bias.fill_(-0.5)
+    assert float(g(ensemble_input(rows, [[0, 1]]))["mask_l1"]) == pytest.approx(0.5)
+
+
+# ---- 5: residual on the base -------------------------------------------------------------
+@pytest.mark.parametrize("name", ["weightformer", "mlp_generator"])
+@pytest.mark.parametrize("base", ["anchor", "mean"])
+def test_zeroed_residual_outputs_the_anchor_or_the_mean_exactly(name, base):
+    g = gen(name, base=base)
+    g.zero_residual_()
+    teachers = nets(n=4, width=4)
+    rows, states = pool(teachers, g.layout)
+    order = [2, 0, 3, 1]
+    state = assemble(g(ensemble_input(rows, [order]))["rows"], g.layout, states[order[0]])
+    for k in state:
+        if base == "anchor":
+            expect = states[order[0]][k]
+        elif states[0][k].is_floating_point():
+            expect = torch.stack([states[i][k] for i in order]).mean(0)
+        else:
+            expect = states[order[0]][k]
+        assert torch.allclose(state[k], expect, rtol=0, atol=1e-6 if base == "mean" else 0), k
+
+
+# ---- 6: order ----------------------------------------------------------------------------
+def test_identical_teachers_make_the_output_order_invariant_exactly():
+    g = gen()
+    one = nets(n=1, width=4)[0]
+    rows, _ = pool([one] * 4, g.layout)
+    a = g(ensemble_input(rows, [[0, 1, 2, 3]]))["rows"]
+    b = g(ensemble_input(rows, [[2, 3, 0, 1]]))["rows"]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+# ---- 7: cross-layer flow -----------------------------------------------------------------
+@pytest.mark.parametrize("cross", [True, False])
+def test_changing_layer_l_teachers_changes_the_next_cross_input_only_with_the_flow(cross):
+    g = gen(cross_layer=cross)
+    rows, _ = pool(nets(n=4, width=4), g.layout)
+    xs = ensemble_input(rows, [[0, 1, 2, 3]])
+    ys = [x.clone() for x in xs]
+    ys[1] = ys[1] + torch.randn_like(ys[1])  # only layer 1's teachers change
+    ca, cb = g(xs)["cross"], g(ys)["cross"]
+    assert torch.equal(ca[1], cb[1])  # inputs up to layer 1 are untouched
+    assert (not torch.equal(ca[2], cb[2])) == cross
+    if not cross:
+        assert all(torch.equal(c, g.cross0.expand_as(c)) for c in ca)
+
+
+def test_ablation_switches_remove_their_component():
+    assert gen(mask=False).mask_bias is None and gen(mask=True).mask_bias is not None
+    g = gen(mask=False)
+    rows, _ = pool(nets(n=2, width=4), g.layout)
+    assert g.attention_bias(*g.token_ids(2, 4, "cpu")[::2]) is None
+    assert float(g(ensemble_input(rows, [[0, 1]]))["mask_l1"]) == 0.0
+    assert gen(cross_layer=False).cross_proj is None
+    n_mask = sum(p.numel() for p in gen().parameters()) - sum(p.numel() for p in gen(mask=False).parameters())
+    assert n_mask == gen().mask_bias.numel()
+
+
+# ---- 10: determinism ---------------------------------------------------------------------
+def test_two_eval_generations_are_bit_identical():
+    g = gen()
+    teachers = nets(n=4, width=4)
+    rows, states = pool(teachers, g.layout)
+    a, _ = generate_student(g, rows, states, [1, 0, 2, 3])
+    b, _ = generate_student(g, rows, states, [1, 0, 2, 3])
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---- 9 and the method's inputs -----------------------------------------------------------
+def write_teachers(root, n, **kw):
+    paths = []
+    for i, m in enumerate(nets(n=n, width=4, **kw)):
+        paths.append(str(save_model(m, root / f"t{i}", dataset="digits")))
+    return paths
+
+
+def meta_cfg(paths, *extra, k=2):
+    return load_config("configs/meta/digits.yaml", [
+        "model.kwargs.student_kwargs={width: 4}", "model.kwargs.d_model=16", "model.kwargs.heads=2",
+        f"meta.ensemble_size={k}", f"meta.train_teachers={paths[:4]}", f"meta.val_teachers={paths[4:6]}",
+        f"meta.test_teachers={paths[6:8]}", "meta.val_ensembles=2", "meta.test_ensembles=2", *extra])
+
+
+def test_training_samples_only_meta_train_teachers(tmp_path):
+    paths = write_teachers(tmp_path, 8)
+    m = WeightFormerMethod(meta_cfg(paths))
+    m.validate()
+    g = m.build_model(__import__("metaensemble.data", fromlist=["load"]).load(m.cfg.data).info)
+    train_hashes = set(m.pools["train"].hashes)
+    assert train_hashes.isdisjoint(m.pools["test"].hashes) and train_hashes.isdisjoint(m.pools["val"].hashes)
+    used = set()
+    orig = m.pools["train"].rows
+    for _ in range(30):
+        for order in m.sample_orders():
+            used.update(m.pools["train"].hashes[i] for i in order)
+    assert used <= train_hashes and m.pools["train"].rows is orig
+    batch = {"x": torch.randn(8, 1, 8, 8), "y": torch.randint(0, 10, (8,))}
+    loss, logs = m.training_step(g, batch)
+    assert torch.isfinite(loss) and logs["shift"] > 0
+
+
+def test_a_checkpoint_on_two_sides_is_refused(tmp_path):
+    paths = write_teachers(tmp_path, 8)
+    with pytest.raises(ZooError, match="both meta.train_teachers and meta.test_teachers"):
+        WeightFormerMethod(meta_cfg(paths[:6] + [paths[0], paths[7]])).validate()
+    with pytest.raises(ZooError, match="meta-train and meta-test"):
+        check_disjoint({"train": ["a", "b"], "val": ["c"], "test": ["b"]})
+
+
+def test_bad_teacher_inputs_are_refused_with_clear_errors(tmp_path):
+    paths = write_teachers(tmp_path, 8)
+    with pytest.raises(ConfigError, match="exceeds the generator's max_teachers=8; valid ensemble sizes: 2..8"):
+        WeightFormerMethod(meta_cfg(paths, k=9)).validate()
+    with pytest.raises(ZooError, match="fewer than the ensemble size K=3"):
+        WeightFormerMethod(meta_cfg(paths, k=3)).validate()
+    # a teacher of another width than the student
+    wide = str(save_model(nets(n=1, width=8)[0], tmp_path / "wide", dataset="digits"))
+    m = WeightFormerMethod(meta_cfg([wide] + paths[1:]))
+    with pytest.raises(Exception, match="teachers must have the student's architecture"):
+        m.build_model(__import__("metaensemble.data", fromlist=["load"]).load(m.cfg.data).info)
+    # a corrupt checkpoint
+    (tmp_path / "t5" / "model.safetensors").write_bytes(b"not a tensor file")
+    m = WeightFormerMethod(meta_cfg(paths))
+    with pytest.raises(Exception, match="corrupt"):
+        m.build_model(__import__("metaensemble.data", fromlist=["load"]).load(m.cfg.data).info)
+
+
+def test_make_ensembles_are_distinct_and_in_range():
+    e = make_ensembles(4, 4, 10, 0)
+    assert len(e) == 4 and len({tuple(x) for x in e}) == 4  # only the 4 anchors of one combination exist
+    e = make_ensembles(8, 3, 20, 1)
+    assert len({tuple(x) for x in e}) == 20 and all(len(set(x)) == 3 and max(x) < 8 for x in e)
+    assert make_ensembles(8, 3, 20, 1) == e

@@ -1,0 +1,183 @@
+"""The meta-train job end to end: `ray job submit` against a real `ray start --head`
+cluster, on a fresh (empty) teacher zoo, with a real MLflow server; and its bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from metaensemble.config import REPO_ROOT
+
+JOB = [sys.executable, "jobs/meta_train.py"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny(tmp: Path, experiment: str, zoo_seed0: int) -> list[str]:
+    """A small but complete run: a 6-teacher zoo of width-4 convnets (2 epochs each),
+    K=2, WeightFormer (2-worker DDP) + one KD pair (the MLP generator and the ablations
+    are the same engine path with other configs; the unit tests cover them)."""
+    teacher = tmp / "teachers.yaml"
+    teacher.write_text((REPO_ROOT / "configs/teachers/digits.yaml").read_text()
+                       .replace("kwargs: {width: 16}", "kwargs: {width: 4}")
+                       .replace("epochs: 15", "epochs: 2")
+                       .replace("warmup_epochs: 1", "warmup_epochs: 0")
+                       .replace("num_teachers: 4", f"num_teachers: 6\n  first_seed: {zoo_seed0}"))
+    return [f"storage_path={tmp / 'ray'}", f"experiment={experiment}", f"meta.teacher_config={teacher}",
+            "model.kwargs.student_kwargs={width: 4}", "model.kwargs.d_model=16", "model.kwargs.heads=2",
+            "meta.ensemble_size=2", "meta.zoo_size=6", "meta.num_val_teachers=2", "meta.num_test_teachers=2",
+            "meta.val_ensembles=2", "meta.test_ensembles=2", "meta.ablations=[]",
+            "meta.kd_ensembles=1", "meta.kd_epochs=2", "train.epochs=2", "train.steps_per_epoch=5",
+            "scaling.num_workers=2", "scaling.cpus_per_worker=0.5"]
+
+
+@pytest.fixture
+def ray_head(tmp_path, mlflow_uri):
+    """`ray start --head --block` (token auth, as Ray >= 2.59 sets up) on free ports, in
+    its own process group so that tearing it down leaves the session's Ray alone
+    (`ray stop` would stop every Ray instance on the machine)."""
+    import signal
+    import time
+    import urllib.error
+    import urllib.request
+
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    env.pop("RAY_ADDRESS", None)
+    temp = Path("/tmp") / f"rh{uuid.uuid4().hex[:6]}"
+    log = open(tmp_path / "ray_head.log", "w")
+    proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+                             "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # answering (401 under token auth): it is up
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError("ray start --head did not come up: " + (tmp_path / "ray_head.log").read_text()[-2000:]) from None
+            time.sleep(1)
+    yield url, f"127.0.0.1:{port}", env
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    log.close()
+
+
+def test_ray_job_submit_runs_the_whole_pipeline_on_a_fresh_zoo(ray_head, tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from metaensemble.methods.kd import checkpoint_sha256
+    from metaensemble.models import load, local_dir
+
+    dashboard, _, env = ray_head
+    experiment = f"test/meta-{uuid.uuid4().hex[:6]}"
+    seed0 = 1000 + int(uuid.uuid4().int % 10_000) * 10  # a fresh zoo: no teacher of these seeds exists
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri}})
+    cmd = ["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--runtime-env-json", runtime_env,
+           "--", "python", "jobs/meta_train.py", *_tiny(tmp_path, experiment, seed0)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
+                          text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "succeeded" in out
+    for label in ("mean single teacher", "anchor teacher, BN recomputed", "ensemble (prob. average)",
+                  "naive weight average", "KD student (subset)", "KD student (full train)", "WeightFormer zero-shot",
+                  "WeightFormer + finetune"):
+        assert label in out, label
+    assert "training the rest" in out  # the zoo was built by the teacher-zoo job first
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([exp.experiment_id], "tags.`metaensemble.job` = 'meta_train'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"eval_table.md", "eval_table.json", "eval_bars.png", "teachers.json", "eval_table_mlflow.json"} <= arts
+    png = Path(client.download_artifacts(parent.info.run_id, "eval_bars.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "eval_table.json", str(tmp_path))).read_text())
+    keys = {r["key"] for r in table}
+    assert {"mean_teacher", "anchor_bn", "ensemble", "weight_average", "kd_subset", "kd_full", "weightformer",
+            "weightformer_ft"} == keys
+    for r in table:
+        assert 0.0 <= r["acc"] <= 1.0 and r["nll"] > 0 and r["n"] >= 1
+
+    # which teachers: versions logged, split by checkpoint, held-out ones never trained on
+    teachers = json.loads(Path(client.download_artifacts(parent.info.run_id, "teachers.json", str(tmp_path))).read_text())["teachers"]
+    assert len(teachers) == 6 and {t["side"] for t in teachers} == {"train", "val", "test"}
+    by_side = {s: {t["sha256"] for t in teachers if t["side"] == s} for s in ("train", "val", "test")}
+    assert by_side["test"].isdisjoint(by_side["train"] | by_side["val"]) and by_side["train"].isdisjoint(by_side["val"])
+    for t in teachers:  # the logged hash is the registered checkpoint's
+        assert checkpoint_sha256(local_dir(t["uri"])) == t["sha256"]
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    gen_runs = [c for c in children if c.data.params.get("method") == "weightformer"]
+    assert len(gen_runs) == 1 and len(children) == 3  # WeightFormer, KD on the subset and on the full split
+    test_uris = {t["uri"] for t in teachers if t["side"] == "test"}
+    for c in gen_runs:
+        used = c.data.params["meta.train_teachers"] + c.data.params["meta.val_teachers"]
+        assert not any(u in used for u in test_uris)
+        assert c.data.params["scaling.num_workers"] == "2"  # meta-training ran as 2-worker DDP
+        assert c.info.status == "FINISHED"
+
+    # the generator is registered and loads without unpickling
+    versions = client.search_model_versions("name='weightformer.digits.convnet'")
+    wf_run = next(c for c in gen_runs if c.data.params["model.name"] == "weightformer")
+    mine = [v for v in versions if v.run_id == wf_run.info.run_id]
+    assert len(mine) == 1
+    gen = load(f"models:/weightformer.digits.convnet/{mine[0].version}")
+    assert gen.student_spec["arch"] == "convnet" and gen.student_spec["kwargs"]["width"] == 4
+
+
+def _job(args, mlflow_uri, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    return subprocess.run(JOB + args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["meta.ensemble_size=9"], "meta.ensemble_size=9 exceeds the generator's max_teachers=8; valid ensemble sizes: 2..8"),
+    (["meta.zoo_size=10"], "meta.zoo_size=10 leaves 2 meta-train teachers"),
+    (["model.kwargs.student_kwargs={width: 8}"], "teachers must have the student's architecture"),
+    (["meta.ensemble_size=2", "model.name=mlp_generator", "model.kwargs={student: convnet, ensemble_size: 3}"],
+     "the MLP generator takes exactly model.kwargs.ensemble_size=3 teachers, but meta.ensemble_size=2"),
+])
+def test_bad_input_is_one_clear_error_before_any_work(args, message, mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    experiment = f"test/bad-{uuid.uuid4().hex[:6]}"
+    proc = _job([f"storage_path={tmp_path / 'ray'}", f"experiment={experiment}", *args], mlflow_uri, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert MlflowClient(mlflow_uri).get_experiment_by_name(experiment) is None
+    assert not (tmp_path / "ray").exists()
+
+
+def test_a_zoo_with_fewer_teachers_than_needed_is_refused_without_training(mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    experiment = f"test/zoo-{uuid.uuid4().hex[:6]}"
+    proc = _job(["--no-train-zoo", *_tiny(tmp_path, experiment, 9_000_000)], mlflow_uri, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "has 0 teachers of this recipe, meta.zoo_size=6 needed (K=2)" in proc.stderr
+    assert MlflowClient(mlflow_uri).get_experiment_by_name(experiment) is None
