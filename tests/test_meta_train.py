@@ -1,5 +1,5 @@
 """The meta-train job end to end: `ray job submit` against a real `ray start --head`
-cluster, on a fresh (empty) teacher zoo, with a real MLflow server; and its bad input."""
+cluster, reading its teacher zoo from a real MLflow server's registry; and its bad input."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -25,20 +26,20 @@ def _free_port() -> int:
 
 
 def _tiny(tmp: Path, experiment: str, zoo_seed0: int) -> list[str]:
-    """A small but complete run: a 6-teacher zoo of width-4 convnets (2 epochs each),
+    """A small but complete run: a 6-teacher zoo of width-4 convnets (1 epoch each),
     K=2, WeightFormer (2-worker DDP) + one KD pair (the MLP generator and the ablations
     are the same engine path with other configs; the unit tests cover them)."""
     teacher = tmp / "teachers.yaml"
     teacher.write_text((REPO_ROOT / "configs/teachers/digits.yaml").read_text()
                        .replace("kwargs: {width: 16}", "kwargs: {width: 4}")
-                       .replace("epochs: 15", "epochs: 2")
+                       .replace("epochs: 15", "epochs: 1")
                        .replace("warmup_epochs: 1", "warmup_epochs: 0")
                        .replace("num_teachers: 4", f"num_teachers: 6\n  first_seed: {zoo_seed0}"))
     return [f"storage_path={tmp / 'ray'}", f"experiment={experiment}", f"meta.teacher_config={teacher}",
             "model.kwargs.student_kwargs={width: 4}", "model.kwargs.d_model=16", "model.kwargs.heads=2",
             "meta.ensemble_size=2", "meta.zoo_size=6", "meta.num_val_teachers=2", "meta.num_test_teachers=2",
             "meta.val_ensembles=2", "meta.test_ensembles=2", "meta.ablations=[]",
-            "meta.kd_ensembles=1", "meta.kd_epochs=2", "train.epochs=2", "train.steps_per_epoch=5",
+            "meta.kd_ensembles=1", "meta.kd_epochs=1", "train.epochs=1", "train.steps_per_epoch=5",
             "scaling.num_workers=2", "scaling.cpus_per_worker=0.5"]
 
 
@@ -48,7 +49,6 @@ def ray_head(tmp_path, mlflow_uri):
     its own process group so that tearing it down leaves the session's Ray alone
     (`ray stop` would stop every Ray instance on the machine)."""
     import signal
-    import time
     import urllib.error
     import urllib.request
 
@@ -85,7 +85,41 @@ def ray_head(tmp_path, mlflow_uri):
     log.close()
 
 
-def test_ray_job_submit_runs_the_whole_pipeline_on_a_fresh_zoo(ray_head, tmp_path, mlflow_uri):
+def _register_zoo(tmp: Path, overrides: list[str], mlflow_uri: str) -> None:
+    """Train the recipe's 6 teachers in this process (one epoch each: seconds, where 6 Ray
+    Train runs cost minutes on 2 cores) and register them exactly as the teacher-zoo job
+    does: an MLflow run with the model artifact, a registry version tagged with seed and
+    recipe hash. (The job's own zoo training is tested in tests/tracking and tests/test_jobs.)"""
+    import torch
+    import torch.nn.functional as F
+    from mlflow.tracking import MlflowClient
+
+    from metaensemble import data
+    from metaensemble.config import load_config
+    from metaensemble.models import create_model, save_model
+    from metaensemble.tracking import TeacherZoo
+
+    meta = load_config("configs/meta/digits.yaml", overrides)
+    tcfg = load_config(meta.meta.teacher_config, [f"zoo.num_teachers={meta.meta.zoo_size}"])
+    splits = data.load(tcfg.data)
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("digits/teachers") or client.get_experiment(client.create_experiment("digits/teachers"))
+    zoo = TeacherZoo("digits", "convnet", mlflow_uri)
+    for seed in range(tcfg.zoo.first_seed, tcfg.zoo.first_seed + meta.meta.zoo_size):
+        torch.manual_seed(seed)
+        m = create_model("convnet", num_classes=10, in_chans=1, img_size=8, **tcfg.model.kwargs)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        for b in data.ArrayLoader(splits.train, splits.info, 64, shuffle=True, seed=seed, drop_last=True):
+            opt.zero_grad()
+            F.cross_entropy(m(b["x"]), b["y"]).backward()
+            opt.step()
+        run = client.create_run(exp.experiment_id, run_name=f"teacher-{seed}")
+        client.log_artifacts(run.info.run_id, str(save_model(m.eval(), tmp / f"t{seed}", dataset="digits")), "model")
+        client.set_terminated(run.info.run_id)
+        zoo.register(run.info.run_id, seed, tcfg.config_hash(), {})
+
+
+def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from metaensemble.methods.kd import checkpoint_sha256
@@ -93,20 +127,25 @@ def test_ray_job_submit_runs_the_whole_pipeline_on_a_fresh_zoo(ray_head, tmp_pat
 
     dashboard, _, env = ray_head
     experiment = f"test/meta-{uuid.uuid4().hex[:6]}"
-    seed0 = 1000 + int(uuid.uuid4().int % 10_000) * 10  # a fresh zoo: no teacher of these seeds exists
+    seed0 = 1000 + int(uuid.uuid4().int % 10_000) * 10  # this test's own zoo: no teacher of these seeds exists
+    _register_zoo(tmp_path, _tiny(tmp_path, experiment, seed0), mlflow_uri)
     runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri}})
     cmd = ["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--runtime-env-json", runtime_env,
            "--", "python", "jobs/meta_train.py", *_tiny(tmp_path, experiment, seed0)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
-                          text=True, timeout=900)
-    out = proc.stdout + proc.stderr
+    for _ in range(10):  # the job agent comes up a little after the dashboard answers
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
+                              text=True, timeout=900)
+        out = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in out:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, out[-4000:]
     assert "succeeded" in out
     for label in ("mean single teacher", "anchor teacher, BN recomputed", "ensemble (prob. average)",
                   "naive weight average", "KD student (subset)", "KD student (full train)", "WeightFormer zero-shot",
                   "WeightFormer + finetune"):
         assert label in out, label
-    assert "training the rest" in out  # the zoo was built by the teacher-zoo job first
+    assert "training the rest" not in out  # the registered zoo was found and used
 
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -127,6 +166,7 @@ def test_ray_job_submit_runs_the_whole_pipeline_on_a_fresh_zoo(ray_head, tmp_pat
     # which teachers: versions logged, split by checkpoint, held-out ones never trained on
     teachers = json.loads(Path(client.download_artifacts(parent.info.run_id, "teachers.json", str(tmp_path))).read_text())["teachers"]
     assert len(teachers) == 6 and {t["side"] for t in teachers} == {"train", "val", "test"}
+    assert {t["seed"] for t in teachers} == set(range(seed0, seed0 + 6))
     by_side = {s: {t["sha256"] for t in teachers if t["side"] == s} for s in ("train", "val", "test")}
     assert by_side["test"].isdisjoint(by_side["train"] | by_side["val"]) and by_side["train"].isdisjoint(by_side["val"])
     for t in teachers:  # the logged hash is the registered checkpoint's

@@ -10,7 +10,9 @@ import torch
 from metaensemble import data, models
 from metaensemble.config import DataConfig
 from metaensemble.errors import CheckpointError, ConfigError
-from metaensemble.methods.weightformer.generator import GENERATORS  # parameter generators, not image models
+from metaensemble.methods.weightformer.generator import (
+    GENERATORS,  # parameter generators, not image models
+)
 
 IMAGE_MODELS = [n for n in models.names() if n not in GENERATORS]
 
