@@ -57,7 +57,13 @@ def ray_head(tmp_path, mlflow_uri):
     env.pop("RAY_ADDRESS", None)
     temp = Path("/tmp") / f"rh{uuid.uuid4().hex[:6]}"
     log = open(tmp_path / "ray_head.log", "w")
-    proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+    # Every port of its own: the session's local Ray instance already holds the defaults
+    # (its dashboard agent on 52365 would leave this head without a job agent).
+    own = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "metrics-export-port", "runtime-env-agent-port",
+                                                    "node-manager-port", "object-manager-port",
+                                                    "ray-client-server-port")]
+    proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", *own,
                              "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"

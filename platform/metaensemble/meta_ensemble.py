@@ -89,7 +89,7 @@ def validate(cfg: Config) -> Config:
     the zoo recipe trains teachers of the student's architecture. Returns the recipe."""
     if cfg.method != "weightformer":
         raise ConfigError(f"the meta-train job runs method weightformer, got method={cfg.method!r}")
-    engine.validate(cfg.with_overrides({}), _GeneratorOnly(cfg))
+    engine.validate(cfg, _GeneratorOnly(cfg))
     m = cfg.meta
     if m.zoo_size - m.num_val_teachers - m.num_test_teachers < m.ensemble_size:
         raise ZooError(f"meta.zoo_size={m.zoo_size} leaves {m.zoo_size - m.num_val_teachers - m.num_test_teachers} "
@@ -207,10 +207,9 @@ def train_all(runs: dict[str, Config], experiment: str, parent_run_id: str, stor
     uri = tracking.ensure_tracking()
     engine.ensure_ray()
     first = next(iter(runs.values()))
-    grid = [{k: v for k, v in c.to_dict().items()} for c in runs.values()]
     static = {"base": first.to_dict(), "experiment": experiment, "tracking_uri": uri, "name": name,
               "parent_run_id": parent_run_id, "run_name_fn": _run_name}
-    results = launch(static, {"params": tune.grid_search([_flat_overrides(g) for g in grid])}, name=name,
+    results = launch(static, {"params": tune.grid_search([_flat_overrides(c.to_dict()) for c in runs.values()])}, name=name,
                      storage=storage, metric="val_acc", mode="max", num_samples=1,
                      max_concurrent=concurrency(first, 0), verbose=0)  # the runs print their own epoch lines
     errors = [r.error for r in results if r.error]
@@ -404,7 +403,6 @@ def run(cfg: Config, *, train_missing: bool = True) -> MetaOutcome:
     uri = tracking.ensure_tracking()
     client = tracking.client(uri)
     experiment = cfg.experiment_name
-    exp_id = tracking.experiment_id(client, experiment)
     key = f"meta-{cfg.run_key()}"
     handle = tracking.open_run(client, cfg, key, tags={"metaensemble.job": "meta_train"})
     if handle.resumed:
@@ -440,7 +438,6 @@ def run(cfg: Config, *, train_missing: bool = True) -> MetaOutcome:
     except BaseException:
         client.set_terminated(parent, status="FAILED")
         raise
-    del exp_id
     return MetaOutcome(parent, rows, run_ids, pl.teachers, version, seconds)
 
 
