@@ -61,8 +61,9 @@ def main(argv: list[str]) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "meta_ensemble.json").write_text(json.dumps(result, indent=2))
     md = [f"# Meta-ensemble evaluation ({cfg.data.name}, K={cfg.meta.ensemble_size}, held-out ensembles, test split)",
-          "", f"Command: `{result['command']}` on {result['machine']}; whole pipeline {wall:.0f}s "
-          f"(zoo {out.seconds['plan_s']:.0f}s, training {out.seconds['train_s']:.0f}s, evaluation {out.seconds['eval_s']:.0f}s).",
+          "", f"Command: `{result['command']}` on {result['machine']}; this invocation took {wall:.0f}s "
+          f"(zoo {out.seconds['plan_s']:.0f}s, training {out.seconds['train_s']:.0f}s, evaluation {out.seconds['eval_s']:.0f}s; "
+          "runs already finished in MLflow, e.g. by the main job, are reused rather than retrained).",
           "", "```", meta_ensemble.format_table(out.rows), "```", "", "| target | measured | met |", "|---|---|---|"]
     md += [f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else 'no'} |" for c in checks]
     (OUT / "meta_ensemble.md").write_text("\n".join(md) + "\n")
