@@ -26,6 +26,7 @@ import torch
 from metaensemble import data, engine, metrics, tracking
 from metaensemble.config import Config, load_config
 from metaensemble.errors import ConfigError, ZooError
+from metaensemble.methods.base import predict_logp
 from metaensemble.methods.kd import ensemble_kd_loss, load_teachers, teacher_logits
 from metaensemble.methods.weightformer.method import (
     WeightFormerMethod,
@@ -250,16 +251,6 @@ def _mean_row(key: str, per: list[dict[str, float]]) -> Row:
     return Row(key, *(float(np.mean([r[k] for r in per])) for k in ("acc", "nll", "ece", "time_s")), len(per))
 
 
-@torch.no_grad()
-def _scores(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    model.eval()
-    lps, ys = [], []
-    for b in loader:
-        lps.append(torch.log_softmax(model(b["x"]).float(), 1))
-        ys.append(b["y"])
-    return torch.cat(lps), torch.cat(ys)
-
-
 def _metrics(logp, y, t: float) -> dict[str, float]:
     m = metrics.classification_metrics(logp, y, "")
     return {"acc": m["acc"], "nll": m["nll"], "ece": m["ece"], "time_s": t}
@@ -306,7 +297,7 @@ def evaluate(p: Plan, run_ids: dict[str, str]) -> list[Row]:
     gens = {k: load(f"runs:/{rid}/model") for k, rid in run_ids.items() if not k.startswith("kd_")}
     layout = gens["weightformer"].layout
     rows_pool = [tokenise(s, layout) for s in states]
-    teacher_scores = [_scores(m_, test_loader) for m_ in models]
+    teacher_scores = [predict_logp(m_, test_loader) for m_ in models]
     client = tracking.client()
     per: dict[str, list[dict[str, float]]] = {}
     d = cfg.distill
@@ -319,23 +310,23 @@ def evaluate(p: Plan, run_ids: dict[str, str]) -> list[Row]:
         # recomputed on the subset (separates that effect from what meta-training learns)
         t0 = time.perf_counter()
         anchor = recompute_bn(build_student(p.student_spec, states[ens[0]]), bn_loader)
-        per.setdefault("anchor_bn", []).append(_metrics(*_scores(anchor, test_loader), time.perf_counter() - t0))
+        per.setdefault("anchor_bn", []).append(_metrics(*predict_logp(anchor, test_loader), time.perf_counter() - t0))
         t0 = time.perf_counter()
         avg = recompute_bn(build_student(p.student_spec, weight_average([states[j] for j in ens])), bn_loader)
-        per.setdefault("weight_average", []).append(_metrics(*_scores(avg, test_loader), time.perf_counter() - t0))
+        per.setdefault("weight_average", []).append(_metrics(*predict_logp(avg, test_loader), time.perf_counter() - t0))
         for key, gen in gens.items():
             student, dt = generate_student(gen, rows_pool, states, ens, bn_loader)
-            per.setdefault(key, []).append(_metrics(*_scores(student, test_loader), dt))
+            per.setdefault(key, []).append(_metrics(*predict_logp(student, test_loader), dt))
             if key == "weightformer" and cfg.meta.finetune_epochs:
                 t0 = time.perf_counter()
                 finetune(student, [models[j] for j in ens], ft_loader, cfg.meta.finetune_epochs, cfg.meta.finetune_lr,
                          d.alpha, d.temperature, bn_loader)
                 per.setdefault("weightformer_ft", []).append(
-                    _metrics(*_scores(student, test_loader), dt + time.perf_counter() - t0))
+                    _metrics(*predict_logp(student, test_loader), dt + time.perf_counter() - t0))
         for kind in ("kd_subset", "kd_full"):
             rid = run_ids.get(f"{kind}/{i}")
             if rid is not None:
-                per.setdefault(kind, []).append(_metrics(*_scores(load(f"runs:/{rid}/model"), test_loader),
+                per.setdefault(kind, []).append(_metrics(*predict_logp(load(f"runs:/{rid}/model"), test_loader),
                                                          _epoch_time(client, rid)))
     order = ["mean_teacher", "anchor_bn", "ensemble", "weight_average", "kd_subset", "kd_full", "mlp", "weightformer",
              "weightformer_ft", "no_mask", "no_shift", "no_cross", "base_mean"]

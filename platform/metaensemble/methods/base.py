@@ -18,6 +18,17 @@ from metaensemble.data import DatasetInfo
 from metaensemble.models import create_model
 
 
+@torch.no_grad()
+def predict_logp(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode log-probabilities [N, C] (float32, cpu) and labels [N] over ``loader``."""
+    model.eval()
+    logps, ys = [], []
+    for batch in loader:
+        logps.append(F.log_softmax(model(batch["x"]).float(), dim=1).cpu())
+        ys.append(batch["y"].cpu())
+    return torch.cat(logps), torch.cat(ys)
+
+
 class Method:
     """Plain supervised training with cross-entropy; the base of every method."""
 
@@ -48,12 +59,7 @@ class Method:
 
         ``split`` ("val" or "test") names the data split; methods that evaluate several
         derived models (the meta-learners) use it to pick which ones."""
-        model.eval()
-        logps, ys = [], []
-        for batch in loader:
-            logps.append(F.log_softmax(model(batch["x"]).float(), dim=1).cpu())
-            ys.append(batch["y"].cpu())
-        return torch.cat(logps), torch.cat(ys)
+        return predict_logp(model, loader)
 
     def on_epoch_end(self, model: nn.Module, epoch: int, rank: int) -> None:
         """Hook after each epoch's optimisation, before validation (e.g. folding)."""
