@@ -3,7 +3,8 @@
     python jobs/sweep.py search_spaces/teacher.yaml
     python jobs/sweep.py search_spaces/teacher.yaml num_samples=16 train.epochs=20
 
-Overrides apply to the sweep's base config. Re-running the same command restores an
+``num_samples=`` and ``max_concurrent_trials=`` set the sweep's own settings; every other
+override applies to the sweep's base config. Re-running the same command restores an
 interrupted sweep.
 """
 
@@ -15,13 +16,14 @@ from metaensemble.cli import run_job
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("space", help="search-space YAML (see search_spaces/)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of the base config")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="num_samples=N / max_concurrent_trials=N, or overrides of the base config")
     args = p.parse_args()
     from metaensemble.sweep import format_trials, load_space, run_sweep
 
-    space = load_space(args.space)
-    space.base_config(args.overrides)  # validate overrides before anything starts
-    outcome = run_sweep(space, args.overrides)
+    space, overrides = load_space(args.space).split_overrides(args.overrides)
+    space.base_config(overrides)  # validate overrides before anything starts
+    outcome = run_sweep(space, overrides)
     print()
     print(format_trials(outcome, space.metric))
     print(f"\nbest {space.metric} {outcome.best_metric:.4f} with {outcome.best_params}")

@@ -72,6 +72,19 @@ def test_missing_and_malformed_space_files(tmp_path):
         load_space(tmp_path / "bad.yaml")
 
 
+def test_command_line_sets_sweep_settings_and_overrides_the_base(tmp_path):
+    space = load_space(_space(tmp_path))
+    changed, rest = space.split_overrides(["num_samples=3", "max_concurrent_trials=1", "train.epochs=2"])
+    assert (changed.num_samples, changed.max_concurrent_trials) == (3, 1)
+    assert (space.num_samples, space.max_concurrent_trials) == (1, 2)  # the loaded space is untouched
+    assert rest == ["train.epochs=2"] and changed.base_config(rest).train.epochs == 2
+    for bad, match in [("num_samples=0", r"num_samples must be >= 1, got 0"),
+                       ("num_samples=many", r"num_samples must be an integer, got 'many'"),
+                       ("max_concurrent_trials=-1", r"max_concurrent_trials must be >= 0")]:
+        with pytest.raises(SearchSpaceError, match=match):
+            space.split_overrides([bad])
+
+
 def test_asha_sweep_stops_trials_early_with_one_child_run_per_trial(ray_local, tmp_path):
     space = load_space(_space(tmp_path))
     outcome = run_sweep(space)

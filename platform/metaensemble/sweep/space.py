@@ -50,6 +50,9 @@ class SearchSpec(_Strict):
     seed: int = 0
 
 
+SWEEP_SETTINGS = ("num_samples", "max_concurrent_trials")
+
+
 class SearchSpace(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: str
@@ -67,6 +70,26 @@ class SearchSpace(_Strict):
     def base_config(self, extra: list[str] | None = None) -> Config:
         cfg = load_config(self.base, [f"{k}={json.dumps(v)}" for k, v in self.overrides.items()] + (extra or []))
         return cfg
+
+    def split_overrides(self, args: list[str]) -> tuple[SearchSpace, list[str]]:
+        """Command-line ``key=value`` words: the sweep settings among them
+        (``num_samples``, ``max_concurrent_trials``) applied to a copy of this space, and
+        the rest, which are dotted overrides of the base config."""
+        settings: dict[str, Any] = {}
+        rest = []
+        for a in args:
+            key, sep, value = a.partition("=")
+            if sep and key in SWEEP_SETTINGS:
+                try:
+                    settings[key] = int(value)
+                except ValueError:
+                    raise SearchSpaceError(f"{key} must be an integer, got {value!r}") from None
+                low = SearchSpace.model_fields[key].metadata[0].ge
+                if settings[key] < low:
+                    raise SearchSpaceError(f"{key} must be >= {low}, got {settings[key]}")
+            else:
+                rest.append(a)
+        return self.model_copy(update=settings), rest
 
     def spec_hash(self) -> str:
         d = self.model_dump(exclude={"source"})
