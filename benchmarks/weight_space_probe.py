@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -108,7 +107,7 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
-    from metaensemble import data, meta_ensemble
+    from metaensemble import data, meta_ensemble, metrics
     from metaensemble.config import load_config
     from metaensemble.methods.base import predict_logp
     from metaensemble.methods.kd import ensemble_kd_loss, load_teachers
@@ -149,8 +148,7 @@ def main() -> int:
             model = recompute_bn(model, bn_loader)
         out = {}
         for s, ld in loaders.items():
-            lp, y = predict_logp(model, ld)
-            out[f"{s}_acc"], out[f"{s}_nll"] = (lp.argmax(1) == y).float().mean().item(), F.nll_loss(lp, y).item()
+            out.update(metrics.classification_metrics(*predict_logp(model, ld), f"{s}_"))
         return out
 
     def fit_mix(anchor, aligned, models, x, y, rng) -> dict[str, torch.Tensor]:
@@ -193,9 +191,7 @@ def main() -> int:
         ens_metrics = {}
         for s, ld in loaders.items():
             lps = [predict_logp(m, ld) for m in models]
-            y = lps[0][1]
-            p = torch.stack([lp for lp, _ in lps]).exp().mean(0)
-            ens_metrics[f"{s}_acc"], ens_metrics[f"{s}_nll"] = (p.argmax(1) == y).float().mean().item(), F.nll_loss(p.log(), y).item()
+            ens_metrics.update(metrics.classification_metrics(metrics.ensemble_logp([lp for lp, _ in lps]), lps[0][1], f"{s}_"))
         add("ensemble", ens_metrics)
         add("naive_average", score(build(weight_average([m.state_dict() for m in models]))))
         ref = unit_activations(models[0], x_align)
