@@ -164,3 +164,40 @@ def test_interrupted_sweep_is_restored_by_the_same_command(ray_local, mlflow_uri
     again = c.get_run(first_done.info.run_id)
     assert again.info.end_time == first_done.info.end_time, "a finished trial was trained again"
     assert sorted(r.info.status for r in children) == ["FINISHED"] * 3
+
+
+def test_closing_a_sweep_gives_each_trial_run_its_final_status(mlflow_uri, tmp_path):
+    """Trial runs are closed by the sweep, not by the dying trial: stopped early -> KILLED,
+    broken (with or without a report) -> FAILED, finished runs keep FINISHED."""
+    from ray.tune import Result
+
+    from metaensemble.sweep.runner import _close
+
+    space = load_space(_space(tmp_path))
+    c = tracking.client()
+    exp_id = tracking.experiment_id(c, f"closing-{uuid.uuid4().hex[:6]}")
+    parent = c.create_run(exp_id, run_name="parent").info.run_id
+
+    def child(tid, status):
+        run = c.create_run(exp_id, run_name=tid, tags={tracking.runs.TAG_PARENT: parent, "metaensemble.trial_id": tid})
+        if status != "RUNNING":
+            c.set_terminated(run.info.run_id, status=status)
+        return run.info.run_id
+
+    def result(tid, epoch, acc, final=False, error=None):
+        m = {"trial_id": tid, "epoch": epoch, "val_acc": acc, "config": {"params": {"optim.lr": 0.1}}}
+        return Result(metrics={**m, "final": 1} if final else m, checkpoint=None, error=error, path=str(tmp_path))
+
+    runs = {"done": child("done", "FINISHED"), "stopped": child("stopped", "RUNNING"),
+            "broke": child("broke", "RUNNING"), "broke_silent": child("broke_silent", "RUNNING")}
+    grid = [result("done", 6, 0.9, final=True), result("stopped", 1, 0.1),
+            result("broke", 2, 0.5, error=RuntimeError("worker died")),
+            Result(metrics={}, checkpoint=None, error=RuntimeError("no report"), path=str(tmp_path))]
+    outcome = _close(c, exp_id, parent, space, grid, str(tmp_path))
+
+    status = {k: c.get_run(v).info.status for k, v in runs.items()}
+    assert status == {"done": "FINISHED", "stopped": "KILLED", "broke": "FAILED", "broke_silent": "FAILED"}
+    assert c.get_run(runs["stopped"]).data.tags["metaensemble.stopped_early"] == "true"
+    assert "metaensemble.stopped_early" not in c.get_run(runs["broke"]).data.tags
+    assert outcome.best_metric == 0.9 and c.get_run(parent).info.status == "FINISHED"
+    assert [t["error"] for t in outcome.trials] == [None, None, "worker died", "no report"]

@@ -137,7 +137,11 @@ def fit(cfg: Config, *, method: methods.Method | None = None, run_name: str | No
     try:
         result = trainer.fit()
     except BaseException:
-        client.set_terminated(handle.run_id, status="FAILED")
+        # Inside a sweep the trial's process is also torn down when the scheduler stops
+        # it early, possibly after the sweep has closed; the sweep, which knows which
+        # trials were stopped and which broke, sets those runs' final status instead.
+        if not in_tune:
+            client.set_terminated(handle.run_id, status="FAILED")
         raise
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     if ckpt:

@@ -190,16 +190,18 @@ def _close(client, exp_id: str, parent_id: str, space: SearchSpace, grid, storag
     trials = []
     for r in grid:
         m = r.metrics or {}
-        trials.append({"trial_id": m.get("trial_id"), "params": r.config.get("params", {}),
+        trials.append({"trial_id": m.get("trial_id"), "params": (r.config or {}).get("params", {}),
                        "epochs": m.get("epoch"), space.metric: m.get(space.metric),
                        "done": bool(m.get("final")), "error": str(r.error) if r.error else None})
     stopped_ids = {t["trial_id"] for t in trials if not t["done"] and not t["error"]}
     for child in tracking.child_runs(client, exp_id, parent_id):
-        # A trial the scheduler stopped may have been left RUNNING (actor killed) or
-        # FAILED (its fit interrupted); either way it was stopped early, not broken.
-        if child.data.tags.get("metaensemble.trial_id") in stopped_ids or child.info.status == "RUNNING":
+        # Trials leave their run RUNNING when they do not finish (engine.fit writes no
+        # status inside Tune): stopped by the scheduler -> KILLED, anything else -> FAILED.
+        if child.data.tags.get("metaensemble.trial_id") in stopped_ids:
             client.set_terminated(child.info.run_id, status="KILLED")
             tracking.set_tags(client, child.info.run_id, {"metaensemble.stopped_early": "true"})
+        elif child.info.status == "RUNNING":
+            client.set_terminated(child.info.run_id, status="FAILED")
     ok = [t for t in trials if t[space.metric] is not None]
     if not ok:
         client.set_terminated(parent_id, status="FAILED")
