@@ -120,5 +120,5 @@ def load_parquet_arrays(cfg: DataConfig) -> DataSplits:
     for s in SPLITS:
         t = pq.read_table(meta["root"] / s)
         d = _decode({k: t.column(k).to_numpy(zero_copy_only=False) for k in ("image", "label", "index")}, shape)
-        parts[s] = ArraySplit(torch.from_numpy(d["image"].copy()), torch.from_numpy(d["label"]), torch.from_numpy(d["index"]))
+        parts[s] = ArraySplit(*(torch.from_numpy(d[k].copy()) for k in ("image", "label", "index")))
     return DataSplits(info, parts["train"], parts["val"], parts["test"])
