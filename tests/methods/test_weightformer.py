@@ -152,10 +152,10 @@ def test_loss_through_functional_call_reaches_every_generator_parameter_and_no_t
 def test_sparsity_is_zero_for_a_zero_mask_and_l1_otherwise():
     g = gen()
     rows, _ = pool(nets(n=2, width=4), g.layout)
-    assert float(g(ensemble_input(rows, [[0, 1]]))["mask_l1"]) == 0.0
+    assert float(g(ensemble_input(rows, [[0, 1]]))["mask_l1"].detach()) == 0.0
     with torch.no_grad():
         g.mask_bias.fill_(-0.5)
-    assert float(g(ensemble_input(rows, [[0, 1]]))["mask_l1"]) == pytest.approx(0.5)
+    assert float(g(ensemble_input(rows, [[0, 1]]))["mask_l1"].detach()) == pytest.approx(0.5)
 
 
 # ---- 5: residual on the base -------------------------------------------------------------
