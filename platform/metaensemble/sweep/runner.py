@@ -195,8 +195,8 @@ def _close(client, exp_id: str, parent_id: str, space: SearchSpace, grid, storag
                        "done": bool(m.get("final")), "error": str(r.error) if r.error else None})
     stopped_ids = {t["trial_id"] for t in trials if not t["done"] and not t["error"]}
     for child in tracking.child_runs(client, exp_id, parent_id):
-        # Trials leave their run RUNNING when they do not finish (engine.fit writes no
-        # status inside Tune): stopped by the scheduler -> KILLED, anything else -> FAILED.
+        # A trial that does not finish leaves its run RUNNING (inside Tune engine.fit
+        # writes only FINISHED): stopped by the scheduler -> KILLED, anything else -> FAILED.
         if child.data.tags.get("metaensemble.trial_id") in stopped_ids:
             client.set_terminated(child.info.run_id, status="KILLED")
             tracking.set_tags(client, child.info.run_id, {"metaensemble.stopped_early": "true"})
