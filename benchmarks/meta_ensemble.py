@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "results"
+EPS = 1e-6  # accuracies are means of per-ensemble fractions: equal counts can differ in the last float bits
 
 
 def targets(rows: dict) -> list[dict]:
@@ -33,12 +34,12 @@ def targets(rows: dict) -> list[dict]:
                     "met": kd["time_s"] >= 100 * wf["time_s"]})
         if ft:
             out.append({"target": "WeightFormer + 1 epoch finetune at or above the KD student (ACC)",
-                        "measured": f"{100 * ft['acc']:.2f} vs {100 * kd['acc']:.2f}", "met": ft["acc"] >= kd["acc"]})
+                        "measured": f"{100 * ft['acc']:.2f} vs {100 * kd['acc']:.2f}", "met": ft["acc"] >= kd["acc"] - EPS})
     out.append({"target": "WeightFormer zero-shot above the mean single teacher (ACC)",
-                "measured": f"{100 * wf['acc']:.2f} vs {100 * mt['acc']:.2f}", "met": wf["acc"] > mt["acc"]})
+                "measured": f"{100 * wf['acc']:.2f} vs {100 * mt['acc']:.2f}", "met": wf["acc"] > mt["acc"] + EPS})
     if ft:
         out.append({"target": "WeightFormer + finetune above the mean single teacher (ACC)",
-                    "measured": f"{100 * ft['acc']:.2f} vs {100 * mt['acc']:.2f}", "met": ft["acc"] > mt["acc"]})
+                    "measured": f"{100 * ft['acc']:.2f} vs {100 * mt['acc']:.2f}", "met": ft["acc"] > mt["acc"] + EPS})
     return out
 
 

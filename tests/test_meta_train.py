@@ -205,6 +205,7 @@ def _job(args, mlflow_uri, tmp_path):
     (["meta.ensemble_size=9"], "meta.ensemble_size=9 exceeds the generator's max_teachers=8; valid ensemble sizes: 2..8"),
     (["meta.zoo_size=10"], "meta.zoo_size=10 leaves 2 meta-train teachers"),
     (["model.kwargs.student_kwargs={width: 8}"], "teachers must have the student's architecture"),
+    (["data.val_fraction=0.1"], "set data.val_fraction/test_fraction/split_seed to the teachers' values"),
     (["meta.ensemble_size=2", "model.name=mlp_generator", "model.kwargs={student: convnet, ensemble_size: 3}"],
      "the MLP generator takes exactly model.kwargs.ensemble_size=3 teachers, but meta.ensemble_size=2"),
 ])

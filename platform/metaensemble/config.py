@@ -50,6 +50,10 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = "convnet"
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    init_seed: int | None = Field(None, ge=0)
+    """Seed of the initial weights alone (None: the run's ``seed``). Runs with different
+    seeds and one init_seed start from the same weights and differ only in data order and
+    augmentation: a zoo of such teachers lies in one loss basin."""
 
 
 class OptimConfig(_Strict):

@@ -107,6 +107,13 @@ def validate(cfg: Config) -> Config:
             f"meta.teacher_config {m.teacher_config} trains {tcfg.model.name!r} {dict(tcfg.model.kwargs)} on "
             f"{tcfg.data.name!r}, but the student is {student!r} {skw} on {cfg.data.name!r}: teachers must have "
             f"the student's architecture and dataset")
+    split_keys = ("val_fraction", "test_fraction", "split_seed")
+    theirs, ours = ({k: getattr(c.data, k) for k in split_keys} for c in (tcfg, cfg))
+    if theirs != ours:
+        raise ConfigError(
+            f"meta.teacher_config {m.teacher_config} splits {cfg.data.name} as {theirs}, but this job splits it as "
+            f"{ours}: set data.val_fraction/test_fraction/split_seed to the teachers' values, so that meta-"
+            f"validation and test data were never trained on")
     engine.validate(tcfg)
     return tcfg
 
@@ -288,6 +295,7 @@ def evaluate(p: Plan, run_ids: dict[str, str]) -> list[Row]:
     info = splits.info
     test_loader = make_eval_loader(splits.test, info, cfg.data.eval_batch_size, "cpu")
     bn_loader = make_eval_loader(sub.train, info, cfg.data.eval_batch_size, "cpu")
+    full_bn_loader = make_eval_loader(splits.train, info, cfg.data.eval_batch_size, "cpu")  # finetuning sees all of train
     ft_loader = data.ArrayLoader(splits.train, info, cfg.data.batch_size, shuffle=True, augment=cfg.data.augment,
                                  seed=cfg.seed, drop_last=True) if isinstance(splits.train, data.ArraySplit) else \
         data.DatasetLoader(splits.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -306,8 +314,9 @@ def evaluate(p: Plan, run_ids: dict[str, str]) -> list[Row]:
             {k: float(np.mean([_metrics(*teacher_scores[j], 0.0)[k] for j in ens])) for k in ("acc", "nll", "ece", "time_s")})
         ens_logp = metrics.ensemble_logp(torch.stack([teacher_scores[j][0] for j in ens]))
         per.setdefault("ensemble", []).append(_metrics(ens_logp, teacher_scores[ens[0]][1], 0.0))
-        # what a generator with a zero correction outputs: the anchor with BN statistics
-        # recomputed on the subset (separates that effect from what meta-training learns)
+        # the anchor with BN statistics plainly recomputed on the subset (a generator with a
+        # zero correction outputs the anchor itself: its statistics are re-estimated
+        # relative to the anchor's, see recompute_bn)
         t0 = time.perf_counter()
         anchor = recompute_bn(build_student(p.student_spec, states[ens[0]]), bn_loader)
         per.setdefault("anchor_bn", []).append(_metrics(*predict_logp(anchor, test_loader), time.perf_counter() - t0))
@@ -320,7 +329,7 @@ def evaluate(p: Plan, run_ids: dict[str, str]) -> list[Row]:
             if key == "weightformer" and cfg.meta.finetune_epochs:
                 t0 = time.perf_counter()
                 finetune(student, [models[j] for j in ens], ft_loader, cfg.meta.finetune_epochs, cfg.meta.finetune_lr,
-                         d.alpha, d.temperature, bn_loader)
+                         d.alpha, d.temperature, full_bn_loader)
                 per.setdefault("weightformer_ft", []).append(
                     _metrics(*predict_logp(student, test_loader), dt + time.perf_counter() - t0))
         for kind in ("kd_subset", "kd_full"):

@@ -233,3 +233,26 @@ def test_driver_killed_then_same_command_resumes_same_mlflow_run(ray_local, mlfl
     assert runs[0].info.status == "FINISHED" and not outcome.skipped
     assert int(runs[0].data.tags["metaensemble.resumed_from_epoch"]) >= max(registered)
     assert outcome.metrics["epoch"] == 6 and "test_acc" in outcome.metrics
+
+
+def test_init_seed_fixes_the_initial_weights_and_leaves_the_rest_to_the_seed(digits_cfg):
+    """model.init_seed: runs with different seeds and one init_seed start from identical
+    weights, while what follows (data order, augmentation) still draws from the run's seed;
+    without it the initial weights follow the seed."""
+    from metaensemble import data, methods
+    from metaensemble.engine.loop import build_initial_model
+
+    def start(*overrides):
+        cfg = digits_cfg(*overrides)
+        method = methods.build(cfg)
+        torch.manual_seed(cfg.seed)
+        model = build_initial_model(method, data.load(cfg.data).info, cfg)
+        return [p.detach().clone() for p in model.parameters()], torch.rand(4)
+
+    (w1, r1), (w2, r2) = start("seed=1", "model.init_seed=7"), start("seed=2", "model.init_seed=7")
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2, strict=True))
+    assert not torch.equal(r1, r2)
+    (w3, _), (w4, _) = start("seed=1", "model.init_seed=null"), start("seed=2", "model.init_seed=null")
+    assert not all(torch.equal(a, b) for a, b in zip(w3, w4, strict=True))
+    torch.manual_seed(1)
+    assert torch.equal(r1, torch.rand(4))  # after the model, the RNG restarts from the run's seed

@@ -290,3 +290,36 @@ def test_make_ensembles_are_distinct_and_in_range():
     e = make_ensembles(8, 3, 20, 1)
     assert len({tuple(x) for x in e}) == 20 and all(len(set(x)) == 3 and max(x) < 8 for x in e)
     assert make_ensembles(8, 3, 20, 1) == e
+
+
+def test_bn_reestimation_relative_to_the_anchor():
+    """recompute_bn with a reference: a copy of the reference keeps the reference's running
+    statistics exactly (the subset's sampling error cancels); a changed network gets the
+    reference's statistics moved by the shift measured on the subset; without a reference
+    the statistics are the subset's own."""
+    import copy
+
+    from metaensemble.methods.weightformer.student import _subset_stats, recompute_bn
+
+    torch.manual_seed(0)
+    ref = create_model("convnet", num_classes=10, in_chans=1, img_size=8, width=4)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    loader = [{"x": torch.randn(16, 1, 8, 8)} for _ in range(3)]
+    same = recompute_bn(copy.deepcopy(ref), loader, reference=ref)
+    for a, b in zip(same.buffers(), ref.buffers(), strict=True):
+        assert torch.equal(a, b)
+    moved = copy.deepcopy(ref)
+    with torch.no_grad():
+        moved[0].weight.mul_(1.5)
+    want_new, ref_sub = _subset_stats(moved, loader), _subset_stats(ref, loader)
+    recompute_bn(moved, loader, reference=ref)
+    bn0, rbn0 = [[m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)][0] for net in (moved, ref)]
+    assert torch.allclose(bn0.running_mean, rbn0.running_mean + want_new[0][0] - ref_sub[0][0])
+    assert torch.allclose(bn0.running_var, rbn0.running_var * (want_new[0][1] / ref_sub[0][1]))
+    assert not torch.allclose(bn0.running_var, rbn0.running_var)
+    plain = recompute_bn(copy.deepcopy(ref), loader)
+    pbn0 = [m for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    assert torch.allclose(pbn0.running_mean, ref_sub[0][0]) and torch.allclose(pbn0.running_var, ref_sub[0][1])

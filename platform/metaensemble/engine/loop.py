@@ -32,6 +32,18 @@ from metaensemble.engine.optim import build_optimizer, build_scheduler
 from metaensemble.models import check_state_dict, read_weights, save_model, unwrap
 
 
+def build_initial_model(method, info, cfg) -> torch.nn.Module:
+    """The method's model with its initial weights drawn from ``model.init_seed`` when set;
+    the global RNG then continues from ``seed`` either way (data order, augmentation and
+    dropout follow the run's seed)."""
+    if cfg.model.init_seed is None:
+        return method.build_model(info)
+    torch.manual_seed(cfg.model.init_seed)
+    model = method.build_model(info)
+    torch.manual_seed(cfg.seed)
+    return model
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -48,7 +60,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
 
     loaders, info, n_train = _build_loaders(cfg, rank, world, device)
-    model = method.build_model(info)
+    model = build_initial_model(method, info, cfg)
     if cfg.train.channels_last and on_gpu:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
