@@ -53,7 +53,9 @@ def digits_cfg(tmp_path):
         return load_config(
             "configs/teachers/digits.yaml",
             [f"storage_path={tmp_path / 'ray'}", f"experiment=test/{uuid.uuid4().hex[:8]}",
-             "train.epochs=2", "model.kwargs.width=8", *overrides],
+             "train.epochs=2", "model.kwargs.width=8",
+             # the engine tests' own small setting: the teachers' split and independent inits
+             "data.val_fraction=0.1", "model.init_seed=null", *overrides],
         )
 
     return make
