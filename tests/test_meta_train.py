@@ -40,7 +40,8 @@ def _tiny(tmp: Path, experiment: str, zoo_seed0: int) -> list[str]:
             "meta.ensemble_size=2", "meta.zoo_size=6", "meta.num_val_teachers=2", "meta.num_test_teachers=2",
             "meta.val_ensembles=2", "meta.test_ensembles=2", "meta.ablations=[]",
             "meta.kd_ensembles=1", "meta.kd_epochs=1", "train.epochs=1", "train.steps_per_epoch=5",
-            "scaling.num_workers=2", "scaling.cpus_per_worker=0.5"]
+            "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+            "data.batch_size=32"]  # the ~100-image subset split over 2 workers
 
 
 @pytest.fixture
