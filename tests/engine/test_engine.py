@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from metaensemble import data, tracking
-from metaensemble.config import DataConfig
+from metaensemble.config import DataConfig, load_config
 from metaensemble.data.parquet import write_parquet
 from metaensemble.engine import fit
 from metaensemble.errors import ConfigError, DataError
@@ -209,7 +209,10 @@ def test_driver_killed_then_same_command_resumes_same_mlflow_run(ray_local, mlfl
     cfg = digits_cfg("train.epochs=6")
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    args = [f"storage_path={cfg.storage_path}", f"experiment={cfg.experiment}", "train.epochs=6", "model.kwargs.width=8"]
+    # the same config as digits_cfg's (same run key), so both commands are one run
+    args = [f"storage_path={cfg.storage_path}", f"experiment={cfg.experiment}", "train.epochs=6", "model.kwargs.width=8",
+            "data.val_fraction=0.1", "model.init_seed=null"]
+    assert load_config("configs/teachers/digits.yaml", args).run_key() == cfg.run_key()
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": mlflow_uri}
     repo = Path(__file__).resolve().parents[2]
     with open(tmp_path / "driver.log", "wb") as log:
