@@ -98,6 +98,11 @@ class ZooConfig(_Strict):
     first_seed: int = 0
     max_concurrent: int = Field(0, ge=0)
     """0: as many as the cluster's resources allow."""
+    pack_size: int = Field(1, ge=0)
+    """Teachers trained one after another in one Ray Train run (``engine.fit_pack``): 1
+    gives every teacher its own worker group (large models); more pays the workers'
+    start-up once per pack, which dominates when a teacher trains in seconds; 0 spreads
+    the missing seeds evenly over the runs that fit at once."""
 
 
 class DistillConfig(_Strict):

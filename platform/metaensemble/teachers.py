@@ -33,12 +33,26 @@ def register_teacher(cfg: Config, outcome: engine.RunOutcome) -> None:
     zoo.register(outcome.run_id, cfg.seed, cfg.config_hash(), metrics)
 
 
+def packs(missing: list[int], pack_size: int, n_conc: int) -> list[list[int]]:
+    """The missing seeds in consecutive packs of ``pack_size``; 0: in as many packs as
+    run at once (``n_conc``), sizes differing by at most one."""
+    if pack_size:
+        return [missing[i:i + pack_size] for i in range(0, len(missing), pack_size)]
+    n = min(max(1, n_conc), len(missing))
+    q, r = divmod(len(missing), n) if n else (0, 0)
+    bounds = [i * q + min(i, r) for i in range(n + 1)]  # the first r packs take one more
+    return [missing[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def train_zoo(cfg: Config) -> TeacherZoo:
     """Train and register the seeds ``zoo.first_seed .. + zoo.num_teachers`` that the
-    registry lacks, as many at once as the cluster allows (``zoo.max_concurrent``)."""
+    registry lacks, as many runs at once as the cluster allows (``zoo.max_concurrent``),
+    ``zoo.pack_size`` teachers per Ray Train run."""
     from metaensemble.sweep import concurrency, launch
 
     engine.validate(cfg)
+    if cfg.zoo.pack_size != 1:
+        engine.check_pack([cfg, cfg])
     uri = tracking.ensure_tracking()
     engine.ensure_ray()
     zoo = TeacherZoo(cfg.data.name, cfg.model.name, uri)
@@ -46,24 +60,30 @@ def train_zoo(cfg: Config) -> TeacherZoo:
     entries = zoo.teachers()
     missing = missing_seeds(entries, wanted, cfg.config_hash())
     other = sorted({e.seed for e in entries if e.seed in missing})
+    n_conc = concurrency(cfg, cfg.zoo.max_concurrent)
+    groups = packs(missing, cfg.zoo.pack_size, n_conc)
     print(f"teacher zoo {zoo.name}: {len(wanted) - len(missing)} of {len(wanted)} seeds registered with this "
-          f"recipe (config {cfg.config_hash()}); training {len(missing)}: {missing}", flush=True)
+          f"recipe (config {cfg.config_hash()}); training {len(missing)}: {missing}"
+          + (f" in {len(groups)} Ray Train runs of up to {max(map(len, groups))}" if len(groups) < len(missing) else ""),
+          flush=True)
     if other:
         print(f"  seeds {other} are registered with another recipe; new versions will supersede them", flush=True)
     if not missing:
         return zoo
-    n_conc = concurrency(cfg, cfg.zoo.max_concurrent)
-    if n_conc == 1 or len(missing) == 1:
-        for seed in missing:
-            c = cfg.with_overrides({"seed": seed})
-            register_teacher(c, engine.fit(c))
+    if n_conc == 1 or len(groups) == 1:
+        for group in groups:
+            cs = [cfg.with_overrides({"seed": seed}) for seed in group]
+            for c, outcome in zip(cs, engine.fit_pack(cs), strict=True):
+                register_teacher(c, outcome)
         return zoo
     from ray import tune
 
     static = {"base": cfg.to_dict(), "experiment": cfg.experiment_name, "tracking_uri": uri, "name": "zoo",
               "run_name_fn": _teacher_run_name, "on_done": register_teacher}
-    name = f"zoo-{cfg.data.name}-{cfg.model.name}-{cfg.config_hash()}-seeds{'_'.join(map(str, missing))}"
-    grid = launch(static, {"params": {"seed": tune.grid_search(missing)}}, name=name[:180],
+    space = [{"pack": [{"seed": s} for s in g]} if len(g) > 1 else {"seed": g[0]} for g in groups]
+    name = (f"zoo-{cfg.data.name}-{cfg.model.name}-{cfg.config_hash()}-seeds{'_'.join(map(str, missing))}"
+            f"-packs{'_'.join(str(len(g)) for g in groups)}")
+    grid = launch(static, {"params": tune.grid_search(space)}, name=name[:180],
                   storage=f"{cfg.resolved_storage_path()}/zoo", metric="val_acc", mode="max",
                   num_samples=1, max_concurrent=n_conc, verbose=0)
     errors = [r.error for r in grid if r.error]

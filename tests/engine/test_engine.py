@@ -157,12 +157,77 @@ def test_parquet_shards_stream_through_ray_data_into_ddp_training(ray_local, dig
     assert outcome.metrics["test_acc"] > 0.85, outcome.metrics
 
 
-def test_same_seed_same_result_on_cpu(ray_local, digits_cfg, tmp_path):
-    a = fit(digits_cfg("train.epochs=1", f"storage_path={tmp_path / 'a'}"))
-    b = fit(digits_cfg("train.epochs=1", f"storage_path={tmp_path / 'b'}"))
-    assert a.run_id != b.run_id
-    for k in ("val_nll", "test_nll", "test_acc"):
-        assert a.metrics[k] == b.metrics[k]
+def test_a_pack_trains_each_member_as_alone_and_skips_finished_members(ray_local, digits_cfg, tmp_path):
+    """fit_pack: several runs one after another in one 2-worker gloo group, each its own
+    MLflow run under its own run key. A member trained after another in the same worker
+    processes ends with exactly the weights and metrics it gets alone (so a seed gives one
+    result however it is run); a member already FINISHED is not trained again."""
+    from metaensemble import models
+    from metaensemble.engine import fit_pack
+
+    alone = fit(digits_cfg("scaling.num_workers=2", "seed=2", f"storage_path={tmp_path / 'alone'}"))
+    exp = f"test/pack-{os.urandom(4).hex()}"
+    cfgs = [digits_cfg("scaling.num_workers=2", f"seed={s}", f"experiment={exp}") for s in (0, 1, 2)]
+    first = fit(cfgs[0])
+    before = _mlflow_state()
+    with pytest.raises(ConfigError, match="same scaling section"):
+        fit_pack([cfgs[1], cfgs[2].with_overrides({"scaling.num_workers": 1})])
+    assert _mlflow_state() == before
+
+    outs = fit_pack(cfgs)
+    assert outs[0].skipped and outs[0].run_id == first.run_id
+    assert not outs[1].skipped and not outs[2].skipped
+    for c, o in zip(cfgs, outs, strict=True):
+        (run,) = _runs_with_key(c, c.run_key())
+        assert run.info.run_id == o.run_id and run.info.status == "FINISHED"
+    ray_runs = {_runs_with_key(c, c.run_key())[0].data.tags.get("metaensemble.ray_run") for c in cfgs[1:]}
+    assert len(ray_runs) == 1 and None not in ray_runs, "members 1 and 2 trained in one Ray Train run"
+
+    packed, single = (models.load(f"runs:/{o.run_id}/model").state_dict() for o in (outs[2], alone))
+    assert packed.keys() == single.keys() and all(torch.equal(packed[k], single[k]) for k in single)
+    for k in ("val_acc", "val_nll", "test_acc", "test_nll"):
+        assert outs[2].metrics[k] == pytest.approx(alone.metrics[k], abs=1e-7)
+    assert outs[1].metrics["test_acc"] > 0.2  # two epochs of width 8; chance is 0.1
+
+
+def test_worker_killed_mid_pack_resumes_the_member_it_was_training(ray_local, digits_cfg):
+    """A worker dies while the second member of a pack trains: Ray Train restarts the
+    group from the latest checkpoint, which belongs to that member, so the first member
+    is not trained again and the second continues from its checkpoint."""
+    from ray.util.state import list_actors
+
+    from metaensemble.engine import fit_pack
+
+    exp = f"test/packkill-{os.urandom(4).hex()}"
+    cfgs = [digits_cfg("train.epochs=30", "scaling.max_failures=2", f"seed={s}", f"experiment={exp}") for s in (0, 1)]
+    client = tracking.client()
+    killed: list[int] = []
+
+    def kill_during_second_member():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            runs = _runs_with_key(cfgs[1], cfgs[1].run_key()) if client.get_experiment_by_name(exp) else []
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "epoch")) >= 3:
+                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                (w,) = workers
+                os.kill(w.pid, signal.SIGKILL)
+                killed.append(w.pid)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_during_second_member, daemon=True)
+    killer.start()
+    outs = fit_pack(cfgs)
+    killer.join(timeout=5)
+    assert killed, "the worker was never killed"
+    first, second = (client.get_run(o.run_id) for o in outs)
+    assert first.info.status == second.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "epoch")] == list(range(1, 31)), \
+        "the finished member was trained again"
+    assert "metaensemble.resumed_from_epoch" not in first.data.tags
+    resumed_from = int(second.data.tags["metaensemble.resumed_from_epoch"])
+    assert 1 <= resumed_from < 30
+    assert "test_acc" in second.data.metrics and "test_acc" in first.data.metrics
 
 
 def _mlflow_state():

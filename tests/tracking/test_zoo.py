@@ -6,17 +6,22 @@ import pytest
 import torch
 
 from metaensemble import data, metrics, models, tracking
-from metaensemble.teachers import missing_seeds, train_zoo
+from metaensemble.teachers import missing_seeds, packs, train_zoo
 from metaensemble.tracking import TeacherEntry, TeacherZoo
 
 
 def test_zoo_trains_missing_seeds_concurrently_registers_and_skips_known(ray_local, digits_cfg):
-    cfg = digits_cfg("zoo.num_teachers=2", "train.epochs=2", "model.name=mlp", "model.kwargs={}")
+    """Seeds 0-1 as one pack (one Ray Train run) beside seed 2 alone, as Tune trials side
+    by side; every teacher its own run and registered version; then idempotent."""
+    cfg = digits_cfg("zoo.num_teachers=3", "zoo.pack_size=2", "train.epochs=2", "model.name=mlp", "model.kwargs={}")
     zoo = train_zoo(cfg)
     entries = zoo.teachers()
-    assert zoo.name == "teacher.digits.mlp" and [e.seed for e in entries] == [0, 1]
+    assert zoo.name == "teacher.digits.mlp" and [e.seed for e in entries] == [0, 1, 2]
     for e in entries:
         assert e.config_hash == cfg.config_hash() and {"val_acc", "test_acc", "test_nll", "test_ece"} <= set(e.metrics)
+    c = tracking.client()
+    ray_runs = [c.get_run(e.run_id).data.tags.get("metaensemble.ray_run") for e in entries]
+    assert ray_runs[0] is not None and ray_runs[0] == ray_runs[1] and ray_runs[2] is None
 
     # A downloaded teacher is the model whose test accuracy was logged.
     teacher = zoo.load(entries[1])
@@ -28,15 +33,14 @@ def test_zoo_trains_missing_seeds_concurrently_registers_and_skips_known(ray_loc
     assert metrics.accuracy(logp.exp(), y) == pytest.approx(entries[1].metrics["test_acc"], abs=1e-6)
     assert isinstance(models.load(entries[0].uri), torch.nn.Module)  # models:/ URI
 
-    c = tracking.client()
     exp = c.get_experiment_by_name(cfg.experiment_name)
     n_runs = len(c.search_runs([exp.experiment_id]))
     train_zoo(cfg)  # the same command: nothing retrained
     assert len(c.search_runs([exp.experiment_id])) == n_runs
     assert [e.version for e in zoo.teachers()] == [e.version for e in entries]
 
-    grown = train_zoo(cfg.with_overrides({"zoo.num_teachers": 3}))  # only seed 2 is new
-    assert [e.seed for e in grown.teachers()] == [0, 1, 2]
+    grown = train_zoo(cfg.with_overrides({"zoo.num_teachers": 4}))  # only seed 3 is new
+    assert [e.seed for e in grown.teachers()] == [0, 1, 2, 3]
     assert len(c.search_runs([exp.experiment_id])) == n_runs + 1
 
 
@@ -57,3 +61,12 @@ def test_a_seed_counts_as_present_only_with_the_same_recipe():
     assert missing_seeds(entries, [0, 1, 2, 3], "aaa") == [2, 3]
     assert missing_seeds(entries, [0, 1, 2], "bbb") == [0, 1]
     assert missing_seeds([], [5], "aaa") == [5]
+
+
+def test_missing_seeds_are_packed_by_pack_size_or_evenly_over_the_runs_at_once():
+    assert packs([4, 5, 6, 7, 8], 2, 3) == [[4, 5], [6, 7], [8]]
+    assert packs([1, 2], 1, 2) == [[1], [2]]
+    assert packs(list(range(32)), 0, 3) == [list(range(11)), list(range(11, 22)), list(range(22, 32))]
+    assert packs([5, 6, 7], 0, 4) == [[5], [6], [7]]
+    assert packs(list(range(7)), 0, 1) == [list(range(7))]
+    assert packs([], 0, 3) == []

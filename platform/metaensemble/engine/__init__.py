@@ -1,5 +1,13 @@
 """The Ray Train side: one engine for every method (DDP, AMP, checkpoints, resume, MLflow)."""
 
-from metaensemble.engine.trainer import RunOutcome, ensure_ray, fit, scaling_config, validate
+from metaensemble.engine.trainer import (
+    RunOutcome,
+    check_pack,
+    ensure_ray,
+    fit,
+    fit_pack,
+    scaling_config,
+    validate,
+)
 
-__all__ = ["RunOutcome", "ensure_ray", "fit", "scaling_config", "validate"]
+__all__ = ["RunOutcome", "check_pack", "ensure_ray", "fit", "fit_pack", "scaling_config", "validate"]

@@ -45,12 +45,29 @@ def build_initial_model(method, info, cfg) -> torch.nn.Module:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train the run's members one after another (one member unless ``fit_pack`` packed
+    several); a restored checkpoint belongs to the member whose MLflow run id it records,
+    and the members before that one are done."""
+    import ray.train
+
+    os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]  # methods may fetch teachers from MLflow
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    members = config["members"]
+    start, ckpt = 0, ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            owner = json.loads((Path(d) / "state.json").read_text()).get("run_id")
+        ids = [m["run_id"] for m in members]
+        start, ckpt = (ids.index(owner), ckpt) if owner in ids else (0, None)
+    for i in range(start, len(members)):
+        _train_member(members[i], config, ckpt if i == start else None)
+
+
+def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = build_config(config["cfg"])
-    os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]  # methods may fetch teachers from MLflow
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    cfg = build_config(member["cfg"])
     method = config.get("method") or methods.build(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -69,16 +86,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_per_epoch = cfg.train.steps_per_epoch or max(1, n_train // world // cfg.data.batch_size)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
 
-    state = {"epochs_done": 0, "best_score": None, "best_epoch": -1, "run_id": config["run_id"]}
+    state = {"epochs_done": 0, "best_score": None, "best_epoch": -1, "run_id": member["run_id"]}
     best_weights: dict[str, torch.Tensor] | None = None
-    ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state, best_weights = _restore(Path(d), base, optimizer, scheduler, device)
         if rank == 0:
-            _say(f"[{config['run_key']}] resumed from checkpoint after epoch {state['epochs_done']}")
+            _say(f"[{member['run_key']}] resumed from checkpoint after epoch {state['epochs_done']}")
 
-    tracker = _Tracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    tracker = _Tracker(config["tracking_uri"], member["run_id"]) if rank == 0 else None
     if tracker and ckpt is not None:
         tracker.tags({"metaensemble.resumed_from_epoch": state["epochs_done"]})
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.train.amp and on_gpu) else contextlib.nullcontext()
@@ -100,7 +116,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             b = len(batch["y"])
             totals += torch.tensor([float(logs.get("loss", loss)) * b, float(logs.get("correct", 0)), b], dtype=torch.float64)
             if cfg.train.log_every and rank == 0 and step % cfg.train.log_every == 0:
-                _say(f"[{config['run_key']}] epoch {epoch + 1} step {step} loss {float(loss):.4f}")
+                _say(f"[{member['run_key']}] epoch {epoch + 1} step {step} loss {float(loss):.4f}")
         if on_gpu:
             torch.cuda.synchronize()
         train_time = time.perf_counter() - t0
@@ -129,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ckpt_dir = _write_checkpoint(base, best_weights, optimizer, scheduler, state, info)
             epoch_metrics["epoch_time_s"] = time.perf_counter() - t0
             tracker.metrics(epoch_metrics, step=epoch + 1)
-            _say(_progress_line(config["run_key"], cfg.train.epochs, epoch_metrics))
+            _say(_progress_line(member["run_key"], cfg.train.epochs, epoch_metrics))
         _report(epoch_metrics, ckpt_dir)
 
     final: dict[str, Any] = {"epoch": cfg.train.epochs, "final": 1}  # not "done": Tune reads that as "stop the trial"
@@ -143,16 +159,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         final["best_epoch"] = state["best_epoch"]
         with tempfile.TemporaryDirectory() as d:
             save_model(base, d, dataset=info.name, dataset_info=info.to_dict(), seed=cfg.seed,
-                       run_id=config["run_id"], run_key=config["run_key"], config_hash=cfg.config_hash(),
+                       run_id=member["run_id"], run_key=member["run_key"], config_hash=cfg.config_hash(),
                        metrics={k: v for k, v in final.items() if isinstance(v, float)})
             tracker.artifacts(d, "model")
         tracker.metrics({k: v for k, v in final.items() if k not in ("epoch", "final")}, step=cfg.train.epochs)
         # The last report carries a checkpoint too, so Result.metrics/.checkpoint are the
         # final ones; its weights are the selected (best) model.
         ckpt_dir = _write_checkpoint(base, best_weights, optimizer, scheduler, state, info)
-        _say(f"[{config['run_key']}] done: best epoch {state['best_epoch']}, val_acc {final['val_acc']:.4f}, "
+        _say(f"[{member['run_key']}] done: best epoch {state['best_epoch']}, val_acc {final['val_acc']:.4f}, "
               f"test_acc {final['test_acc']:.4f}, test_nll {final['test_nll']:.4f}, test_ece {final['test_ece']:.4f}")
     _report(final, ckpt_dir)
+    if rank == 0 and config.get("packed"):
+        tracker.finished()  # a later member's failure must not cost this one
 
 
 def _epoch_batches(loader, epoch: int, steps: int | None):
@@ -281,6 +299,9 @@ class _Tracker:
 
     def tags(self, t: dict[str, Any]) -> None:
         self._t.set_tags(self.client, self.run_id, t)
+
+    def finished(self) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED")
 
     def artifacts(self, local_dir: str, path: str) -> None:
         self.client.log_artifacts(self.run_id, local_dir, artifact_path=path)

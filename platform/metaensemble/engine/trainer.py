@@ -3,6 +3,7 @@
     outcome = fit(cfg)                  # validates, opens/reuses the MLflow run, trains
     outcome.run_id, outcome.metrics     # the MLflow run and its final metrics
     outcome.skipped                     # True if this exact run had already finished
+    outcomes = fit_pack([cfg_a, cfg_b]) # several small runs, one after another, in one worker group
 
 The run's name is deterministic (``cfg.run_key()``): the same command after a crash
 resumes from the latest Ray checkpoint under ``storage_path/<run_key>`` with the same
@@ -90,21 +91,75 @@ def fit(cfg: Config, *, method: methods.Method | None = None, run_name: str | No
         parent_run_id: str | None = None, tags: dict[str, str] | None = None,
         in_tune: bool = False) -> RunOutcome:
     """Train ``cfg`` through Ray Train; see the module docstring."""
+    return _fit([cfg], [run_name or cfg.run_key()], method=method, parent_run_id=parent_run_id, tags=tags,
+                in_tune=in_tune)[0]
+
+
+def fit_pack(cfgs: list[Config], *, run_names: list[str] | None = None, parent_run_id: str | None = None,
+             tags: dict[str, str] | None = None, in_tune: bool = False) -> list[RunOutcome]:
+    """Train several configs one after another in ONE Ray Train run (one worker group).
+
+    Each config is still its own MLflow run under its own run key, trained exactly as
+    ``fit`` would train it (same seeds, same data order, same weights); only the
+    workers' start-up (Ray actors, torch import, process group: seconds) is paid once
+    per pack instead of once per run, which dominates for small models such as a digits
+    zoo. Members already FINISHED in MLflow are skipped; a member is marked FINISHED as
+    soon as it is done, so an interrupted pack resumes at its interrupted member (from
+    that member's latest checkpoint when the same pack is run again).
+    """
+    if not cfgs:
+        return []
+    check_pack(cfgs)
+    names = run_names or [c.run_key() for c in cfgs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a pack needs distinct runs; got run keys {names}")
+    return _fit(cfgs, names, parent_run_id=parent_run_id, tags=tags, in_tune=in_tune)
+
+
+def check_pack(cfgs: list[Config]) -> None:
+    """Members of a pack share one worker group and its (in-memory) data loading."""
+    if len(cfgs) < 2:
+        return
+    first = cfgs[0]
+    for c in cfgs:
+        if data.is_streaming(c.data):
+            raise ConfigError(f"data {c.data.name!r} streams through Ray Data: its runs cannot be packed "
+                              "(zoo.pack_size must be 1)")
+        if c.scaling != first.scaling:
+            raise ConfigError("runs packed into one Ray Train run need the same scaling section; "
+                              f"got {first.scaling} and {c.scaling}")
+
+
+def _fit(cfgs: list[Config], names: list[str], *, method: methods.Method | None = None,
+         parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+         in_tune: bool = False) -> list[RunOutcome]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    validate(cfg, method)
+    for c in cfgs:
+        validate(c, method)
     uri = tracking.ensure_tracking()
     ensure_ray()
     client = tracking.client(uri)
-    run_key = run_name or cfg.run_key()
-    handle = tracking.open_run(client, cfg, run_key, parent_run_id=parent_run_id, tags=tags)
-    if handle.status == "FINISHED":
-        run = client.get_run(handle.run_id)
-        print(f"[{run_key}] already finished in MLflow run {handle.run_id}; nothing to train", flush=True)
-        return RunOutcome(handle.run_id, run_key, handle.experiment_id, dict(run.data.metrics), skipped=True)
-    if handle.resumed:
-        client.update_run(handle.run_id, status="RUNNING")
+    outcomes: list[RunOutcome | None] = [None] * len(cfgs)
+    members = []
+    for i, (c, key) in enumerate(zip(cfgs, names, strict=True)):
+        handle = tracking.open_run(client, c, key, parent_run_id=parent_run_id, tags=tags)
+        if handle.status == "FINISHED":
+            run = client.get_run(handle.run_id)
+            print(f"[{key}] already finished in MLflow run {handle.run_id}; nothing to train", flush=True)
+            outcomes[i] = RunOutcome(handle.run_id, key, handle.experiment_id, dict(run.data.metrics), skipped=True)
+            continue
+        if handle.resumed:
+            client.update_run(handle.run_id, status="RUNNING")
+        members.append((i, handle, {"cfg": c.to_dict(), "run_id": handle.run_id, "run_key": key}))
+    if not members:
+        return outcomes
+    cfg = cfgs[members[0][0]]
+    packed = len(cfgs) > 1
+    # A pack's Ray run is named after all its members, so the same pack run again finds
+    # its checkpoints whichever members have finished since.
+    ray_name = names[0] if not packed else f"pack-{names[0]}-n{len(names)}-{_digest(names)}"
 
     datasets, dataset_config = None, None
     if data.is_streaming(cfg.data):
@@ -120,11 +175,11 @@ def fit(cfg: Config, *, method: methods.Method | None = None, run_name: str | No
         callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "run_id": handle.run_id, "run_key": run_key,
-                           "tracking_uri": uri, "method": method},
+        train_loop_config={"members": [m for _, _, m in members], "tracking_uri": uri, "method": method,
+                           "packed": packed},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
-            name=run_key,
+            name=ray_name,
             storage_path=cfg.resolved_storage_path(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -141,13 +196,29 @@ def fit(cfg: Config, *, method: methods.Method | None = None, run_name: str | No
         # it early, possibly after the sweep has closed; the sweep, which knows which
         # trials were stopped and which broke, sets those runs' final status instead.
         if not in_tune:
-            client.set_terminated(handle.run_id, status="FAILED")
+            for _, handle, _ in members:
+                if client.get_run(handle.run_id).info.status != "FINISHED":
+                    client.set_terminated(handle.run_id, status="FAILED")
         raise
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    if ckpt:
-        tracking.set_tags(client, handle.run_id, {"metaensemble.ray_checkpoint": ckpt})
-    client.set_terminated(handle.run_id, status="FINISHED")
-    return RunOutcome(handle.run_id, run_key, handle.experiment_id, dict(result.metrics or {}), False, ckpt)
+    for i, handle, m in members:
+        client.set_terminated(handle.run_id, status="FINISHED")
+        if packed:
+            tracking.set_tags(client, handle.run_id, {"metaensemble.ray_run": ray_name})
+            outcomes[i] = RunOutcome(handle.run_id, m["run_key"], handle.experiment_id,
+                                     dict(client.get_run(handle.run_id).data.metrics))
+        else:
+            if ckpt:
+                tracking.set_tags(client, handle.run_id, {"metaensemble.ray_checkpoint": ckpt})
+            outcomes[i] = RunOutcome(handle.run_id, m["run_key"], handle.experiment_id, dict(result.metrics or {}),
+                                     False, ckpt)
+    return outcomes
+
+
+def _digest(names: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:10]
 
 
 def _train_loop(config: dict[str, Any]) -> None:

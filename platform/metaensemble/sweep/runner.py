@@ -71,22 +71,31 @@ def _max_epochs(space: SearchSpace, base: Config) -> int:
 
 
 def trial_driver(params: dict[str, Any], static: dict[str, Any]) -> None:
-    """One trial: the base config + this trial's sampled params, trained by the engine."""
+    """One trial: the base config + this trial's sampled params, trained by the engine.
+    ``{"pack": [overrides, ...]}`` makes the trial a pack: one config per entry, trained
+    one after another in one Ray Train run (``engine.fit_pack``)."""
     from ray import tune
 
     os.environ["MLFLOW_TRACKING_URI"] = static["tracking_uri"]
     ctx = tune.get_context()
-    cfg = build_config(static["base"]).with_overrides({**params["params"], "experiment": static["experiment"]})
-    run_name = static.get("run_name_fn", lambda c, t: f"{static['name']}-{t}")(cfg, ctx.get_trial_id())
-    outcome = engine.fit(cfg, run_name=run_name, parent_run_id=static.get("parent_run_id"), in_tune=True,
-                         tags={"metaensemble.trial_id": ctx.get_trial_id()})
-    if outcome.skipped:
+    base = build_config(static["base"])
+    entries = params["params"].get("pack") or [params["params"]]
+    cfgs = [base.with_overrides({**e, "experiment": static["experiment"]}) for e in entries]
+    name_fn = static.get("run_name_fn", lambda c, t: f"{static['name']}-{t}")
+    kw = {"parent_run_id": static.get("parent_run_id"), "in_tune": True,
+          "tags": {"metaensemble.trial_id": ctx.get_trial_id()}}
+    if len(cfgs) == 1:
+        outcomes = [engine.fit(cfgs[0], run_name=name_fn(cfgs[0], ctx.get_trial_id()), **kw)]
+    else:
+        outcomes = engine.fit_pack(cfgs, run_names=[name_fn(c, ctx.get_trial_id()) for c in cfgs], **kw)
+    if all(o.skipped for o in outcomes):
         # Finished before (e.g. the sweep was interrupted after this trial ended but before
         # Tune saved that): nothing was trained, so hand Tune the run's final metrics.
-        tune.report({**outcome.metrics, "epoch": cfg.train.epochs, "final": 1})
+        tune.report({**outcomes[-1].metrics, "epoch": cfgs[-1].train.epochs, "final": 1})
     on_done = static.get("on_done")
     if on_done is not None:
-        on_done(cfg, outcome)
+        for c, o in zip(cfgs, outcomes, strict=True):
+            on_done(c, o)
 
 
 def launch(static: dict[str, Any], param_space: dict[str, Any], *, name: str, storage: str,
