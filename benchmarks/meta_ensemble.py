@@ -22,19 +22,30 @@ OUT = Path(__file__).resolve().parent / "results"
 EPS = 1e-6  # accuracies are means of per-ensemble fractions: equal counts can differ in the last float bits
 
 
+def _on(row: dict, n: int) -> float:
+    """A row's mean accuracy over the first ``n`` meta-test ensembles."""
+    return sum(row["accs"][:n]) / n
+
+
 def targets(rows: dict) -> list[dict]:
+    """The issue's targets. Comparisons with a KD student use the ensembles KD was trained
+    for (the first ``meta.kd_ensembles``), so both sides see the same teachers."""
     wf, ft, kd, mt = rows["weightformer"], rows.get("weightformer_ft"), rows.get("kd_full"), rows["mean_teacher"]
     out = []
     if kd:
+        n = len(kd["accs"])
+        on = f" (on the {n} ensembles KD was trained for)"
         out.append({"target": "WeightFormer zero-shot ACC within 1 point of the full-data KD student",
-                    "measured": f"{100 * wf['acc']:.2f} vs {100 * kd['acc']:.2f} (gap {100 * (kd['acc'] - wf['acc']):+.2f})",
-                    "met": 100 * (kd["acc"] - wf["acc"]) <= 1.0})
+                    "measured": f"{100 * _on(wf, n):.2f} vs {100 * kd['acc']:.2f} (gap "
+                                f"{100 * (kd['acc'] - _on(wf, n)):+.2f}){on}",
+                    "met": 100 * (kd["acc"] - _on(wf, n)) <= 1.0})
         out.append({"target": "WeightFormer produces the student at least 100x faster than KD trains it",
                     "measured": f"{wf['time_s']:.3f}s vs {kd['time_s']:.2f}s ({kd['time_s'] / max(wf['time_s'], 1e-9):.0f}x)",
                     "met": kd["time_s"] >= 100 * wf["time_s"]})
         if ft:
             out.append({"target": "WeightFormer + 1 epoch finetune at or above the KD student (ACC)",
-                        "measured": f"{100 * ft['acc']:.2f} vs {100 * kd['acc']:.2f}", "met": ft["acc"] >= kd["acc"] - EPS})
+                        "measured": f"{100 * _on(ft, n):.2f} vs {100 * kd['acc']:.2f}{on}",
+                        "met": _on(ft, n) >= kd["acc"] - EPS})
     out.append({"target": "WeightFormer zero-shot above the mean single teacher (ACC)",
                 "measured": f"{100 * wf['acc']:.2f} vs {100 * mt['acc']:.2f}", "met": wf["acc"] > mt["acc"] + EPS})
     if ft:
@@ -51,7 +62,8 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     out = meta_ensemble.run(cfg)
     wall = time.perf_counter() - t0
-    rows = {r.key: {"label": r.label.strip(), "acc": r.acc, "nll": r.nll, "ece": r.ece, "time_s": r.time_s, "n": r.n}
+    rows = {r.key: {"label": r.label.strip(), "acc": r.acc, "nll": r.nll, "ece": r.ece, "time_s": r.time_s, "n": r.n,
+                   "accs": r.accs}
             for r in out.rows}
     checks = targets(rows)
     result = {"command": " ".join(["python", "benchmarks/meta_ensemble.py", *argv]), "overrides": argv,

@@ -165,10 +165,11 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "eval_table.json", str(tmp_path))).read_text())
     keys = {r["key"] for r in table}
-    assert {"mean_teacher", "anchor_bn", "ensemble", "weight_average", "kd_subset", "kd_full", "weightformer",
+    assert {"mean_teacher", "anchor", "anchor_bn", "ensemble", "weight_average", "kd_subset", "kd_full", "weightformer",
             "weightformer_ft"} == keys
     for r in table:
         assert 0.0 <= r["acc"] <= 1.0 and r["nll"] > 0 and r["n"] >= 1
+        assert len(r["accs"]) == r["n"] and abs(sum(r["accs"]) / r["n"] - r["acc"]) < 1e-9
 
     # which teachers: versions logged, split by checkpoint, held-out ones never trained on
     teachers = json.loads(Path(client.download_artifacts(parent.info.run_id, "teachers.json", str(tmp_path))).read_text())["teachers"]

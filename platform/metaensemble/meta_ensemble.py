@@ -51,7 +51,8 @@ VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
     "base_mean": {"model.kwargs.base": "mean"},
 }
 LABELS = {
-    "mean_teacher": "mean single teacher", "anchor_bn": "anchor teacher, BN recomputed", "ensemble": "ensemble (prob. average)",
+    "mean_teacher": "mean single teacher", "anchor": "anchor teacher (zero correction)",
+    "anchor_bn": "anchor teacher, BN recomputed", "ensemble": "ensemble (prob. average)",
     "weight_average": "naive weight average", "kd_subset": "KD student (subset)", "kd_full": "KD student (full train)",
     "mlp": "MLP generator", "weightformer": "WeightFormer zero-shot", "weightformer_ft": "WeightFormer + finetune",
     "no_mask": "  ablation: no mask", "no_shift": "  ablation: no shift consistency",
@@ -217,7 +218,12 @@ def train_all(runs: dict[str, Config], experiment: str, parent_run_id: str, stor
     first = next(iter(runs.values()))
     static = {"base": first.to_dict(), "experiment": experiment, "tracking_uri": uri, "name": name,
               "parent_run_id": parent_run_id, "run_name_fn": _run_name}
-    results = launch(static, {"params": tune.grid_search([_flat_overrides(c.to_dict()) for c in runs.values()])}, name=name,
+    # The KD students train in seconds each: one pack (one Ray Train run, started first)
+    # holds them all; every generator run, minutes each, gets its own.
+    kd = [_flat_overrides(c.to_dict()) for k, c in runs.items() if k.startswith("kd_")]
+    space = ([{"pack": kd}] if len(kd) > 1 else kd) + [_flat_overrides(c.to_dict()) for k, c in runs.items()
+                                                         if not k.startswith("kd_")]
+    results = launch(static, {"params": tune.grid_search(space)}, name=name,
                      storage=storage, metric="val_acc", mode="max", num_samples=1,
                      max_concurrent=concurrency(first, 0), verbose=0)  # the runs print their own epoch lines
     errors = [r.error for r in results if r.error]
@@ -248,6 +254,9 @@ class Row:
     ece: float
     time_s: float
     n: int
+    accs: list[float] = field(default_factory=list)
+    """Per-ensemble accuracies, in the order of the meta-test ensembles (the KD rows cover
+    the first ``meta.kd_ensembles`` of them): for comparisons on the same ensembles."""
 
     @property
     def label(self) -> str:
@@ -255,7 +264,8 @@ class Row:
 
 
 def _mean_row(key: str, per: list[dict[str, float]]) -> Row:
-    return Row(key, *(float(np.mean([r[k] for r in per])) for k in ("acc", "nll", "ece", "time_s")), len(per))
+    return Row(key, *(float(np.mean([r[k] for r in per])) for k in ("acc", "nll", "ece", "time_s")), len(per),
+               [float(r["acc"]) for r in per])
 
 
 def _metrics(logp, y, t: float) -> dict[str, float]:
@@ -312,6 +322,8 @@ def evaluate(p: Plan, run_ids: dict[str, str]) -> list[Row]:
     for i, ens in enumerate(test_ensembles(cfg)):
         per.setdefault("mean_teacher", []).append(
             {k: float(np.mean([_metrics(*teacher_scores[j], 0.0)[k] for j in ens])) for k in ("acc", "nll", "ece", "time_s")})
+        # the anchor as it is: what a generator with a zero correction outputs
+        per.setdefault("anchor", []).append(_metrics(*teacher_scores[ens[0]], 0.0))
         ens_logp = metrics.ensemble_logp(torch.stack([teacher_scores[j][0] for j in ens]))
         per.setdefault("ensemble", []).append(_metrics(ens_logp, teacher_scores[ens[0]][1], 0.0))
         # the anchor with BN statistics plainly recomputed on the subset (a generator with a
@@ -337,7 +349,7 @@ def evaluate(p: Plan, run_ids: dict[str, str]) -> list[Row]:
             if rid is not None:
                 per.setdefault(kind, []).append(_metrics(*predict_logp(load(f"runs:/{rid}/model"), test_loader),
                                                          _epoch_time(client, rid)))
-    order = ["mean_teacher", "anchor_bn", "ensemble", "weight_average", "kd_subset", "kd_full", "mlp", "weightformer",
+    order = ["mean_teacher", "anchor", "anchor_bn", "ensemble", "weight_average", "kd_subset", "kd_full", "mlp", "weightformer",
              "weightformer_ft", "no_mask", "no_shift", "no_cross", "base_mean"]
     return [_mean_row(k, per[k]) for k in order if k in per]
 
