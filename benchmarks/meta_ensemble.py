@@ -51,6 +51,12 @@ def targets(rows: dict) -> list[dict]:
     if ft:
         out.append({"target": "WeightFormer + finetune above the mean single teacher (ACC)",
                     "measured": f"{100 * ft['acc']:.2f} vs {100 * mt['acc']:.2f}", "met": ft["acc"] > mt["acc"] + EPS})
+    anchor = rows.get("anchor")
+    if anchor:  # not one of the targets: how much of the above the generator learned
+        out.append({"target": "(diagnostic) WeightFormer zero-shot above its own anchor teacher, ACC and NLL",
+                    "measured": f"{100 * wf['acc']:.2f} vs {100 * anchor['acc']:.2f} ({100 * (wf['acc'] - anchor['acc']):+.2f}); "
+                                f"NLL {wf['nll']:.4f} vs {anchor['nll']:.4f}",
+                    "met": wf["acc"] > anchor["acc"] + EPS and wf["nll"] < anchor["nll"]})
     return out
 
 

@@ -205,7 +205,8 @@ def _job(args, mlflow_uri, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["meta.ensemble_size=9"], "meta.ensemble_size=9 exceeds the generator's max_teachers=8; valid ensemble sizes: 2..8"),
-    (["meta.zoo_size=10"], "meta.zoo_size=10 leaves 2 meta-train teachers"),
+    (["meta.zoo_size=14"], "meta.zoo_size=14 leaves 2 meta-train teachers"),
+    (["scaling.num_workers=2"], "data.batch_size=64 exceeds each worker's share of the training subset"),
     (["model.kwargs.student_kwargs={width: 8}"], "teachers must have the student's architecture"),
     (["data.val_fraction=0.1"], "set data.val_fraction/test_fraction/split_seed to the teachers' values"),
     (["meta.ensemble_size=2", "model.name=mlp_generator", "model.kwargs={student: convnet, ensemble_size: 3}"],

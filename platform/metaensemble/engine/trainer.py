@@ -54,6 +54,15 @@ def validate(cfg: Config, method: methods.Method | None = None) -> None:
             f"model.kwargs: {cfg.model.name!r} does not take {', '.join(unknown)}; "
             f"it takes: {', '.join(sorted(accepted)) or '(nothing)'}"
         )
+    if cfg.data.train_fraction < 1.0:  # a small subset: each worker's shard must still hold a batch
+        n = len(data.load(cfg.data).train)
+        share = n // cfg.scaling.num_workers
+        if share < cfg.data.batch_size:
+            raise ConfigError(
+                f"data.batch_size={cfg.data.batch_size} exceeds each worker's share of the training subset "
+                f"(data.train_fraction={cfg.data.train_fraction}: {n} examples over scaling.num_workers="
+                f"{cfg.scaling.num_workers} = {share}); valid: data.batch_size <= {share}, or fewer workers"
+            )
     if cfg.train.select_metric not in ("val_acc", "val_nll", "val_ece"):
         raise ConfigError(f"train.select_metric must be one of val_acc, val_nll, val_ece; got {cfg.train.select_metric!r}")
     if cfg.scaling.use_gpu:
