@@ -32,9 +32,10 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, args, match):
 
 
 def test_train_teachers_job_end_to_end(mlflow_uri, tmp_path):
-    r = _run(["jobs/train_teachers.py", "zoo.num_teachers=2", "train.epochs=1", "model.name=convnet",
+    r = _run(["jobs/train_teachers.py", "zoo.num_teachers=2", "zoo.pack_size=2", "train.epochs=1", "model.name=convnet",
               "model.kwargs.width=4", f"storage_path={tmp_path / 'ray'}", "experiment=jobtest/teachers"],
              {"MLFLOW_TRACKING_URI": mlflow_uri})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "training 2: [0, 1] in 1 Ray Train run of up to 2" in r.stdout  # one pack
     assert "teacher zoo teacher.digits.convnet: 2 teachers" in r.stdout
     assert "seed version  val_acc test_acc" in r.stdout

@@ -64,7 +64,8 @@ def train_zoo(cfg: Config) -> TeacherZoo:
     groups = packs(missing, cfg.zoo.pack_size, n_conc)
     print(f"teacher zoo {zoo.name}: {len(wanted) - len(missing)} of {len(wanted)} seeds registered with this "
           f"recipe (config {cfg.config_hash()}); training {len(missing)}: {missing}"
-          + (f" in {len(groups)} Ray Train runs of up to {max(map(len, groups))}" if len(groups) < len(missing) else ""),
+          + (f" in {len(groups)} Ray Train run{'s' * (len(groups) > 1)} of up to {max(map(len, groups))}"
+             if len(groups) < len(missing) else ""),
           flush=True)
     if other:
         print(f"  seeds {other} are registered with another recipe; new versions will supersede them", flush=True)
