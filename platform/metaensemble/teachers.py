@@ -52,7 +52,7 @@ def train_zoo(cfg: Config) -> TeacherZoo:
 
     engine.validate(cfg)
     if cfg.zoo.pack_size != 1:
-        engine.check_pack([cfg, cfg])
+        engine.check_pack([cfg, cfg])  # packs of this recipe: refuses streamed data before any work
     uri = tracking.ensure_tracking()
     engine.ensure_ray()
     zoo = TeacherZoo(cfg.data.name, cfg.model.name, uri)

@@ -84,10 +84,8 @@ def trial_driver(params: dict[str, Any], static: dict[str, Any]) -> None:
     name_fn = static.get("run_name_fn", lambda c, t: f"{static['name']}-{t}")
     kw = {"parent_run_id": static.get("parent_run_id"), "in_tune": True,
           "tags": {"metaensemble.trial_id": ctx.get_trial_id()}}
-    if len(cfgs) == 1:
-        outcomes = [engine.fit(cfgs[0], run_name=name_fn(cfgs[0], ctx.get_trial_id()), **kw)]
-    else:
-        outcomes = engine.fit_pack(cfgs, run_names=[name_fn(c, ctx.get_trial_id()) for c in cfgs], **kw)
+    # a single config is exactly engine.fit
+    outcomes = engine.fit_pack(cfgs, run_names=[name_fn(c, ctx.get_trial_id()) for c in cfgs], **kw)
     if all(o.skipped for o in outcomes):
         # Finished before (e.g. the sweep was interrupted after this trial ended but before
         # Tune saved that): nothing was trained, so hand Tune the run's final metrics.
