@@ -57,6 +57,12 @@ def targets(rows: dict) -> list[dict]:
                     "measured": f"{100 * wf['acc']:.2f} vs {100 * anchor['acc']:.2f} ({100 * (wf['acc'] - anchor['acc']):+.2f}); "
                                 f"NLL {wf['nll']:.4f} vs {anchor['nll']:.4f}",
                     "met": wf["acc"] > anchor["acc"] + EPS and wf["nll"] < anchor["nll"]})
+        if kd:  # how much a distillation run gains over one member here: the headroom KD found
+            n = len(kd["accs"])
+            out.append({"target": "(diagnostic) full-data KD student above the anchor teachers of its ensembles (ACC)",
+                        "measured": f"{100 * kd['acc']:.2f} vs {100 * _on(anchor, n):.2f} "
+                                    f"({100 * (kd['acc'] - _on(anchor, n)):+.2f}; the first {n} ensembles)",
+                        "met": kd["acc"] > _on(anchor, n) + EPS})
     return out
 
 
