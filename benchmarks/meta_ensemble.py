@@ -67,12 +67,13 @@ def targets(rows: dict) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    from metaensemble import meta_ensemble
     from metaensemble.config import load_config
+    from metaensemble.evaluation import format_table
+    from metaensemble.methods.weightformer import experiment
 
     cfg = load_config("configs/meta/digits.yaml", argv)
     t0 = time.perf_counter()
-    out = meta_ensemble.run(cfg)
+    out = experiment.run(cfg)
     wall = time.perf_counter() - t0
     rows = {r.key: {"label": r.label.strip(), "acc": r.acc, "nll": r.nll, "ece": r.ece, "time_s": r.time_s, "n": r.n,
                    "accs": r.accs}
@@ -89,7 +90,7 @@ def main(argv: list[str]) -> int:
           "", f"Command: `{result['command']}` on {result['machine']}; this invocation took {wall:.0f}s "
           f"(zoo {out.seconds['plan_s']:.0f}s, training {out.seconds['train_s']:.0f}s, evaluation {out.seconds['eval_s']:.0f}s; "
           "runs already finished in MLflow, e.g. by the main job, are reused rather than retrained).",
-          "", "```", meta_ensemble.format_table(out.rows), "```", "", "| target | measured | met |", "|---|---|---|"]
+          "", "```", format_table(out.rows), "```", "", "| target | measured | met |", "|---|---|---|"]
     md += [f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else 'no'} |" for c in checks]
     (OUT / "meta_ensemble.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -109,10 +109,11 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
-    from metaensemble import data, meta_ensemble, metrics
+    from metaensemble import data, metrics
     from metaensemble.config import load_config
     from metaensemble.methods.base import predict_logp
     from metaensemble.methods.kd import ensemble_kd_loss, load_teachers
+    from metaensemble.methods.weightformer.experiment import plan as meta_plan
     from metaensemble.methods.weightformer.method import make_eval_loader
     from metaensemble.methods.weightformer.student import (
         recompute_bn,
@@ -123,7 +124,7 @@ def main() -> int:
 
     t_start = time.perf_counter()
     cfg = load_config(args.config, args.overrides)
-    plan = meta_ensemble.plan(cfg)
+    plan = meta_plan(cfg)
     spec = plan.student_spec
     teachers = [t.model.eval() for t in load_teachers([r.uri for r in plan.teachers], spec)]
     k = cfg.meta.ensemble_size

@@ -9,7 +9,7 @@ generator and the KD baselines (side by side through Ray Tune), and prints the
 evaluation table; everything is logged to MLflow under <dataset>/meta_train.
 """
 
-from metaensemble.cli import config_parser, run_job
+from metaensemble.cli import config_parser, run_job, work_done
 
 
 def main() -> int:
@@ -19,13 +19,16 @@ def main() -> int:
     from metaensemble.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # validated before Ray or MLflow start
-    from metaensemble import meta_ensemble, tracking
+    from metaensemble import tracking
+    from metaensemble.evaluation import format_table
+    from metaensemble.methods.weightformer import experiment
 
-    meta_ensemble.validate(cfg)
-    out = meta_ensemble.run(cfg, train_missing=not args.no_train_zoo)
+    experiment.validate(cfg)
+    out = experiment.run(cfg, train_missing=not args.no_train_zoo)
+    work_done()
     print()
     print(f"held-out ensembles: {cfg.meta.test_ensembles} of K={cfg.meta.ensemble_size} meta-test teachers, test split")
-    print(meta_ensemble.format_table(out.rows))
+    print(format_table(out.rows))
     print(f"\nwall time: {out.seconds['total_s']:.0f}s (zoo {out.seconds['plan_s']:.0f}s, training "
           f"{out.seconds['train_s']:.0f}s, evaluation {out.seconds['eval_s']:.0f}s)")
     print(f"MLflow: {tracking.describe_store()}; experiment {cfg.experiment_name}, run {out.parent_run_id}; "

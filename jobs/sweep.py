@@ -10,7 +10,7 @@ interrupted sweep.
 
 import argparse
 
-from metaensemble.cli import run_job
+from metaensemble.cli import run_job, work_done
 
 
 def main() -> int:
@@ -24,6 +24,7 @@ def main() -> int:
     space, overrides = load_space(args.space).split_overrides(args.overrides)
     space.base_config(overrides)  # validate overrides before anything starts
     outcome = run_sweep(space, overrides)
+    work_done()
     print()
     print(format_trials(outcome, space.metric))
     print(f"\nbest {space.metric} {outcome.best_metric:.4f} with {outcome.best_params}")

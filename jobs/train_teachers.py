@@ -5,7 +5,7 @@
     python jobs/train_teachers.py zoo.num_teachers=8 train.epochs=20
 """
 
-from metaensemble.cli import config_parser, run_job
+from metaensemble.cli import config_parser, run_job, work_done
 
 
 def main() -> int:
@@ -17,6 +17,7 @@ def main() -> int:
     from metaensemble.teachers import train_zoo
 
     zoo = train_zoo(cfg)
+    work_done()
     print()
     print(zoo.table())
     print(f"\nMLflow: {tracking.describe_store()}; experiment {cfg.experiment_name}, registered model {zoo.name}")

@@ -91,3 +91,28 @@ def write_imagefolder(root, classes=("cat", "dog", "owl"), per_class=6, size=20)
             (root / split / c).mkdir(parents=True)
             for i in range(per_class if split == "train" else 2):
                 Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+
+
+class RayRunDir:
+    """The Ray Train storage folder of ``cfg``'s run, ``<run key>-<MLflow run id prefix>``,
+    found once it exists (tests watch it while the run is going)."""
+
+    def __init__(self, cfg) -> None:
+        from pathlib import Path
+
+        self.root, self.key = Path(cfg.resolved_storage_path()), cfg.run_key()
+
+    def path(self):
+        found = sorted(self.root.glob(f"{self.key}-*")) if self.root.is_dir() else []
+        return found[0] if found else self.root / f"{self.key}-pending"
+
+    def glob(self, pattern: str):
+        return self.path().glob(pattern)
+
+    def __truediv__(self, name: str):
+        return self.path() / name
+
+
+@pytest.fixture
+def ray_run_dir():
+    return RayRunDir

@@ -181,8 +181,19 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
         assert checkpoint_sha256(local_dir(t["uri"])) == t["sha256"]
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     gen_runs = [c for c in children if c.data.params.get("method") == "weightformer"]
-    assert len(gen_runs) == 1 and len(children) == 3  # WeightFormer, KD on the subset and on the full split
+    ft_runs = [c for c in children if c.data.params.get("task") == "kd_finetune"]
+    # WeightFormer, KD on the subset and on the full split, one finetune per test ensemble
+    assert len(gen_runs) == 1 and len(ft_runs) == 2 and len(children) == 5
     test_uris = {t["uri"] for t in teachers if t["side"] == "test"}
+    # the finetuning is KD engine runs from the generated students, on held-out teachers only
+    for c in ft_runs:
+        p = c.data.params
+        assert c.info.status == "FINISHED" and p["method"] == "kd" and p["train.epochs"] == "1"
+        assert p["model.init_from"].startswith(f"runs:/{parent.info.run_id}/finetune_init/")
+        assert set(json.loads(p["distill.teachers"])) <= test_uris
+        assert p["optim.name"] == "sgd" and p["optim.lr"] == "0.01" and p["optim.nesterov"] == "true"
+        init = load(p["model.init_from"])
+        assert init.me_spec["arch"] == "convnet" and init.me_spec["kwargs"]["width"] == 4
     for c in gen_runs:
         used = c.data.params["meta.train_teachers"] + c.data.params["meta.val_teachers"]
         assert not any(u in used for u in test_uris)

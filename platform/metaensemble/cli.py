@@ -16,6 +16,15 @@ def config_parser(description: str, default_config: str | None) -> argparse.Argu
     return p
 
 
+def work_done() -> None:
+    """Call before printing a job's summary: disconnects from Ray, so worker lines still
+    in flight (they stay in the runs' log files) never arrive after the summary."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+
+
 def run_job(main: Callable[[], int | None]) -> None:
     """Run ``main``; bad input exits 2 with one line on stderr instead of a traceback."""
     try:

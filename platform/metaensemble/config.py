@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -50,6 +51,10 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = "convnet"
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    init_from: str | None = None
+    """Start the run from these weights: a checkpoint folder (model.safetensors +
+    model.json) or an MLflow URI (``runs:/<id>/model``, ``models:/name/3``). Every tensor
+    must match the built model's; a mismatch names each one that differs."""
     init_seed: int | None = Field(None, ge=0)
     """Seed of the initial weights alone (None: the run's ``seed``). Runs with different
     seeds and one init_seed start from the same weights and differ only in data order and
@@ -57,13 +62,33 @@ class ModelConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    name: Literal["sgd", "adamw"] = "sgd"
+    """Optimiser and schedule, built with timm's factories (``engine.optim``)."""
+
+    name: str = "sgd"
+    """A timm optimiser name (sgd, adamw, adam, lamb, ...); ``sgd`` with ``nesterov``."""
     lr: float = Field(0.05, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0.0)
+    decay_norm_bias: bool = False
+    """Weight decay on norms and biases too (off: timm's 1-d exclusion)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra optimiser arguments (betas, eps, ...)."""
+    schedule: Literal["cosine", "constant", "step", "multistep"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_lr: float = Field(0.0, ge=0.0)
+    """lr at the first warm-up step (0: lr / warm-up steps)."""
+    min_lr: float = Field(0.0, ge=0.0)
+    decay_epochs: int = Field(0, ge=0)
+    """step: decay every this many epochs (0: a third of the run)."""
+    decay_milestones: list[int] = Field(default_factory=list)
+    decay_rate: float = Field(0.1, gt=0.0)
+
+    @model_validator(mode="after")
+    def _milestones(self) -> OptimConfig:
+        if self.schedule == "multistep" and not self.decay_milestones:
+            raise ValueError("optim.schedule=multistep needs optim.decay_milestones (epochs), e.g. [30, 60]")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -105,54 +130,109 @@ class ZooConfig(_Strict):
     the missing seeds evenly over the runs that fit at once."""
 
 
-class DistillConfig(_Strict):
-    """Distillation from an ensemble (kd, weightformer): the loss
-    alpha * T^2 * KL(mean_k softmax(z_k/T) || softmax(z_s/T)) + (1 - alpha) * CE."""
+# ---- method sections: each method owns its config section --------------------------------
+class Section(_Strict):
+    """Base of a method's own config section (``distill``, ``meta``, ...).
 
-    teachers: list[str] = Field(default_factory=list)
-    """Teacher checkpoints (folders or MLflow URIs such as models:/teacher.digits.convnet/3)."""
-    alpha: float = Field(1.0, ge=0.0, le=1.0)
-    temperature: float = Field(4.0, gt=0.0)
+    ``eval_only`` names the fields only a job's evaluation reads: changing them retrains
+    nothing, so they do not enter the run hash."""
 
-
-class MetaConfig(_Strict):
-    """WeightFormer meta-training: which teachers, how ensembles are drawn, the extra losses."""
-
-    ensemble_size: int = Field(4, ge=2)
-    """K, the teachers per ensemble (at most the generator's max_teachers)."""
-    train_teachers: list[str] = Field(default_factory=list)
-    val_teachers: list[str] = Field(default_factory=list)
-    test_teachers: list[str] = Field(default_factory=list)
-    """Teacher URIs per side; the meta-train job fills them from the teacher zoo."""
-    zoo_size: int = Field(16, ge=2)
-    num_val_teachers: int = Field(4, ge=0)
-    num_test_teachers: int = Field(4, ge=1)
-    teacher_config: str = "configs/teachers/digits.yaml"
-    """Recipe the job uses to train zoo teachers the registry lacks."""
-    val_ensembles: int = Field(4, ge=1)
-    test_ensembles: int = Field(4, ge=1)
-    lambda_mask: float = Field(1e-3, ge=0.0)
-    lambda_shift: float = Field(0.1, ge=0.0)
-    """0 switches shift consistency off (no second view is generated)."""
-    ablations: list[Literal["no_mask", "no_shift", "no_cross", "base_mean", "mlp"]] = Field(
-        default_factory=lambda: ["no_mask", "no_shift", "no_cross", "base_mean", "mlp"])
-    mlp_hidden: int = Field(256, gt=0)
-    kd_epochs: int = Field(15, ge=1)
-    """Epochs of the KD baselines (on the subset and on the full train split)."""
-    kd_ensembles: int = Field(2, ge=0)
-    """How many of the test ensembles get KD baselines (each costs two training runs)."""
-    finetune_epochs: int = Field(1, ge=0)
-    finetune_lr: float = Field(0.01, gt=0.0)
+    eval_only: ClassVar[tuple[str, ...]] = ()
 
 
-DISTILL_METHODS = ("kd", "weightformer")
-META_METHODS = ("weightformer",)
-META_EVAL_ONLY = ("zoo_size", "num_val_teachers", "num_test_teachers", "teacher_config", "test_ensembles",
-                  "ablations", "mlp_hidden", "kd_epochs", "kd_ensembles", "finetune_epochs", "finetune_lr")
-"""Fields of ``meta`` that only the job's evaluation reads: changing them retrains nothing."""
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the schema knows of a method without importing it (no torch)."""
+
+    name: str
+    impl: str
+    """``module:Class`` of the engine method, imported only when a run is built."""
+    sections: tuple[str, ...] = ()
+    """Config sections the method reads; only these name its runs."""
+    models: tuple[str, ...] = ()
+    """Architectures that live with the method (registered when ``models_module`` is imported)."""
+    models_module: str | None = None
 
 
-class Config(_Strict):
+_SECTIONS: dict[str, type[Section]] = {}
+_METHODS: dict[str, MethodSpec] = {}
+_discovered = False
+
+
+def register_section(name: str, cls: type[Section]) -> type[Section]:
+    """Add a top-level config section (``cfg.<name>``) owned by a method."""
+    if name in Config.model_fields:
+        raise ValueError(f"config section {name!r} is a core section")
+    if _SECTIONS.get(name, cls) is not cls:
+        raise ValueError(f"config section {name!r} registered twice")
+    _SECTIONS[name] = cls
+    return cls
+
+
+def register_method(name: str, impl: str, *, sections: tuple[str, ...] = (), models: tuple[str, ...] = (),
+                    models_module: str | None = None) -> MethodSpec:
+    """Declare a method to the schema: its name, where its class lives, what it reads."""
+    if name in _METHODS and _METHODS[name].impl != impl:
+        raise ValueError(f"method {name!r} registered twice")
+    spec = MethodSpec(name, impl, tuple(sections), tuple(models), models_module)
+    _METHODS[name] = spec
+    return spec
+
+
+def discover_methods() -> None:
+    """Import every ``metaensemble.methods.<name>.config`` module (torch-free), once.
+
+    A method is a folder under ``methods/`` whose ``config.py`` registers its section(s)
+    and itself; nothing shared lists them."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module("metaensemble.methods")
+    for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if not m.ispkg:
+            continue
+        name = f"metaensemble.methods.{m.name}.config"
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+
+
+def method_spec(name: str) -> MethodSpec:
+    discover_methods()
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def method_names() -> list[str]:
+    discover_methods()
+    return sorted(_METHODS)
+
+
+def sections() -> dict[str, type[Section]]:
+    discover_methods()
+    return dict(_SECTIONS)
+
+
+def model_plugins() -> dict[str, str]:
+    """Architecture name -> module that registers it, for architectures owned by methods."""
+    discover_methods()
+    return {a: s.models_module for s in _METHODS.values() for a in s.models if s.models_module}
+
+
+class Config(BaseModel):
+    """The whole experiment: the core sections below plus every method's own section
+    (``cfg.distill``, ``cfg.meta``, ...: see ``register_section``), each filled with its
+    defaults when absent."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     task: str = "teachers"
     method: str = "supervised"
     seed: int = 0
@@ -162,21 +242,25 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     zoo: ZooConfig = Field(default_factory=ZooConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    meta: MetaConfig = Field(default_factory=MetaConfig)
     storage_path: str = "runs/ray"
     """Ray Train storage: a folder (relative to the repository) or a URI (s3://...)."""
     experiment: str | None = None
     """MLflow experiment; default ``<dataset>/<task>``."""
 
     @model_validator(mode="after")
-    def _check_names(self) -> Config:
-        # Imported here: the registries import this module's types.
-        from metaensemble import data, methods, models
-
-        data.check_name(self.data.name)
-        models.check_name(self.model.name)
-        methods.check_name(self.method)
+    def _method_sections(self) -> Config:
+        # The method name and every method section are checked here (torch-free); data
+        # and model names against their registries in ``check_names``.
+        method_spec(self.method)
+        known = sections()
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        for key in list(extra):
+            if key not in known:
+                raise ValueError(f"unknown config key {key!r}; valid keys here: {', '.join(_top_keys())}")
+        for key, cls in known.items():
+            value = extra.get(key)
+            if not isinstance(value, cls):
+                extra[key] = cls.model_validate(value if value is not None else {})
         return self
 
     # ---- derived values -------------------------------------------------------------
@@ -198,13 +282,15 @@ class Config(_Strict):
         for k in ("storage_path", "experiment", "zoo"):
             d.pop(k, None)
         # Sections a method does not read do not name its runs.
-        if self.method not in DISTILL_METHODS:
-            d.pop("distill")
-        if self.method not in META_METHODS:
-            d.pop("meta")
-        else:
-            for k in META_EVAL_ONLY:
-                d["meta"].pop(k)
+        reads = method_spec(self.method).sections
+        for name, cls in sections().items():
+            if name not in reads:
+                d.pop(name, None)
+            else:
+                for k in cls.eval_only:
+                    d[name].pop(k, None)
+        if d["model"].get("init_from") is None:
+            d["model"].pop("init_from", None)  # runs named before init_from existed keep their names
         d["scaling"] = {k: v for k, v in d["scaling"].items() if k in ("num_workers",)}
         if exclude_seed:
             d.pop("seed")
@@ -222,7 +308,29 @@ class Config(_Strict):
         items = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         for key, value in items.items():
             _set_dotted(d, key, value)
-        return build_config(d)
+        return check_names(build_config(d))
+
+    def section(self, name: str) -> Section:
+        """A method's section by name (``cfg.section("meta")`` is ``cfg.meta``)."""
+        sections()
+        value = (self.__pydantic_extra__ or {}).get(name)
+        if value is None:
+            raise ConfigError(f"no config section {name!r}; sections: {', '.join(_top_keys())}")
+        return value
+
+
+def _top_keys() -> list[str]:
+    return sorted([*Config.model_fields, *sections()])
+
+
+def check_names(cfg: Config) -> Config:
+    """Data and model names against their registries (imports them, and so torch).
+    Jobs call this through ``load_config``; the schema alone never does."""
+    from metaensemble import data, models
+
+    data.check_name(cfg.data.name)
+    models.check_name(cfg.model.name)
+    return cfg
 
 
 def resolve_path(p: str | Path) -> Path:
@@ -280,6 +388,8 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _submodel(model: type[BaseModel] | None, field: str) -> type[BaseModel] | None:
+    if model is Config and field in sections():
+        return sections()[field]
     if model is None or field not in model.model_fields:
         return None
     ann = model.model_fields[field].annotation
@@ -287,25 +397,46 @@ def _submodel(model: type[BaseModel] | None, field: str) -> type[BaseModel] | No
 
 
 def _unknown_key(dotted: str, model: type[BaseModel] | None, node: dict[str, Any]) -> None:
-    valid = sorted(model.model_fields) if model is not None else sorted(node)
+    valid = (_top_keys() if model is Config else sorted(model.model_fields)) if model is not None else sorted(node)
     raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {', '.join(valid)}")
 
 
 def build_config(d: dict[str, Any]) -> Config:
     """Validate a plain dict into a Config, turning pydantic errors into one clear message."""
-    try:
-        return Config.model_validate(d)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"])
-            if err["type"] == "extra_forbidden":
-                parent = _model_at(err["loc"][:-1])
-                valid = ", ".join(sorted(parent.model_fields)) if parent else "?"
-                lines.append(f"unknown config key {loc!r}; valid keys here: {valid}")
-            else:
-                lines.append(f"{loc or 'config'}: {err['msg']}")
-        raise ConfigError("invalid config: " + "; ".join(lines)) from None
+    d = dict(d)
+    lines: list[str] = []
+    known = sections()
+    for key in [k for k in d if k not in Config.model_fields]:
+        if key not in known:
+            lines.append(f"unknown config key {key!r}; valid keys here: {', '.join(_top_keys())}")
+            d.pop(key)
+            continue
+        try:  # validated here so that errors carry the section's name
+            d[key] = known[key].model_validate(d[key] if d[key] is not None else {})
+        except ValidationError as e:
+            lines += _describe(e, (key,))
+    if not lines:
+        try:
+            return Config.model_validate(d)
+        except ValidationError as e:
+            lines += _describe(e, ())
+    raise ConfigError("invalid config: " + "; ".join(lines)) from None
+
+
+def _describe(e: ValidationError, prefix: tuple[str, ...]) -> list[str]:
+    lines = []
+    for err in e.errors():
+        loc_t = (*prefix, *err["loc"])
+        loc = ".".join(str(x) for x in loc_t)
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc_t[:-1])
+            valid = ", ".join(_top_keys() if parent is Config else sorted(parent.model_fields)) if parent else "?"
+            lines.append(f"unknown config key {loc!r}; valid keys here: {valid}")
+        elif err["type"] == "value_error" and not prefix and not err["loc"]:
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
+        else:
+            lines.append(f"{loc or 'config'}: {err['msg']}")
+    return lines
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -331,7 +462,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     d = json.loads(json.dumps(build_config(d).to_dict()))  # fill defaults first
     for key, value in parse_overrides(overrides or []).items():
         _set_dotted(d, key, value)
-    return build_config(d)
+    return check_names(build_config(d))
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

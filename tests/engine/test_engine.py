@@ -96,11 +96,11 @@ def test_two_worker_gloo_ddp_identical_params_and_disjoint_halves(ray_local, dig
     assert outcome.metrics["test_acc"] > 0.5 and not outcome.skipped
 
 
-def test_worker_killed_mid_run_resumes_from_checkpoint_in_same_mlflow_run(ray_local, digits_cfg, tmp_path):
+def test_worker_killed_mid_run_resumes_from_checkpoint_in_same_mlflow_run(ray_run_dir, ray_local, digits_cfg, tmp_path):
     cfg = digits_cfg("train.epochs=6", "scaling.max_failures=2")
     out = tmp_path / "rec"
     out.mkdir()
-    run_dir = Path(cfg.resolved_storage_path()) / cfg.run_key()
+    run_dir = ray_run_dir(cfg)
     killed: list[int] = []
 
     def kill_after_two_checkpoints():
@@ -267,7 +267,7 @@ fit(cfg, method=SlowMethod(cfg))
 """
 
 
-def test_driver_killed_then_same_command_resumes_same_mlflow_run(ray_local, mlflow_uri, digits_cfg, tmp_path):
+def test_driver_killed_then_same_command_resumes_same_mlflow_run(ray_run_dir, ray_local, mlflow_uri, digits_cfg, tmp_path):
     import subprocess
 
     from ray.util.state import list_actors
@@ -283,7 +283,7 @@ def test_driver_killed_then_same_command_resumes_same_mlflow_run(ray_local, mlfl
     repo = Path(__file__).resolve().parents[2]
     with open(tmp_path / "driver.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, str(script), *args], cwd=repo, env=env, stdout=log, stderr=log)
-        run_dir = Path(cfg.resolved_storage_path()) / cfg.run_key()
+        run_dir = ray_run_dir(cfg)
         deadline = time.monotonic() + 240
         while not (registered := _registered_epochs(run_dir)) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
@@ -309,13 +309,13 @@ def test_init_seed_fixes_the_initial_weights_and_leaves_the_rest_to_the_seed(dig
     weights, while what follows (data order, augmentation) still draws from the run's seed;
     without it the initial weights follow the seed."""
     from metaensemble import data, methods
-    from metaensemble.engine.loop import build_initial_model
+    from metaensemble.engine.loop import build_initial_model, seed_rank
 
-    def start(*overrides):
+    def start(*overrides, rank=0):
         cfg = digits_cfg(*overrides)
         method = methods.build(cfg)
-        torch.manual_seed(cfg.seed)
         model = build_initial_model(method, data.load(cfg.data).info, cfg)
+        seed_rank(cfg.seed, rank)  # as the loop does after building the model
         return [p.detach().clone() for p in model.parameters()], torch.rand(4)
 
     (w1, r1), (w2, r2) = start("seed=1", "model.init_seed=7"), start("seed=2", "model.init_seed=7")
@@ -324,4 +324,7 @@ def test_init_seed_fixes_the_initial_weights_and_leaves_the_rest_to_the_seed(dig
     (w3, _), (w4, _) = start("seed=1", "model.init_seed=null"), start("seed=2", "model.init_seed=null")
     assert not all(torch.equal(a, b) for a, b in zip(w3, w4, strict=True))
     torch.manual_seed(1)
-    assert torch.equal(r1, torch.rand(4))  # after the model, the RNG restarts from the run's seed
+    assert torch.equal(r1, torch.rand(4))  # after the model, rank 0's RNG restarts from the run's seed
+    w5, r5 = start("seed=1", "model.init_seed=7", rank=1)
+    assert all(torch.equal(a, b) for a, b in zip(w1, w5, strict=True)), "every rank builds the same weights"
+    assert not torch.equal(r1, r5), "each rank draws its own augmentation/dropout stream"

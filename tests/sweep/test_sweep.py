@@ -116,6 +116,43 @@ def test_asha_sweep_stops_trials_early_with_one_child_run_per_trial(ray_local, t
     assert len(tracking.child_runs(c, outcome.experiment_id, outcome.parent_run_id)) == 4
 
 
+def test_a_trial_whose_worker_raises_ends_failed_in_mlflow(ray_local, tmp_path):
+    """A width the config accepts (model.kwargs is free-form) but no convnet can be built
+    with: the engine run raises inside its Ray Train worker. That trial is an error, not
+    an early stop: its MLflow run ends FAILED (never left RUNNING), the other FINISHED."""
+    space = load_space(_space(tmp_path, scheduler={"name": "fifo"}, max_concurrent_trials=2,
+                              overrides={"storage_path": str(tmp_path / "ray"), "train.epochs": 1},
+                              params={"model.kwargs.width": {"grid": [8, -1]}}))
+    outcome = run_sweep(space)
+    by_width = {t["params"]["model.kwargs.width"]: t for t in outcome.trials}
+    assert by_width[8]["done"] and by_width[8]["error"] is None
+    assert not by_width[-1]["done"] and "negative dimension" in by_width[-1]["error"]
+    assert outcome.best_params == {"model.kwargs.width": 8}
+
+    c = tracking.client()
+    children = tracking.child_runs(c, outcome.experiment_id, outcome.parent_run_id)
+    status = {r.data.params["model.kwargs.width"]: r.info.status for r in children}
+    assert status == {"8": "FINISHED", "-1": "FAILED"}
+    broken = next(r for r in children if r.data.params["model.kwargs.width"] == "-1")
+    assert "metaensemble.stopped_early" not in broken.data.tags and broken.info.end_time is not None
+    assert c.get_run(outcome.parent_run_id).info.status == "FINISHED"
+
+
+def test_a_failed_trial_closes_its_own_runs_without_a_sweep(mlflow_uri, digits_cfg):
+    """Callers of ``launch`` without a sweep to close their runs (the meta-train job, the
+    teacher zoo) rely on the trial: a raised training error turns its RUNNING runs FAILED
+    and leaves finished ones alone."""
+    from metaensemble.sweep.runner import fail_unfinished
+
+    c = tracking.client()
+    cfgs = [digits_cfg(f"seed={s}") for s in (1, 2)]
+    cfgs = [cfg.with_overrides({"experiment": cfgs[0].experiment_name}) for cfg in cfgs]
+    handles = [tracking.open_run(c, cfg, cfg.run_key()) for cfg in cfgs]
+    c.set_terminated(handles[0].run_id, status="FINISHED")  # the pack's first member was done
+    assert fail_unfinished(cfgs, [cfg.run_key() for cfg in cfgs], mlflow_uri) == [handles[1].run_id]
+    assert [c.get_run(h.run_id).info.status for h in handles] == ["FINISHED", "FAILED"]
+
+
 def test_optuna_search_runs_its_trials_under_one_parent(ray_local, tmp_path):
     space = load_space(_space(tmp_path, num_samples=2, scheduler={"name": "fifo"},
                               search={"name": "optuna", "seed": 1},

@@ -82,11 +82,13 @@ class ArrayLoader:
         order = (
             np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
         )
+        if not (self.shuffle or self.drop_last):  # evaluation: every example on exactly one rank
+            return order[self.rank :: self.world_size]
         per_rank = n // self.world_size if self.world_size > 1 else n
         return order[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     def __len__(self) -> int:
-        n = len(self.split) // self.world_size if self.world_size > 1 else len(self.split)
+        n = len(self.shard_indices())
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -114,9 +116,13 @@ class DatasetLoader:
         from torch.utils.data import DataLoader, DistributedSampler
 
         self.device = torch.device(device)
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
-        ) if world_size > 1 or shuffle else None
+        if shuffle:
+            self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                              drop_last=True)
+        elif world_size > 1:  # evaluation: every example on exactly one rank
+            self.sampler = list(range(rank, len(dataset), world_size))
+        else:
+            self.sampler = None
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
             pin_memory=self.device.type == "cuda", drop_last=drop_last,
@@ -124,7 +130,7 @@ class DatasetLoader:
         )
 
     def set_epoch(self, epoch: int) -> None:
-        if self.sampler is not None:
+        if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:

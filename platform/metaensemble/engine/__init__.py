@@ -4,10 +4,11 @@ from metaensemble.engine.trainer import (
     RunOutcome,
     check_pack,
     ensure_ray,
+    evaluate,
     fit,
     fit_pack,
     scaling_config,
     validate,
 )
 
-__all__ = ["RunOutcome", "check_pack", "ensure_ray", "fit", "fit_pack", "scaling_config", "validate"]
+__all__ = ["RunOutcome", "check_pack", "ensure_ray", "evaluate", "fit", "fit_pack", "scaling_config", "validate"]

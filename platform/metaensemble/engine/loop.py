@@ -1,14 +1,17 @@
 """The training loop every method runs in, one copy per Ray Train worker.
 
-Rank 0 evaluates, checkpoints and writes to MLflow; every rank trains on a disjoint
-shard and reports (``ray.train.report`` is also the per-epoch barrier).
+Every rank trains on its shard and evaluates its shard of val/test (predictions are
+gathered to rank 0); rank 0 checkpoints and writes to MLflow. ``ray.train.report`` is
+also the per-epoch barrier.
 
 A checkpoint (one per epoch) is a folder::
 
-    model.safetensors, model.json      latest weights (a loadable model checkpoint)
+    model.safetensors, model.json      latest weights of the trained module (loadable)
     best/model.safetensors, model.json best weights so far by ``train.select_metric``
-    optimizer.pt                       optimiser + scheduler + RNG state (tensors only)
-    state.json                         epochs done, best score/epoch, MLflow run id
+    optimizer.pt                       optimiser state and the schedule's step (tensors only)
+    ranks.pt                           every rank's RNG (torch CPU/CUDA, numpy, python) and
+                                       the method's ``state_dict()``, one entry per rank
+    state.json                         epochs done, global step, best score/epoch, MLflow run id
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -23,25 +27,77 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from metaensemble import data, methods, metrics
 from metaensemble.config import build_config
-from metaensemble.engine.optim import build_optimizer, build_scheduler
-from metaensemble.models import check_state_dict, read_weights, save_model, unwrap
+from metaensemble.methods.base import named
+from metaensemble.models import (
+    check_state_dict,
+    local_dir,
+    read_weights,
+    save_model,
+    save_weights,
+    unwrap,
+)
 
 
 def build_initial_model(method, info, cfg) -> torch.nn.Module:
-    """The method's model with its initial weights drawn from ``model.init_seed`` when set;
-    the global RNG then continues from ``seed`` either way (data order, augmentation and
-    dropout follow the run's seed)."""
-    if cfg.model.init_seed is None:
-        return method.build_model(info)
-    torch.manual_seed(cfg.model.init_seed)
+    """The method's model with its initial weights drawn from ``model.init_seed`` when set
+    (else from ``seed``), then overwritten by ``model.init_from`` when set. Every rank
+    builds the same weights."""
+    torch.manual_seed(cfg.seed if cfg.model.init_seed is None else cfg.model.init_seed)
     model = method.build_model(info)
-    torch.manual_seed(cfg.seed)
+    if cfg.model.init_from:
+        load_init_weights(model, cfg.model.init_from)
     return model
+
+
+def load_init_weights(model: torch.nn.Module, uri: str) -> None:
+    """Load ``uri``'s weights (folder or MLflow URI) into ``model``; a mismatch raises
+    CheckpointError naming every tensor that differs."""
+    weights = read_weights(local_dir(uri))
+    check_state_dict(model, weights, f"model.init_from {uri}")
+    model.load_state_dict(weights)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """This rank's own stream for augmentation, dropout and loader workers (rank 0 keeps
+    ``seed``, so a one-worker run is unchanged)."""
+    s = seed if rank == 0 else (seed * 1_000_003 + rank * 7_919) % (2**31 - 1)
+    torch.manual_seed(s)
+    np.random.seed(s % (2**32))
+    random.seed(s)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    out = {"torch": torch.get_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                                                     *np_state[2:]],
+           "python": _tuples_to_lists(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(_lists_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def _tuples_to_lists(x):
+    return [_tuples_to_lists(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _lists_to_tuples(x):
+    return tuple(_lists_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -51,7 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]  # methods may fetch teachers from MLflow
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_worker()
     members = config["members"]
     start, ckpt = 0, ray.train.get_checkpoint()
     if ckpt is not None:
@@ -61,6 +117,52 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start, ckpt = (ids.index(owner), ckpt) if owner in ids else (0, None)
     for i in range(start, len(members)):
         _train_member(members[i], config, ckpt if i == start else None)
+
+
+def quiet_worker() -> None:
+    """One progress line per epoch is what a worker prints: not Ray Train's dump of every
+    report, MLflow's run links and artifact bars, or DDP's stride notice on small convnets."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray layout: the reports stay visible, nothing breaks
+        pass
+
+
+class _Totals:
+    """Per-epoch sums of what ``training_step`` returns, kept on the device (no host
+    synchronisation per step) and reduced over ranks once per epoch."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.sums, self.n = device, {}, 0
+
+    def add(self, loss: torch.Tensor, logs: dict[str, Any], batch_size: int) -> None:
+        self.n += batch_size
+        for k, v in {"loss": loss, **logs}.items():
+            v = v.detach().to(self.device, torch.float64) if torch.is_tensor(v) else torch.tensor(
+                float(v), dtype=torch.float64, device=self.device)
+            w = v if k == "correct" else v * batch_size
+            self.sums[k] = self.sums[k] + w if k in self.sums else w
+
+    def reduce(self, world: int) -> dict[str, float]:
+        keys = sorted(self.sums)
+        vec = torch.stack([self.sums[k].reshape(()) for k in keys]
+                          + [torch.tensor(float(self.n), dtype=torch.float64, device=self.device)])
+        if world > 1 and dist.is_initialized():
+            dist.all_reduce(vec)
+        vals = vec.cpu().tolist()
+        n = max(vals[-1], 1.0)
+        out = {}
+        for k, v in zip(keys, vals[:-1], strict=True):
+            out["train_acc" if k == "correct" else f"train_{k}"] = v / n
+        return out
 
 
 def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
@@ -74,23 +176,28 @@ def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)
 
     loaders, info, n_train = _build_loaders(cfg, rank, world, device)
-    model = build_initial_model(method, info, cfg)
-    if cfg.train.channels_last and on_gpu:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    base = unwrap(model)
-    optimizer = build_optimizer(cfg.optim, model.parameters())
-    steps_per_epoch = cfg.train.steps_per_epoch or max(1, n_train // world // cfg.data.batch_size)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
-
-    state = {"epochs_done": 0, "best_score": None, "best_epoch": -1, "run_id": member["run_id"]}
-    best_weights: dict[str, torch.Tensor] | None = None
+    state = {"epochs_done": 0, "global_step": 0, "best_score": None, "best_epoch": -1, "run_id": member["run_id"]}
+    restored: dict[str, Any] | None = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state, best_weights = _restore(Path(d), base, optimizer, scheduler, device)
+            restored = _read_checkpoint(Path(d), rank, device)
+        state = restored["state"]
+        method.load_state_dict(restored["method"])  # before build_model: it may shape the model
+    model = build_initial_model(method, info, cfg) if restored is None else method.build_model(info)
+    seed_rank(cfg.seed, rank)
+    steps_per_epoch = cfg.train.steps_per_epoch or max(1, n_train // world // cfg.data.batch_size)
+    base, model, optimizer, scheduler = _wrap(method, model, cfg, on_gpu, steps_per_epoch, state["global_step"])
+    best_weights: dict[str, torch.Tensor] | None = None
+    if restored is not None:
+        check_state_dict(base, restored["weights"], "checkpoint")
+        base.load_state_dict(restored["weights"])
+        best_weights = restored["best"]
+        optimizer.load_state_dict(restored["optimizer"])
+        scheduler.set_step(state["global_step"])
+        if restored["rng"] is not None:
+            set_rng_state(restored["rng"])
         if rank == 0:
             _say(f"[{member['run_key']}] resumed from checkpoint after epoch {state['epochs_done']}")
 
@@ -102,7 +209,7 @@ def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
 
     for epoch in range(state["epochs_done"], cfg.train.epochs):
         model.train()
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, examples
+        totals = _Totals(device)
         t0 = time.perf_counter()
         for step, batch in enumerate(_epoch_batches(loaders["train"], epoch, cfg.train.steps_per_epoch)):
             with amp:
@@ -113,64 +220,143 @@ def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
             scheduler.step()
-            b = len(batch["y"])
-            totals += torch.tensor([float(logs.get("loss", loss)) * b, float(logs.get("correct", 0)), b], dtype=torch.float64)
+            state["global_step"] += 1
+            totals.add(loss, logs, len(batch["y"]))
             if cfg.train.log_every and rank == 0 and step % cfg.train.log_every == 0:
                 _say(f"[{member['run_key']}] epoch {epoch + 1} step {step} loss {float(loss):.4f}")
         if on_gpu:
             torch.cuda.synchronize()
         train_time = time.perf_counter() - t0
-        if world > 1 and dist.is_initialized():
-            dist.all_reduce(totals)  # gloo/nccl both reduce float64 on their device
+        epoch_metrics: dict[str, Any] = {"epoch": epoch + 1, **totals.reduce(world),
+                                         "lr": optimizer.param_groups[0]["lr"]}
+        epoch_metrics["train_images_per_s"] = totals.n * world / max(train_time, 1e-9)
+        epoch_metrics["train_time_s"] = train_time
         method.on_epoch_end(model, epoch, rank)
+        rebuilt = method.rebuild(base, epoch + 1)
+        if rebuilt is not None:
+            # New parameters: re-wrap for DDP, a fresh optimiser at the current step, and
+            # selection restarts (earlier best weights have another structure).
+            base, model, optimizer, scheduler = _wrap(method, rebuilt, cfg, on_gpu, steps_per_epoch,
+                                                      state["global_step"])
+            state["best_score"], state["best_epoch"], best_weights = None, -1, None
+            epoch_metrics["rebuilt"] = 1
 
-        epoch_metrics: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": float(totals[0] / max(totals[2], 1)),
-            "train_acc": float(totals[1] / max(totals[2], 1)),
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_images_per_s": float(totals[2]) / max(train_time, 1e-9),
-            "train_time_s": train_time,
-        }
+        val = _evaluate(method, base, loaders["val"], "val", world)
+        ranks = _gather((rng_state(), method.state_dict()), world)
         ckpt_dir = None
         if rank == 0:
-            logp, y = method.predict(base, loaders["val"], split="val")
-            epoch_metrics.update(metrics.classification_metrics(logp, y, "val_"))
+            epoch_metrics.update(val)
             score = sign * epoch_metrics[cfg.train.select_metric]
             if state["best_score"] is None or score > state["best_score"]:
                 state["best_score"], state["best_epoch"] = score, epoch + 1
                 best_weights = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
             epoch_metrics["best_epoch"] = state["best_epoch"]
             state["epochs_done"] = epoch + 1
-            ckpt_dir = _write_checkpoint(base, best_weights, optimizer, scheduler, state, info)
+            ckpt_dir = _write_checkpoint(base, best_weights, optimizer, scheduler, state, info, ranks)
             epoch_metrics["epoch_time_s"] = time.perf_counter() - t0
             tracker.metrics(epoch_metrics, step=epoch + 1)
             _say(_progress_line(member["run_key"], cfg.train.epochs, epoch_metrics))
-        _report(epoch_metrics, ckpt_dir)
+        _report(epoch_metrics if rank == 0 else {"epoch": epoch + 1}, ckpt_dir)
 
     final: dict[str, Any] = {"epoch": cfg.train.epochs, "final": 1}  # not "done": Tune reads that as "stop the trial"
+    if best_weights is not None:
+        best_weights = _broadcast(best_weights, world)
+        base.load_state_dict(best_weights)
+    elif world > 1:
+        _broadcast(None, world)
+    exported = method.export(base)
+    _check_exportable(method, exported)
+    val = _gather(_predict(method, exported, loaders["val"], "val"), world)
+    test = _gather(_predict(method, exported, loaders["test"], "test"), world)
+    ranks = _gather((rng_state(), method.state_dict()), world)
     ckpt_dir = None
     if rank == 0:
-        if best_weights is not None:
-            base.load_state_dict(best_weights)
-        val_logp, val_y = method.predict(base, loaders["val"], split="val")
-        test_logp, test_y = method.predict(base, loaders["test"], split="test")
-        final.update(metrics.calibrated_report(val_logp, val_y, test_logp, test_y))
+        (val_p, val_y), (test_p, test_y) = _concat(val), _concat(test)
+        first = next(iter(val_p))
+        final.update(metrics.calibrated_report(val_p[first], val_y, test_p[first], test_y))
+        for name in list(val_p)[1:]:
+            final.update({f"{name}/{k}": v for k, v in metrics.calibrated_report(
+                val_p[name], val_y, test_p[name], test_y).items()})
         final["best_epoch"] = state["best_epoch"]
         with tempfile.TemporaryDirectory() as d:
-            save_model(base, d, dataset=info.name, dataset_info=info.to_dict(), seed=cfg.seed,
+            save_model(exported, d, dataset=info.name, dataset_info=info.to_dict(), seed=cfg.seed,
                        run_id=member["run_id"], run_key=member["run_key"], config_hash=cfg.config_hash(),
                        metrics={k: v for k, v in final.items() if isinstance(v, float)})
             tracker.artifacts(d, "model")
         tracker.metrics({k: v for k, v in final.items() if k not in ("epoch", "final")}, step=cfg.train.epochs)
         # The last report carries a checkpoint too, so Result.metrics/.checkpoint are the
         # final ones; its weights are the selected (best) model.
-        ckpt_dir = _write_checkpoint(base, best_weights, optimizer, scheduler, state, info)
+        ckpt_dir = _write_checkpoint(base, best_weights, optimizer, scheduler, state, info, ranks)
         _say(f"[{member['run_key']}] done: best epoch {state['best_epoch']}, val_acc {final['val_acc']:.4f}, "
-              f"test_acc {final['test_acc']:.4f}, test_nll {final['test_nll']:.4f}, test_ece {final['test_ece']:.4f}")
-    _report(final, ckpt_dir)
+             f"test_acc {final['test_acc']:.4f}, test_nll {final['test_nll']:.4f}, test_ece {final['test_ece']:.4f}")
+    _report(final if rank == 0 else {"epoch": cfg.train.epochs, "final": 1}, ckpt_dir)
     if rank == 0 and config.get("packed"):
         tracker.finished()  # a later member's failure must not cost this one
+
+
+def _check_exportable(method, exported) -> None:
+    if not hasattr(exported, "me_spec"):
+        raise TypeError(f"method {method.name!r}: export() must return a model of a registered architecture "
+                        f"(built by metaensemble.models.create_model), got a {type(exported).__name__}")
+
+
+def _wrap(method, model, cfg, on_gpu: bool, steps_per_epoch: int, step: int):
+    """(base, DDP-wrapped model, optimiser, schedule at ``step``) for ``model``."""
+    import ray.train.torch
+
+    if cfg.train.channels_last and on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    wrapped = ray.train.torch.prepare_model(model)
+    base = unwrap(wrapped)
+    optimizer, scheduler = method.configure_optimizer(base, steps_per_epoch)
+    scheduler.set_step(step)
+    return base, wrapped, optimizer, scheduler
+
+
+def _predict(method, net, loader, split: str):
+    """This rank's (named predictions, labels) of ``net`` (an exported model); ranks
+    without a loader (streamed splits are read by rank 0 alone) contribute nothing."""
+    if loader is None:
+        return None
+    pred, y = method.predict(net, loader, split=split)
+    return named(pred), y
+
+
+def _evaluate(method, base, loader, split: str, world: int) -> dict[str, float]:
+    """Metrics of every named prediction on the whole split (on rank 0; {} elsewhere).
+    The first name's metrics are ``<split>_acc`` etc., the others ``<name>/<split>_acc``."""
+    parts = _gather(_predict(method, method.export(base), loader, split), world)
+    if parts is None:
+        return {}
+    preds, y = _concat(parts)
+    out: dict[str, float] = {}
+    for i, (name, logp) in enumerate(preds.items()):
+        m = metrics.classification_metrics(logp, y, f"{split}_")
+        out.update(m if i == 0 else {f"{name}/{k}": v for k, v in m.items()})
+    return out
+
+
+def _gather(obj, world: int):
+    """Every rank's ``obj`` as a list on rank 0 (None on the others); [obj] alone."""
+    if world == 1 or not dist.is_initialized():
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out if dist.get_rank() == 0 else None
+
+
+def _broadcast(obj, world: int):
+    if world == 1 or not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _concat(parts) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    parts = [p for p in parts if p is not None and len(p[1])]
+    names = list(parts[0][0])
+    return ({n: torch.cat([p[0][n] for p in parts]) for n in names}, torch.cat([p[1] for p in parts]))
 
 
 def _epoch_batches(loader, epoch: int, steps: int | None):
@@ -229,7 +415,8 @@ def _progress_line(run_key: str, epochs: int, m: dict[str, Any]) -> str:
 
 
 def _build_loaders(cfg, rank: int, world: int, device: torch.device):
-    """Train loader sharded over ranks; val/test loaders (used on rank 0 only)."""
+    """Loaders sharded over ranks: train (drops the remainder), val/test (every example on
+    exactly one rank; streamed val/test on rank 0 alone)."""
     d = cfg.data
     if data.is_streaming(d):
         import ray.train
@@ -242,8 +429,9 @@ def _build_loaders(cfg, rank: int, world: int, device: torch.device):
         loaders = {
             "train": mk("train", batch_size=d.batch_size, shuffle=True, augment=d.augment,
                         length=meta["sizes"]["train"] // world // d.batch_size),
-            "val": mk("val", batch_size=d.eval_batch_size),
-            "test": mk("test", batch_size=d.eval_batch_size),
+            # val/test are not split over ranks by Ray Data: rank 0 reads them whole
+            "val": mk("val", batch_size=d.eval_batch_size) if rank == 0 else None,
+            "test": mk("test", batch_size=d.eval_batch_size) if rank == 0 else None,
         }
         return loaders, info, meta["sizes"]["train"]
     splits = data.load(d)
@@ -251,37 +439,47 @@ def _build_loaders(cfg, rank: int, world: int, device: torch.device):
     if isinstance(splits.train, data.ArraySplit):
         train = data.ArrayLoader(splits.train, info, d.batch_size, rank=rank, world_size=world, shuffle=True,
                                  augment=d.augment, seed=cfg.seed, device=device, drop_last=True)
-        ev = lambda s: data.ArrayLoader(s, info, d.eval_batch_size, device=device)  # noqa: E731
+        ev = lambda s: data.ArrayLoader(s, info, d.eval_batch_size, rank=rank, world_size=world, device=device)  # noqa: E731
     else:
         train = data.DatasetLoader(splits.train, d.batch_size, rank=rank, world_size=world, shuffle=True,
                                    seed=cfg.seed, device=device, num_workers=d.loader_workers, drop_last=True)
-        ev = lambda s: data.DatasetLoader(s, d.eval_batch_size, device=device, num_workers=d.loader_workers)  # noqa: E731
+        ev = lambda s: data.DatasetLoader(s, d.eval_batch_size, rank=rank, world_size=world, device=device,  # noqa: E731
+                                          num_workers=d.loader_workers)
     return {"train": train, "val": ev(splits.val), "test": ev(splits.test)}, info, len(splits.train)
 
 
-def _save(d: Path, base, best_weights, optimizer, scheduler, state, info) -> None:
-    save_model(base, d, dataset=info.name, dataset_info=info.to_dict())
+def _save(d: Path, base, best_weights, optimizer, scheduler, state, info, ranks) -> None:
+    if hasattr(base, "me_spec"):  # a loadable model; a method's composite module: weights alone
+        save_model(base, d, dataset=info.name, dataset_info=info.to_dict())
+    else:
+        save_weights(base, d)
     if best_weights is not None:
         from safetensors.torch import save_file
 
         (d / "best").mkdir()
         save_file({k: v.contiguous() for k, v in best_weights.items()}, str(d / "best" / "model.safetensors"))
-        (d / "best" / "model.json").write_text((d / "model.json").read_text())
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state()}, d / "optimizer.pt")
+        if (d / "model.json").is_file():
+            (d / "best" / "model.json").write_text((d / "model.json").read_text())
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / "optimizer.pt")
+    torch.save([{"rng": r, "method": m} for r, m in ranks], d / "ranks.pt")
     (d / "state.json").write_text(json.dumps(state))
 
 
-def _restore(d: Path, base, optimizer, scheduler, device):
-    weights = read_weights(d)
-    check_state_dict(base, weights, str(d))
-    base.load_state_dict(weights)
-    best = read_weights(d / "best") if (d / "best").is_dir() else None
+def _read_checkpoint(d: Path, rank: int, device) -> dict[str, Any]:
+    """Everything this rank needs to resume (loaded without unpickling arbitrary objects).
+    A checkpoint from a different number of workers restores rank 0's method state and
+    leaves the other ranks' RNG freshly seeded."""
     extra = torch.load(d / "optimizer.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng"].cpu())
-    return json.loads((d / "state.json").read_text()), best
+    ranks = torch.load(d / "ranks.pt", weights_only=True)
+    mine = ranks[rank] if rank < len(ranks) else None
+    return {
+        "state": json.loads((d / "state.json").read_text()),
+        "weights": read_weights(d),
+        "best": read_weights(d / "best") if (d / "best").is_dir() else None,
+        "optimizer": extra["optimizer"],
+        "rng": mine["rng"] if mine else None,
+        "method": (mine or ranks[0])["method"],
+    }
 
 
 class _Tracker:

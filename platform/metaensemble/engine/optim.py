@@ -1,35 +1,85 @@
-"""Optimiser and per-step learning-rate schedule from an OptimConfig."""
+"""Optimiser and per-step learning-rate schedule from an OptimConfig, through timm's
+factories (``create_optimizer_v2``, ``create_scheduler_v2``).
+
+The schedule is stepped per optimiser update: ``StepSchedule.step()`` after every step
+(the engine also sets the step directly after a resume or a rebuild).
+"""
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 
 from metaensemble.config import OptimConfig
 
 
-def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
-    # Weight decay on every parameter, as in the recipes the platform reproduces.
+def timm_opt_name(cfg: OptimConfig) -> str:
+    """timm's name for ``cfg``: its ``sgd`` is Nesterov SGD, ``momentum`` plain SGD."""
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return "sgd" if cfg.nesterov and cfg.momentum > 0 else "momentum"
+    return cfg.name
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Multiplier of the base lr at ``step`` (0-based): linear warm-up from 1/warmup to 1,
-    then cosine to 0 at ``total_steps`` (or constant)."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+    """``params``: a module, parameters, or parameter groups (``Method.param_groups``)."""
+    from timm.optim import create_optimizer_v2
+
+    if isinstance(params, torch.nn.Module):
+        params = [p for p in params.parameters() if p.requires_grad]
+    params = list(params)
+    kwargs: dict[str, Any] = dict(cfg.kwargs)
+    if cfg.name == "sgd":
+        kwargs["momentum"] = cfg.momentum
+    return create_optimizer_v2(params, opt=timm_opt_name(cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               **kwargs)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int):
-    total = max(1, steps_per_epoch * epochs)
-    warm = steps_per_epoch * cfg.warmup_epochs
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, cfg.schedule))
+class StepSchedule:
+    """A timm scheduler stepped once per optimiser update."""
+
+    def __init__(self, scheduler, step: int = 0) -> None:
+        self.scheduler, self.num_updates = scheduler, step
+        self.set_step(step)
+
+    def step(self) -> None:
+        self.set_step(self.num_updates + 1)
+
+    def set_step(self, step: int) -> None:
+        self.num_updates = step
+        if self.scheduler is not None:
+            self.scheduler.step_update(step)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.set_step(int(state["num_updates"]))
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int,
+                    step: int = 0) -> StepSchedule:
+    """timm schedule over ``epochs * steps_per_epoch`` updates: linear warm-up from
+    ``warmup_lr`` over ``warmup_epochs``, then cosine to ``min_lr``, step decay every
+    ``decay_epochs``, decay at ``decay_milestones``, or constant."""
+    from timm.scheduler import create_scheduler_v2
+
+    if cfg.schedule == "constant" and not cfg.warmup_epochs:
+        return StepSchedule(None, step)
+    sched = {"constant": "step"}.get(cfg.schedule, cfg.schedule)
+    kw: dict[str, Any] = {}
+    if cfg.schedule == "constant":
+        kw = {"decay_epochs": 10 * epochs + 1, "decay_rate": 1.0}
+    elif cfg.schedule == "step":
+        kw = {"decay_epochs": cfg.decay_epochs or max(1, epochs // 3), "decay_rate": cfg.decay_rate}
+    elif cfg.schedule == "multistep":
+        kw = {"decay_milestones": list(cfg.decay_milestones), "decay_rate": cfg.decay_rate}
+    # cosine: the decay spans the epochs after the warm-up and ends at min_lr with the run;
+    # step/multistep: milestones count from the run's start, warm-up included.
+    prefix = cfg.schedule == "cosine"
+    scheduler, _ = create_scheduler_v2(
+        opt, sched=sched, num_epochs=max(1, epochs - cfg.warmup_epochs) if prefix else epochs, min_lr=cfg.min_lr,
+        warmup_lr=cfg.warmup_lr or cfg.lr / max(1, cfg.warmup_epochs * steps_per_epoch),
+        warmup_epochs=cfg.warmup_epochs, warmup_prefix=prefix, step_on_epochs=False,
+        updates_per_epoch=max(1, steps_per_epoch), **kw)
+    return StepSchedule(scheduler, step)

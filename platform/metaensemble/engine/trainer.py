@@ -4,6 +4,7 @@
     outcome.run_id, outcome.metrics     # the MLflow run and its final metrics
     outcome.skipped                     # True if this exact run had already finished
     outcomes = fit_pack([cfg_a, cfg_b]) # several small runs, one after another, in one worker group
+    outcome = evaluate(model, cfg)      # the same val/test report for a model no training produced
 
 The run's name is deterministic (``cfg.run_key()``): the same command after a crash
 resumes from the latest Ray checkpoint under ``storage_path/<run_key>`` with the same
@@ -65,11 +66,38 @@ def validate(cfg: Config, method: methods.Method | None = None) -> None:
             )
     if cfg.train.select_metric not in ("val_acc", "val_nll", "val_ece"):
         raise ConfigError(f"train.select_metric must be one of val_acc, val_nll, val_ece; got {cfg.train.select_metric!r}")
+    _check_optim(cfg)
+    if cfg.model.init_from:
+        _check_init_from(cfg)
     if cfg.scaling.use_gpu:
         import torch
 
         if not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS"):
             raise ConfigError("scaling.use_gpu=true but no GPU is visible here (and no RAY_ADDRESS cluster)")
+
+
+def _check_optim(cfg: Config) -> None:
+    from timm.optim import list_optimizers
+
+    from metaensemble.engine.optim import timm_opt_name
+
+    known = list_optimizers()
+    if timm_opt_name(cfg.optim) not in known:
+        raise ConfigError(f"optim.name={cfg.optim.name!r} is not a timm optimiser; valid: {', '.join(known)}")
+    if cfg.optim.schedule == "multistep" and max(cfg.optim.decay_milestones) > cfg.train.epochs:
+        raise ConfigError(f"optim.decay_milestones={cfg.optim.decay_milestones} lie beyond train.epochs="
+                          f"{cfg.train.epochs}; valid milestones: 1..{cfg.train.epochs}")
+
+
+def _check_init_from(cfg: Config) -> None:
+    """The checkpoint exists and was built as ``cfg.model`` (every tensor is compared
+    again on the workers, against the model the method builds)."""
+    meta = models.read_meta(models.local_dir(cfg.model.init_from))
+    want = {k: v for k, v in cfg.model.kwargs.items()}
+    have = {k: v for k, v in meta.get("kwargs", {}).items() if k not in ("num_classes", "in_chans", "img_size")}
+    if meta.get("arch") != cfg.model.name or any(have.get(k) != v for k, v in want.items()):
+        raise ConfigError(f"model.init_from {cfg.model.init_from} is {meta.get('arch')!r} with {have}, but model is "
+                          f"{cfg.model.name!r} with {want}: start from a checkpoint of the model being trained")
 
 
 def ensure_ray() -> None:
@@ -147,28 +175,35 @@ def _fit(cfgs: list[Config], names: list[str], *, method: methods.Method | None 
 
     for c in cfgs:
         validate(c, method)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     uri = tracking.ensure_tracking()
     ensure_ray()
     client = tracking.client(uri)
     outcomes: list[RunOutcome | None] = [None] * len(cfgs)
-    members = []
+    members, all_ids = [], []
     for i, (c, key) in enumerate(zip(cfgs, names, strict=True)):
         handle = tracking.open_run(client, c, key, parent_run_id=parent_run_id, tags=tags)
+        all_ids.append(handle.run_id)
         if handle.status == "FINISHED":
             run = client.get_run(handle.run_id)
             print(f"[{key}] already finished in MLflow run {handle.run_id}; nothing to train", flush=True)
             outcomes[i] = RunOutcome(handle.run_id, key, handle.experiment_id, dict(run.data.metrics), skipped=True)
             continue
         if handle.resumed:
+            _refuse_if_driven_elsewhere(client, handle.run_id, key)
             client.update_run(handle.run_id, status="RUNNING")
+        tracking.set_tags(client, handle.run_id, {TAG_DRIVER: _driver_id()})
         members.append((i, handle, {"cfg": c.to_dict(), "run_id": handle.run_id, "run_key": key}))
     if not members:
         return outcomes
     cfg = cfgs[members[0][0]]
     packed = len(cfgs) > 1
-    # A pack's Ray run is named after all its members, so the same pack run again finds
-    # its checkpoints whichever members have finished since.
-    ray_name = names[0] if not packed else f"pack-{names[0]}-n{len(names)}-{_digest(names)}"
+    # The Ray run is named after the MLflow run(s) it trains: the same command again finds
+    # its checkpoints (the same run key opens the same MLflow run), while the same config
+    # in another experiment or store never shares a storage folder. A pack is named after
+    # all its members, so it finds its checkpoints whichever members have finished since.
+    ray_name = (f"{names[0]}-{all_ids[0][:8]}" if not packed
+                else f"pack-{names[0]}-n{len(names)}-{_digest(names + all_ids)}")
 
     datasets, dataset_config = None, None
     if data.is_streaming(cfg.data):
@@ -212,8 +247,8 @@ def _fit(cfgs: list[Config], names: list[str], *, method: methods.Method | None 
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     for i, handle, m in members:
         client.set_terminated(handle.run_id, status="FINISHED")
+        tracking.set_tags(client, handle.run_id, {"metaensemble.ray_run": ray_name})
         if packed:
-            tracking.set_tags(client, handle.run_id, {"metaensemble.ray_run": ray_name})
             outcomes[i] = RunOutcome(handle.run_id, m["run_key"], handle.experiment_id,
                                      dict(client.get_run(handle.run_id).data.metrics))
         else:
@@ -222,6 +257,35 @@ def _fit(cfgs: list[Config], names: list[str], *, method: methods.Method | None 
             outcomes[i] = RunOutcome(handle.run_id, m["run_key"], handle.experiment_id, dict(result.metrics or {}),
                                      False, ckpt)
     return outcomes
+
+
+TAG_DRIVER = "metaensemble.driver"
+
+
+def _driver_id() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _refuse_if_driven_elsewhere(client, run_id: str, key: str) -> None:
+    """Two drivers never train one run at once: a RUNNING run whose driver is another
+    live process on this machine is refused. (A crashed driver's run is resumed; a driver
+    on another host cannot be checked from here.)"""
+    run = client.get_run(run_id)
+    host, _, pid = run.data.tags.get(TAG_DRIVER, "").rpartition(":")
+    import socket
+
+    if run.info.status != "RUNNING" or host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass
+    raise ConfigError(f"run {key} (MLflow run {run_id}) is being trained right now by process {pid} on this "
+                      f"machine; wait for it, or change the config or seed for a run of its own")
 
 
 def _digest(names: list[str]) -> str:
@@ -235,3 +299,63 @@ def _train_loop(config: dict[str, Any]) -> None:
     from metaensemble.engine.loop import train_loop_per_worker
 
     train_loop_per_worker(config)
+
+
+def evaluate(model, cfg: Config, *, method: methods.Method | None = None, run_name: str | None = None,
+             parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> RunOutcome:
+    """The report of a trained run (val/test ACC, NLL, ECE, val-fitted temperature, test
+    cNLL and cECE) for ``model``, a network some job produced without training (a fused
+    net, a generated student, a descendant), logged as an MLflow run of ``cfg``'s
+    experiment with the model as its ``model/`` artifact. Runs in this process (no Ray).
+
+    The run is named after the model's weights and ``cfg`` (``run_name`` overrides), so
+    evaluating the same model again returns the finished run instead of a second one."""
+    import tempfile
+
+    import torch
+
+    from metaensemble import metrics
+    from metaensemble.engine.loop import _build_loaders, _concat, _predict
+
+    data.check(cfg.data)
+    if data.is_streaming(cfg.data):
+        raise ConfigError(f"engine.evaluate reads in-memory datasets; {cfg.data.name!r} streams through Ray Data")
+    method = method or methods.build(cfg)
+    model = models.unwrap(model)
+    key = run_name or f"eval-{getattr(model, 'me_spec', {}).get('arch', 'model')}-{_weights_digest(model)}-{cfg.config_hash()}"
+    uri = tracking.ensure_tracking()
+    client = tracking.client(uri)
+    handle = tracking.open_run(client, cfg, key, parent_run_id=parent_run_id, tags=tags)
+    if handle.status == "FINISHED":
+        return RunOutcome(handle.run_id, key, handle.experiment_id, dict(client.get_run(handle.run_id).data.metrics),
+                          skipped=True)
+    try:
+        device = next(model.parameters()).device
+        loaders, info, _ = _build_loaders(cfg, 0, 1, device)
+        with torch.no_grad():
+            (val_p, val_y), (test_p, test_y) = (_concat([_predict(method, model, loaders[s], s)]) for s in ("val", "test"))
+        names = list(val_p)
+        report = metrics.calibrated_report(val_p[names[0]], val_y, test_p[names[0]], test_y)
+        for name in names[1:]:
+            report.update({f"{name}/{k}": v for k, v in metrics.calibrated_report(
+                val_p[name], val_y, test_p[name], test_y).items()})
+        tracking.log_metrics(client, handle.run_id, report, step=0)
+        with tempfile.TemporaryDirectory() as d:
+            models.save_model(model, d, dataset=info.name, dataset_info=info.to_dict(),
+                              run_id=handle.run_id, run_key=key, config_hash=cfg.config_hash(), metrics=report)
+            client.log_artifacts(handle.run_id, d, artifact_path="model")
+    except BaseException:
+        client.set_terminated(handle.run_id, status="FAILED")
+        raise
+    client.set_terminated(handle.run_id, status="FINISHED")
+    return RunOutcome(handle.run_id, key, handle.experiment_id, report)
+
+
+def _weights_digest(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]

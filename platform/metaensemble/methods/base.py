@@ -1,8 +1,25 @@
 """The contract between a method and the engine.
 
-A method says *what* to train: how to build the model, the loss of one batch, and how
-to turn a model into predictions. The engine owns *how*: devices, DDP, AMP, checkpoints,
-resume, metrics and MLflow. A method never touches Ray.
+A method says *what* to train; the engine owns *how* (devices, DDP, AMP, checkpoints,
+resume, metrics, MLflow). A method never touches Ray. Every hook has a default, so the
+plain supervised method below is the whole contract with nothing overridden:
+
+    build_model(info)            the module to train (built after ``load_state_dict`` on resume)
+    param_groups(model)          optimiser parameter groups (default: no decay on norms/biases)
+    configure_optimizer(model, steps_per_epoch)
+                                 optimiser + per-step schedule (timm factories from ``cfg.optim``)
+    training_step(model, batch)  loss and scalars; every scalar is averaged per epoch and
+                                 logged as ``train_<name>`` ("correct" becomes train_acc)
+    rebuild(model, epoch)        between epochs: return a new/changed module to re-wrap
+                                 (the engine re-wraps DDP and rebuilds the optimiser) or None
+    state_dict() / load_state_dict(state)
+                                 the method's own state, saved with every checkpoint
+    export(model)                the network that is evaluated, saved and registered
+    predict(model, loader, split)
+                                 log-probabilities, or named ones ``{"ensemble": ..,
+                                 "member/0": ..}``: the first name is the one selected on
+    teachers(device)             frozen teachers of any registered architecture, loaded
+                                 once per worker from ``teacher_uris()``
 """
 
 from __future__ import annotations
@@ -17,6 +34,8 @@ from metaensemble.config import Config
 from metaensemble.data import DatasetInfo
 from metaensemble.models import create_model
 
+Predictions = torch.Tensor | dict[str, torch.Tensor]
+
 
 @torch.no_grad()
 def predict_logp(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +45,14 @@ def predict_logp(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
     for batch in loader:
         logps.append(F.log_softmax(model(batch["x"]).float(), dim=1).cpu())
         ys.append(batch["y"].cpu())
+    if not logps:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(logps), torch.cat(ys)
+
+
+def named(pred: Predictions) -> dict[str, torch.Tensor]:
+    """Predictions as a dict; a single tensor is the primary prediction ``""``."""
+    return pred if isinstance(pred, dict) else {"": pred}
 
 
 class Method:
@@ -36,30 +62,104 @@ class Method:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self._teachers: list[nn.Module] | None = None
 
+    # ---- before any work -------------------------------------------------------------
     def validate(self) -> None:
         """Method-specific checks of ``cfg`` before any work starts (raise ConfigError)."""
 
+    # ---- the model and its optimiser ---------------------------------------------------
     def build_model(self, info: DatasetInfo) -> nn.Module:
-        """The model to train, built from ``cfg.model`` for ``info``'s input shape."""
+        """The model to train, built from ``cfg.model`` for ``info``'s input shape. On
+        resume it is called after ``load_state_dict``, so it can build the structure the
+        method had reached (e.g. after a rebuild)."""
         return create_model(
             self.cfg.model.name, num_classes=info.num_classes, in_chans=info.in_chans,
             img_size=info.img_size, **self.cfg.model.kwargs,
         )
 
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Optimiser parameter groups. Default: ``optim.weight_decay`` on weights, none on
+        norms and biases (1-d tensors) unless ``optim.decay_norm_bias``. A group may set
+        its own ``lr``, ``weight_decay`` or ``lr_scale`` (multiplies the schedule's lr)."""
+        from timm.optim import param_groups_weight_decay
+
+        o = self.cfg.optim
+        if o.decay_norm_bias or not o.weight_decay:
+            return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": o.weight_decay}]
+        return param_groups_weight_decay(model, o.weight_decay)
+
+    def configure_optimizer(self, model: nn.Module, steps_per_epoch: int):
+        """(optimizer, scheduler) for ``model``; the scheduler is timm's, stepped by the
+        engine with ``step_update(global_step)`` after every optimiser step."""
+        from metaensemble.engine.optim import build_optimizer, build_scheduler
+
+        optimizer = build_optimizer(self.cfg.optim, self.param_groups(model))
+        return optimizer, build_scheduler(optimizer, self.cfg.optim, steps_per_epoch, self.cfg.train.epochs)
+
+    # ---- training ----------------------------------------------------------------------
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Loss of one batch (``x`` [B,C,H,W], ``y`` [B]) and scalars to log."""
+        """Loss of one batch (``x`` [B,C,H,W], ``y`` [B]) and scalars to log (tensors are
+        fine and preferred: the engine never moves them to the host per step)."""
         logits = model(batch["x"])
         loss = F.cross_entropy(logits, batch["y"], label_smoothing=self.cfg.train.label_smoothing)
         return loss, {"loss": loss.detach(), "correct": (logits.argmax(1) == batch["y"]).sum()}
 
+    def rebuild(self, model: nn.Module, epoch: int) -> nn.Module | None:
+        """Called on every rank after ``epoch`` epochs (1-based count), on the unwrapped
+        model. Return a module (the same one with new parameters, or a new one) and the
+        engine re-wraps it for DDP and builds a fresh optimiser and schedule (continuing
+        at the current step); return None to change nothing. Must be deterministic (it
+        runs on every rank) and recorded in ``state_dict`` so a resume rebuilds it."""
+        return None
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, rank: int) -> None:
+        """Hook after each epoch's optimisation, before validation."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's own state (JSON-like values and tensors), saved with every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s output; called before ``build_model`` on resume."""
+
+    # ---- what is evaluated, saved and registered ---------------------------------------
+    def export(self, model: nn.Module) -> nn.Module:
+        """The network that is evaluated every epoch, saved as the run's ``model/`` and
+        registered (a fold of the trained module, a part of it, ...). Default: itself."""
+        return model
+
     @torch.no_grad()
-    def predict(self, model: nn.Module, loader, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities [N, C] (float32, cpu) and labels [N] over ``loader``.
+    def predict(self, model: nn.Module, loader, split: str = "val") -> tuple[Predictions, torch.Tensor]:
+        """Log-probabilities [N, C] (float32, cpu) of the exported ``model`` over ``loader``
+        (this rank's shard), or named ones ``{"ensemble": [N, C], "member/0": [N, C]}``
+        whose first entry is selected on, and labels [N].
 
         ``split`` ("val" or "test") names the data split; methods that evaluate several
         derived models (the meta-learners) use it to pick which ones."""
         return predict_logp(model, loader)
 
-    def on_epoch_end(self, model: nn.Module, epoch: int, rank: int) -> None:
-        """Hook after each epoch's optimisation, before validation (e.g. folding)."""
+    # ---- teachers ----------------------------------------------------------------------
+    def teacher_uris(self) -> list[str]:
+        """Checkpoints this method distils from (folders, ``runs:/``, ``models:/``)."""
+        return []
+
+    def teachers(self, device: torch.device | str) -> list[nn.Module]:
+        """The teachers of ``teacher_uris()``: any registered architecture, loaded once per
+        worker, in eval mode, frozen, on ``device``."""
+        dev = torch.device(device)
+        if self._teachers is None:
+            from metaensemble.models import load
+
+            self._teachers = [freeze(load(u)) for u in self.teacher_uris()]
+        if self._teachers and next(self._teachers[0].parameters()).device != dev:
+            self._teachers = [t.to(dev) for t in self._teachers]
+        return self._teachers
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -13,6 +13,7 @@ from metaensemble.models.checkpoint import (
     read_meta,
     read_weights,
     save_model,
+    save_weights,
     state_dict_tensors,
     unwrap,
 )
@@ -29,5 +30,5 @@ def names() -> list[str]:
 
 __all__ = [
     "MODELS", "check_name", "check_state_dict", "create_model", "load", "local_dir", "model_kwargs",
-    "names", "read_meta", "read_weights", "register_model", "save_model", "state_dict_tensors", "unwrap",
+    "names", "read_meta", "read_weights", "register_model", "save_model", "save_weights", "state_dict_tensors", "unwrap",
 ]

@@ -21,10 +21,24 @@ FORMAT_VERSION = 1
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+    """The plain module under DDP, FSDP (1) and torch.compile wrappers, and nothing else:
+    a model's own submodule that happens to be called ``module`` stays."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrappers: tuple[type, ...] = (DistributedDataParallel,)
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrappers += (FullyShardedDataParallel,)
+    except ImportError:  # pragma: no cover - builds without distributed
+        pass
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def state_dict_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -36,15 +50,24 @@ def save_model(model: nn.Module, directory: str | Path, **meta: Any) -> Path:
 
     ``meta`` adds fields to model.json (dataset, metrics, seed, ...).
     """
-    from safetensors.torch import save_file
-
     base = unwrap(model)
     spec = getattr(base, "me_spec", None)
     if spec is None:
         raise CheckpointError("model was not built by metaensemble.models.create_model; cannot record how to rebuild it")
+    d = save_weights(base, directory)
+    body = {"format_version": FORMAT_VERSION, **spec, "num_classes": spec["kwargs"]["num_classes"], **meta}
+    (d / META).write_text(json.dumps(body, indent=2, sort_keys=True, default=_json_default))
+    return d
+
+
+def save_weights(model: nn.Module, directory: str | Path) -> Path:
+    """Write only model.safetensors (any module: a method's composite training module
+    too, whose structure the method itself restores)."""
+    from safetensors.torch import save_file
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = state_dict_tensors(base)
+    tensors = state_dict_tensors(model)
     # Tied weights would be stored twice by safetensors' plain save_file: clone them apart.
     seen: dict[int, str] = {}
     for k, v in tensors.items():
@@ -53,8 +76,6 @@ def save_model(model: nn.Module, directory: str | Path, **meta: Any) -> Path:
             tensors[k] = v.clone()
         seen[ptr] = k
     save_file(tensors, str(d / WEIGHTS))
-    body = {"format_version": FORMAT_VERSION, **spec, "num_classes": spec["kwargs"]["num_classes"], **meta}
-    (d / META).write_text(json.dumps(body, indent=2, sort_keys=True, default=_json_default))
     return d
 
 
@@ -100,11 +121,11 @@ def check_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], where: 
     if missing or unexpected or reshaped:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
+            parts.append(f"missing {len(missing)}: {', '.join(missing)}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
+            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
         if reshaped:
-            parts.append(f"shape mismatch {len(reshaped)} (e.g. {'; '.join(reshaped[:3])})")
+            parts.append(f"shape mismatch {len(reshaped)}: {'; '.join(reshaped)}")
         raise CheckpointError(f"{where} does not match its architecture: {', '.join(parts)}")
 
 

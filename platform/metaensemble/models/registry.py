@@ -17,14 +17,21 @@ from metaensemble.registry import Registry
 
 class _ModelRegistry(Registry):
     """The architecture registry, plus architectures that live with their method (the
-    WeightFormer generators), imported on first lookup to keep imports acyclic."""
+    WeightFormer generators): a method declares them to the schema
+    (``register_method(models=..., models_module=...)``) and their module is imported on
+    the first lookup, so this registry imports no method."""
 
     _plugins_loaded = False
 
     def _plugins(self) -> None:
         if not self._plugins_loaded:
             type(self)._plugins_loaded = True
-            import metaensemble.methods.weightformer.generator  # noqa: F401  (registers)
+            import importlib
+
+            from metaensemble.config import model_plugins
+
+            for module in sorted(set(model_plugins().values())):
+                importlib.import_module(module)
 
     def check(self, name: str) -> None:
         self._plugins()

@@ -75,6 +75,7 @@ def trial_driver(params: dict[str, Any], static: dict[str, Any]) -> None:
     ``{"pack": [overrides, ...]}`` makes the trial a pack: one config per entry, trained
     one after another in one Ray Train run (``engine.fit_pack``)."""
     from ray import tune
+    from ray.train import TrainingFailedError
 
     os.environ["MLFLOW_TRACKING_URI"] = static["tracking_uri"]
     ctx = tune.get_context()
@@ -82,10 +83,14 @@ def trial_driver(params: dict[str, Any], static: dict[str, Any]) -> None:
     entries = params["params"].get("pack") or [params["params"]]
     cfgs = [base.with_overrides({**e, "experiment": static["experiment"]}) for e in entries]
     name_fn = static.get("run_name_fn", lambda c, t: f"{static['name']}-{t}")
+    names = [name_fn(c, ctx.get_trial_id()) for c in cfgs]
     kw = {"parent_run_id": static.get("parent_run_id"), "in_tune": True,
           "tags": {"metaensemble.trial_id": ctx.get_trial_id()}}
-    # a single config is exactly engine.fit
-    outcomes = engine.fit_pack(cfgs, run_names=[name_fn(c, ctx.get_trial_id()) for c in cfgs], **kw)
+    try:
+        outcomes = engine.fit_pack(cfgs, run_names=names, **kw)  # a single config is exactly engine.fit
+    except TrainingFailedError:
+        fail_unfinished(cfgs, names, static["tracking_uri"])
+        raise
     if all(o.skipped for o in outcomes):
         # Finished before (e.g. the sweep was interrupted after this trial ended but before
         # Tune saved that): nothing was trained, so hand Tune the run's final metrics.
@@ -94,6 +99,25 @@ def trial_driver(params: dict[str, Any], static: dict[str, Any]) -> None:
     if on_done is not None:
         for c, o in zip(cfgs, outcomes, strict=True):
             on_done(c, o)
+
+
+def fail_unfinished(cfgs: list[Config], names: list[str], tracking_uri: str) -> list[str]:
+    """Mark FAILED the runs of a trial whose training raised; returns their run ids.
+
+    Inside Tune the engine leaves a broken run RUNNING, because a trial stopped by the
+    scheduler is torn down too and only the sweep knows which was which. A stop ends the
+    trial's process rather than raising in it; a TrainingFailedError is a worker or the
+    controller that raised. So the trial closes its own runs at once, which also covers
+    callers of ``launch`` with no sweep to close them (the meta-train job, the teacher
+    zoo). Only RUNNING runs move: one the sweep already closed keeps its status."""
+    client = tracking.client(tracking_uri)
+    failed = []
+    for c, name in zip(cfgs, names, strict=True):
+        run = tracking.find_run(client, tracking.experiment_id(client, c.experiment_name), name)
+        if run is not None and run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="FAILED")
+            failed.append(run.info.run_id)
+    return failed
 
 
 def launch(static: dict[str, Any], param_space: dict[str, Any], *, name: str, storage: str,
@@ -120,13 +144,14 @@ def launch(static: dict[str, Any], param_space: dict[str, Any], *, name: str, st
 
 
 def prepare(base: Config) -> Config:
-    """Resolve a base config's external inputs once, before any trial: a meta-learner's
-    teachers come from the zoo (trained first if missing), split by teacher."""
-    if base.method == "weightformer":
-        from metaensemble.meta_ensemble import plan
+    """Resolve a base config's external inputs once, before any trial, through the
+    method's own hook ``prepare_sweep(cfg) -> cfg`` if its class defines one (e.g. a
+    meta-learner's teachers come from the zoo, trained first if missing): every trial then
+    trains from the same resolved inputs, and the sweep layer knows no method by name."""
+    from metaensemble import methods
 
-        return plan(base).cfg
-    return base
+    hook = getattr(methods.method_class(base.method), "prepare_sweep", None)
+    return base if hook is None else hook(base)
 
 
 def run_sweep(space: SearchSpace, extra_overrides: list[str] | None = None) -> SweepOutcome:

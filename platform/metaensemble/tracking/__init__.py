@@ -1,5 +1,6 @@
 """The MLflow side: store, runs, registry, teacher zoo."""
 
+from metaensemble.tracking.registry import ensure_registered_model, find_version, register_model
 from metaensemble.tracking.runs import (
     RunHandle,
     child_runs,
@@ -21,6 +22,7 @@ from metaensemble.tracking.zoo import TeacherEntry, TeacherZoo, registered_name
 
 __all__ = [
     "LocalTrackingServer", "RunHandle", "TeacherEntry", "TeacherZoo", "child_runs", "client", "describe_store",
-    "ensure_tracking", "experiment_id", "find_run", "local_store_dir", "log_config", "log_metrics",
-    "open_run", "registered_name", "set_tags",
+    "ensure_registered_model", "ensure_tracking", "experiment_id", "find_run", "find_version",
+    "local_store_dir", "log_config", "log_metrics", "open_run", "register_model", "registered_name",
+    "set_tags",
 ]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LifecycleStage, Metric, Param, Run, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
 from metaensemble.config import Config, save_config
@@ -22,7 +23,13 @@ TAG_HASH = "metaensemble.config_hash"
 TAG_SEED = "metaensemble.seed"
 TAG_TASK = "metaensemble.task"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_TICKET = "metaensemble.ticket"
+PENDING = "pending"
 MAX_PARAM_LEN = 6000
+SEARCH_MAX = 1000
+SETTLE_POLL_S = 0.1
+# A pending run older than this is a creator that died before taking its ticket.
+ABANDON_S = 120.0
 
 
 def client(uri: str | None = None) -> MlflowClient:
@@ -45,10 +52,9 @@ def experiment_id(c: MlflowClient, name: str) -> str:
 
 
 def find_run(c: MlflowClient, exp_id: str, run_key: str):
-    """The newest run tagged with ``run_key`` in the experiment, or None."""
-    runs = c.search_runs([exp_id], filter_string=f"tags.`{TAG_KEY}` = '{run_key}'",
-                         order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
+    """The run for ``run_key`` in the experiment, or None: the winner of the race that
+    created it (see ``open_run``), or for runs made before that protocol, the newest."""
+    return _winner(_key_runs(c, exp_id, run_key))
 
 
 def child_runs(c: MlflowClient, exp_id: str, parent_run_id: str):
@@ -65,19 +71,117 @@ class RunHandle:
 
 def open_run(c: MlflowClient, cfg: Config, run_key: str, *, parent_run_id: str | None = None,
              tags: dict[str, str] | None = None) -> RunHandle:
-    """Reopen the run for ``run_key`` if one exists, else create it and log the config."""
+    """Reopen the run for ``run_key`` if one exists, else create it and log the config.
+
+    Atomic per key, also for processes on several machines sharing one MLflow server
+    (no local lock covers those). Search-then-create would let two processes opening the
+    same key at once each create a run, so every creator races instead:
+
+    1. create its run, tagged with the key and ``ticket=pending``;
+    2. take a ticket: 1 + the highest ticket of any run with the key, deleted ones
+       included, and tag its run with it;
+    3. wait until no run with the key is pending and two searches in a row agree, then
+       the active run with the smallest (ticket, run id) wins;
+    4. a loser deletes its own run and returns the winner's handle (``resumed=True``);
+       only the winner logs the config, so a losing run never shows params or a config.
+
+    Why tickets and not "earliest start_time": a run's start_time is the creator's clock
+    *before* its request reached the server, so a creator stalled in between could land a
+    run that sorts first after another creator already decided it had won. A ticket is
+    taken after the run is visible, so a run created after someone decided always draws a
+    higher ticket (a Lamport bakery). Reopening (and ``find_run``) apply the same rule.
+    A creator that crashed between steps 1 and 2 leaves a pending run; after
+    ``ABANDON_S`` it is ignored, so it cannot block the key.
+    """
     exp_id = experiment_id(c, cfg.experiment_name)
-    existing = find_run(c, exp_id, run_key)
+    existing = _winner(_settled_runs(c, exp_id, run_key))
     if existing is not None:
-        return RunHandle(existing.info.run_id, exp_id, existing.info.status, True)
-    all_tags = {TAG_KEY: run_key, TAG_HASH: cfg.config_hash(), TAG_SEED: str(cfg.seed), TAG_TASK: cfg.task,
-                **(tags or {})}
+        return _handle(existing, resumed=True)
+    all_tags = {TAG_KEY: run_key, TAG_HASH: cfg.config_hash(), TAG_SEED: str(cfg.seed),
+                TAG_TASK: cfg.task, **(tags or {}), TAG_TICKET: PENDING}
     if parent_run_id:
         all_tags[TAG_PARENT] = parent_run_id
     run = c.create_run(exp_id, run_name=run_key, tags=all_tags)
     run_id = run.info.run_id
+    winner = join_race(c, exp_id, run_key, run_id)
+    if winner.info.run_id != run_id:
+        c.delete_run(run_id)
+        return _handle(winner, resumed=True)
     log_config(c, run_id, cfg)
     return RunHandle(run_id, exp_id, run.info.status, False)
+
+
+def join_race(c: MlflowClient, exp_id: str, run_key: str, run_id: str):
+    """Steps 2 and 3 of ``open_run`` for the just-created pending run ``run_id``: the
+    winning run (maybe ``run_id`` itself). Deleting a losing run is the caller's job."""
+    tickets = [t for r in _key_runs(c, exp_id, run_key) if isinstance(t := _ticket(r), int)]
+    c.set_tag(run_id, TAG_TICKET, str(1 + max(tickets, default=0)))
+    winner = _winner(_settled_runs(c, exp_id, run_key))
+    if winner is None:  # only if someone deleted our run meanwhile
+        raise RuntimeError(f"run {run_id} for key {run_key!r} was deleted while being opened")
+    return winner
+
+
+def _key_runs(c: MlflowClient, exp_id: str, run_key: str) -> list[Run]:
+    """Every run tagged with the key, deleted ones too: their tickets still count."""
+    return c.search_runs([exp_id], filter_string=f"tags.`{TAG_KEY}` = '{run_key}'",
+                         run_view_type=ViewType.ALL, max_results=SEARCH_MAX)
+
+
+def _ticket(run: Run) -> int | str | None:
+    """The run's ticket, ``PENDING`` while its creator is taking one, None for a run
+    created before tickets existed."""
+    value = run.data.tags.get(TAG_TICKET)
+    if value is None:
+        return None
+    return int(value) if value.isdigit() else PENDING
+
+
+def _active(run: Run) -> bool:
+    return run.info.lifecycle_stage == LifecycleStage.ACTIVE
+
+
+def _pending(run: Run, now_ms: float) -> bool:
+    """A racer between create and ticket; past ``ABANDON_S`` it is taken as crashed."""
+    return (_active(run) and _ticket(run) == PENDING
+            and now_ms - (run.info.start_time or 0) < ABANDON_S * 1000)
+
+
+def _settled_runs(c: MlflowClient, exp_id: str, run_key: str) -> list[Run]:
+    """The key's runs once none is pending and two searches in a row read the same.
+
+    Twice, because a search reads the run list and the runs' tags in separate queries:
+    a ticket read in the second query may be newer than the list of the first. After
+    two equal reads, every run missing from them was created after the tickets they
+    show, so it draws a higher ticket than all of them.
+    """
+    previous = None
+    while True:
+        runs = _key_runs(c, exp_id, run_key)
+        if any(_pending(r, time.time() * 1000) for r in runs):
+            previous = None
+            time.sleep(SETTLE_POLL_S)
+            continue
+        view = sorted((r.info.run_id, r.info.lifecycle_stage, r.data.tags.get(TAG_TICKET))
+                      for r in runs)
+        if view == previous:
+            return runs
+        previous = view
+
+
+def _winner(runs: list[Run]) -> Run | None:
+    """The active run with the smallest (ticket, run id); with no ticketed run, the
+    newest run from before tickets; None if neither exists (pending runs never win)."""
+    active = [r for r in runs if _active(r)]
+    ticketed = [r for r in active if isinstance(_ticket(r), int)]
+    if ticketed:
+        return min(ticketed, key=lambda r: (_ticket(r), r.info.run_id))
+    legacy = [r for r in active if _ticket(r) is None]
+    return max(legacy, key=lambda r: r.info.start_time or 0) if legacy else None
+
+
+def _handle(run: Run, resumed: bool) -> RunHandle:
+    return RunHandle(run.info.run_id, run.info.experiment_id, run.info.status, resumed)
 
 
 def log_config(c: MlflowClient, run_id: str, cfg: Config) -> None:
@@ -96,8 +200,6 @@ def _param_value(v: Any) -> str:
 
 
 def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
-    import time
-
     ts = int(time.time() * 1000)
     items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if _is_number(v)]
     for i in range(0, len(items), 500):

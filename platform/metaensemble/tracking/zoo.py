@@ -83,16 +83,14 @@ class TeacherZoo:
 
     def register(self, run_id: str, seed: int, config_hash: str, metrics: dict[str, Any],
                  artifact_path: str = "model") -> TeacherEntry:
-        """Register ``runs:/<run_id>/<artifact_path>`` as a new version for ``seed``."""
-        try:
-            self.client.create_registered_model(
-                self.name, description=f"Teachers for {self.dataset} / {self.arch}, one version per seed."
-            )
-        except MlflowException:
-            pass  # already there (possibly created by a concurrent trial)
+        """Register ``runs:/<run_id>/<artifact_path>`` as the version for ``seed`` (a run
+        registered before keeps its version)."""
+        from metaensemble.tracking.registry import register_model
+
         tags = {"seed": str(seed), "config_hash": config_hash, "dataset": self.dataset, "arch": self.arch}
         tags.update({k: f"{float(metrics[k]):.6f}" for k in METRIC_TAGS if k in metrics})
-        mv = self.client.create_model_version(self.name, f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags)
+        mv = register_model(self.client, self.name, run_id, artifact_path, tags=tags,
+                            description=f"Teachers for {self.dataset} / {self.arch}, one version per seed.")
         return TeacherEntry(self.name, int(mv.version), seed, run_id, mv.source, config_hash,
                             {k: float(metrics[k]) for k in METRIC_TAGS if k in metrics})
 

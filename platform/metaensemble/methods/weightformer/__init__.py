@@ -1,11 +1,22 @@
 """WeightFormer: meta-ensemble parameter learning (see methods/weightformer.md in the design).
 
-    tokens     state dict <-> per-layer neuron rows, the token layout
-    generator  WeightFormer and the MLP baseline (registered models)
-    student    assembling, BN recompute, generating a student, drawing ensembles
-    method     meta-training as an engine method
+    config      the ``meta`` section (torch-free, read by the schema)
+    tokens      state dict <-> per-layer neuron rows, the token layout
+    generator   WeightFormer and the MLP baseline (registered models)
+    student     assembling, BN recompute, generating a student, drawing ensembles
+    method      meta-training as an engine method
+    experiment  the main job: zoo, runs side by side, the held-out evaluation
 """
 
-from metaensemble.methods.weightformer.method import WeightFormerMethod
+from __future__ import annotations
 
-__all__ = ["WeightFormerMethod"]
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    # Lazily, so that the schema can import weightformer.config without importing torch.
+    if name == "WeightFormerMethod":
+        from metaensemble.methods.weightformer.method import WeightFormerMethod
+
+        return WeightFormerMethod
+    raise AttributeError(name)

@@ -14,6 +14,7 @@ the training subset and predicts: the metrics are means over those students.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,21 @@ class TeacherPool:
 
 class WeightFormerMethod(Method):
     name = "weightformer"
+
+    @staticmethod
+    def prepare_sweep(cfg: Config) -> Config:
+        """Before a sweep's trials: the teachers come from the zoo (trained first if
+        missing), split by teacher into meta-train / meta-val / meta-test."""
+        from metaensemble.methods.weightformer.experiment import plan
+
+        return plan(cfg).cfg
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's ensemble sampler, so a resumed run draws the ensembles it would have."""
+        return {"sampler": json.dumps(self.rng.bit_generator.state)} if hasattr(self, "rng") else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sampler_state = json.loads(state["sampler"]) if state.get("sampler") else None
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
@@ -143,6 +159,8 @@ class WeightFormerMethod(Method):
 
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.rng = np.random.default_rng([self.cfg.seed, rank, 17])
+        if getattr(self, "_sampler_state", None):
+            self.rng.bit_generator.state = self._sampler_state
 
     def sample_orders(self) -> list[list[int]]:
         """This step's ensemble (random K meta-train teachers, random order) and, with
@@ -175,8 +193,8 @@ class WeightFormerMethod(Method):
         if len(orders) == 2:
             shift = shift_consistency(out["rows"], xs, self.layout)
             loss = loss + m.lambda_shift * shift
-        return loss, {"loss": loss.detach(), "correct": (logits0.argmax(1) == y).sum(), "kd": float(kd.detach()),
-                      "shift": float(shift.detach()), "mask_l1": float(out["mask_l1"].detach())}
+        return loss, {"loss": loss.detach(), "correct": (logits0.argmax(1) == y).sum(), "kd": kd.detach(),
+                      "shift": shift.detach(), "mask_l1": out["mask_l1"].detach()}
 
     def skeleton_device(self) -> torch.device:
         return next(self.skeleton.parameters()).device

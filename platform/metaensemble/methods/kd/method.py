@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metaensemble.config import Config
 from metaensemble.data import DatasetInfo
 from metaensemble.errors import CheckpointError, ConfigError
 from metaensemble.methods.base import Method
@@ -87,28 +86,33 @@ def teacher_logits(teachers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
 
 
 class EnsembleKD(Method):
-    """A student of ``cfg.model`` trained from scratch on the ensemble ``distill.teachers``."""
+    """A student of ``cfg.model`` trained on the ensemble ``distill.teachers``: teachers
+    of any registered architecture (a ResNet-34 ensemble for a ResNet-18 student), as
+    long as they predict the student's classes. ``model.init_from`` starts the student
+    from a checkpoint instead of from scratch (finetuning a generated or fused network)."""
 
     name = "kd"
-
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        self.teachers: list[nn.Module] = []
 
     def validate(self) -> None:
         if len(self.cfg.distill.teachers) < 1:
             raise ConfigError("method kd needs teachers: set distill.teachers to checkpoint folders or MLflow URIs")
 
+    def teacher_uris(self) -> list[str]:
+        return list(self.cfg.distill.teachers)
+
     def build_model(self, info: DatasetInfo) -> nn.Module:
-        student = super().build_model(info)
-        self.teachers = [t.model for t in load_teachers(self.cfg.distill.teachers, student.me_spec)]
-        return student
+        from metaensemble.models import local_dir, read_meta
+
+        for uri in self.teacher_uris():
+            k = read_meta(local_dir(uri))["kwargs"].get("num_classes")
+            if k != info.num_classes:
+                raise CheckpointError(f"teacher {uri} predicts {k} classes, but {info.name} has {info.num_classes}: "
+                                      f"a teacher must predict the student's classes")
+        return super().build_model(info)
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         x, y = batch["x"], batch["y"]
-        if self.teachers and next(self.teachers[0].parameters()).device != x.device:
-            self.teachers = [t.to(x.device) for t in self.teachers]
         logits = model(x)
         d = self.cfg.distill
-        loss = ensemble_kd_loss(logits, teacher_logits(self.teachers, x), y, d.alpha, d.temperature)
+        loss = ensemble_kd_loss(logits, teacher_logits(self.teachers(x.device), x), y, d.alpha, d.temperature)
         return loss, {"loss": loss.detach(), "correct": (logits.argmax(1) == y).sum()}

@@ -1,0 +1,183 @@
+"""Results tables shared by every job that compares ways of producing one network.
+
+A job measures each candidate (a teacher, an ensemble, a distilled or generated or fused
+student) on one or more evaluation units (here: ensembles), averages the measurements
+into one ``Row`` per candidate, prints ``format_table`` and hands the rows to
+``log_table``, which puts the same table in MLflow as markdown, JSON, an MLflow table
+and a bar chart. Nothing here knows which method produced a row.
+
+    per = [measure(logp, y, seconds) for logp, y in ...]   # one dict per unit
+    rows = [mean_row("kd_full", "KD student (full train)", per), ...]
+    print(format_table(rows))
+    log_table(client, run_id, rows, title="digits: held-out ensembles")
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS = ("acc", "nll", "ece", "time_s")
+"""What every row reports: test accuracy (fraction), NLL (nats), 15-bin ECE, and the
+wall time in seconds it took to produce the network being measured."""
+
+LABEL_WIDTH = 34
+
+
+@dataclass
+class Row:
+    key: str
+    """Stable identifier (metric names, JSON, comparisons): ``kd_full``, ``weightformer``."""
+    label: str
+    """What the table prints; leading spaces indent a row under the one above it."""
+    acc: float
+    nll: float
+    ece: float
+    time_s: float
+    n: int
+    """How many evaluation units (e.g. ensembles) the means are over."""
+    accs: list[float] = field(default_factory=list)
+    """Per-unit accuracies in the units' order, so that two rows can be compared on the
+    units they share (a row may cover only the first few)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure(logp, labels, time_s: float = 0.0) -> dict[str, float]:
+    """One unit's measurement of one candidate: ``logp`` [N, C] log-probabilities,
+    ``labels`` [N]; ``time_s`` the seconds it took to produce the network."""
+    from metaensemble import metrics
+
+    m = metrics.classification_metrics(logp, labels, "")
+    return {
+        "acc": float(m["acc"]),
+        "nll": float(m["nll"]),
+        "ece": float(m["ece"]),
+        "time_s": float(time_s),
+    }
+
+
+def mean_metrics(per: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of several measurements, metric by metric (e.g. the single teachers of
+    one ensemble, reported as one unit)."""
+    if not per:
+        raise ValueError("no measurements to average")
+    return {k: float(np.mean([p[k] for p in per])) for k in METRICS}
+
+
+def mean_row(key: str, label: str, per: list[dict[str, float]]) -> Row:
+    """One table row: the mean over ``per`` (one measurement per unit) and the per-unit
+    accuracies."""
+    m = mean_metrics(per)
+    return Row(
+        key,
+        label,
+        m["acc"],
+        m["nll"],
+        m["ece"],
+        m["time_s"],
+        len(per),
+        [float(p["acc"]) for p in per],
+    )
+
+
+def format_table(rows: list[Row]) -> str:
+    """A fixed-width text table: ACC in percent, NLL, ECE, seconds, number of units."""
+    head = f"{'method':<{LABEL_WIDTH}} {'ACC':>7} {'NLL':>7} {'ECE':>7} {'time (s)':>10} {'n':>3}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.label:<{LABEL_WIDTH}} {100 * r.acc:>7.2f} {r.nll:>7.4f} {r.ece:>7.4f} "
+            f"{r.time_s:>10.3f} {r.n:>3}"
+        )
+    return "\n".join(lines)
+
+
+def table_columns(rows: list[Row]) -> dict[str, list[Any]]:
+    """The table column by column (the shape ``MlflowClient.log_table`` takes)."""
+    return {
+        "method": [r.label.strip() for r in rows],
+        "key": [r.key for r in rows],
+        "acc": [r.acc for r in rows],
+        "nll": [r.nll for r in rows],
+        "ece": [r.ece for r in rows],
+        "time_s": [r.time_s for r in rows],
+        "n": [r.n for r in rows],
+    }
+
+
+def bar_chart(rows: list[Row], path: str | Path, title: str, highlight: Iterable[str] = ()) -> Path:
+    """Four horizontal bar panels (accuracy %, NLL, ECE, seconds on a log axis), one bar
+    per row in table order, written as a PNG; rows whose key is in ``highlight`` (the
+    method the job is about) are drawn in another colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    marked = set(highlight)
+    fig, axes = plt.subplots(1, 4, figsize=(18, max(3.0, 0.35 * len(rows) + 1.5)), sharey=True)
+    ypos = np.arange(len(rows))
+    colours = ["tab:orange" if r.key in marked else "tab:blue" for r in rows]
+    panels = (
+        ("acc", "test accuracy (%)"),
+        ("nll", "test NLL"),
+        ("ece", "test ECE"),
+        ("time_s", "seconds to produce (log)"),
+    )
+    for ax, (attr, name) in zip(axes, panels, strict=True):
+        vals = [100 * r.acc if attr == "acc" else getattr(r, attr) for r in rows]
+        if attr == "time_s":
+            vals = [max(v, 1e-4) for v in vals]  # a log axis cannot show 0 s
+            ax.set_xscale("log")
+        ax.barh(ypos, vals, color=colours)
+        if attr == "acc" and vals:
+            ax.set_xlim(max(0.0, min(vals) - 2.0), 100.0)  # the differences are a few points
+        ax.set_title(name)
+    axes[0].set_yticks(ypos, [r.label.strip() for r in rows])
+    axes[0].invert_yaxis()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def log_table(
+    client,
+    run_id: str,
+    rows: list[Row],
+    title: str,
+    *,
+    name: str = "eval",
+    highlight: Iterable[str] = (),
+    metrics: bool = True,
+) -> list[str]:
+    """Log a results table to the MLflow run ``run_id``: ``<name>_table.md`` (the printed
+    table), ``<name>_table.json`` (every field of every row), ``<name>_table_mlflow.json``
+    (an MLflow table, comparable across runs in the UI) and ``<name>_bars.png``
+    (``bar_chart``); with ``metrics``, also ``<key>_<metric>`` for every row. Returns the
+    artifact paths written."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d)
+        (out / f"{name}_table.md").write_text(f"{title}\n\n{format_table(rows)}\n")
+        (out / f"{name}_table.json").write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+        bar_chart(rows, out / f"{name}_bars.png", title, highlight)
+        client.log_artifacts(run_id, d)
+        written = sorted(p.name for p in out.iterdir())
+    client.log_table(run_id, table_columns(rows), f"{name}_table_mlflow.json")
+    if metrics:
+        from metaensemble import tracking
+
+        tracking.log_metrics(
+            client, run_id, {f"{r.key}_{m}": getattr(r, m) for r in rows for m in METRICS}
+        )
+    return [*written, f"{name}_table_mlflow.json"]

@@ -1,0 +1,632 @@
+"""The WeightFormer experiment: the pipeline behind ``jobs/meta_train.py``.
+
+1. plan       validate the config; ensure the teacher zoo (training missing seeds
+              through the teacher-zoo job); download and check every teacher; split
+              the zoo by teacher into meta-train / meta-val / meta-test (by hash)
+2. train      WeightFormer, its ablations and the MLP generator (meta-training on
+              meta-train ensembles, selected on meta-val ensembles) and the KD
+              baselines, as engine runs side by side through Ray Tune
+3. evaluate   on meta-test ensembles, test split: ACC / NLL / ECE / wall time for
+              every way of producing one network (the generated students finetuned
+              by KD engine runs), printed and logged to MLflow through
+              ``metaensemble.evaluation``; the WeightFormer generator is registered
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metaensemble import data, engine, metrics, tracking
+from metaensemble.config import Config, load_config
+from metaensemble.errors import ConfigError, ZooError
+from metaensemble.evaluation import Row, log_table, mean_metrics, mean_row, measure
+from metaensemble.methods.base import predict_logp
+from metaensemble.methods.kd import load_teachers
+from metaensemble.methods.weightformer.method import (
+    WeightFormerMethod,
+    check_disjoint,
+    make_eval_loader,
+)
+from metaensemble.methods.weightformer.student import (
+    build_student,
+    generate_student,
+    make_ensembles,
+    recompute_bn,
+    weight_average,
+)
+from metaensemble.methods.weightformer.tokens import tokenise
+from metaensemble.models import load, save_model
+
+VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
+    "weightformer": {},
+    "no_mask": {"model.kwargs.mask": False},
+    "no_shift": {"meta.lambda_shift": 0.0},
+    "no_cross": {"model.kwargs.cross_layer": False},
+    "base_mean": {"model.kwargs.base": "mean"},
+}
+LABELS = {
+    "mean_teacher": "mean single teacher",
+    "anchor": "anchor teacher (zero correction)",
+    "anchor_bn": "anchor teacher, BN recomputed",
+    "ensemble": "ensemble (prob. average)",
+    "weight_average": "naive weight average",
+    "kd_subset": "KD student (subset)",
+    "kd_full": "KD student (full train)",
+    "mlp": "MLP generator",
+    "weightformer": "WeightFormer zero-shot",
+    "weightformer_ft": "WeightFormer + finetune",
+    "no_mask": "  ablation: no mask",
+    "no_shift": "  ablation: no shift consistency",
+    "no_cross": "  ablation: no cross-layer flow",
+    "base_mean": "  ablation: base=mean",
+}
+ORDER = list(LABELS)
+"""The table's row order (LABELS is written in it)."""
+HIGHLIGHT = ("weightformer", "weightformer_ft")
+"""Rows the bar chart draws in the job's own colour."""
+FINETUNE_TRAIN_FRACTION = 1.0
+"""The finetuning runs see the whole train split (as the full-data KD student they are
+compared with does), not meta-training's ``data.train_fraction`` subset: on the digits
+default that subset is one batch per epoch."""
+
+
+@dataclass
+class TeacherRecord:
+    uri: str
+    seed: int
+    version: int
+    sha256: str
+    side: str
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    """The meta-train config with meta.{train,val,test}_teachers filled in."""
+    teacher_cfg: Config
+    teachers: list[TeacherRecord] = field(default_factory=list)
+    student_spec: dict[str, Any] = field(default_factory=dict)
+
+    def side(self, name: str) -> list[TeacherRecord]:
+        return [t for t in self.teachers if t.side == name]
+
+
+# ---- 1. plan ---------------------------------------------------------------------------
+def student_of(cfg: Config) -> tuple[str, dict[str, Any]]:
+    return cfg.model.kwargs["student"], dict(cfg.model.kwargs.get("student_kwargs") or {})
+
+
+def validate(cfg: Config) -> Config:
+    """Everything checkable before any work: the generator, K, the split sizes, and that
+    the zoo recipe trains teachers of the student's architecture. Returns the recipe."""
+    if cfg.method != "weightformer":
+        raise ConfigError(f"the meta-train job runs method weightformer, got method={cfg.method!r}")
+    engine.validate(cfg, _GeneratorOnly(cfg))
+    m = cfg.meta
+    n_train = m.zoo_size - m.num_val_teachers - m.num_test_teachers
+    if n_train < m.ensemble_size:
+        raise ZooError(
+            f"meta.zoo_size={m.zoo_size} leaves {n_train} meta-train teachers after "
+            f"{m.num_val_teachers} val + {m.num_test_teachers} test; K={m.ensemble_size} needs at "
+            f"least {m.ensemble_size}"
+        )
+    for side, n in (("val", m.num_val_teachers), ("test", m.num_test_teachers)):
+        if n < m.ensemble_size:
+            raise ZooError(
+                f"meta.num_{side}_teachers={n} is fewer than K={m.ensemble_size}; "
+                f"a held-out ensemble needs K teachers"
+            )
+    tcfg = load_config(
+        m.teacher_config, [f"zoo.num_teachers={m.zoo_size}", f"storage_path={cfg.storage_path}"]
+    )
+    student, skw = student_of(cfg)
+    if (tcfg.model.name, dict(tcfg.model.kwargs)) != (
+        student,
+        skw,
+    ) or tcfg.data.name != cfg.data.name:
+        raise ConfigError(
+            f"meta.teacher_config {m.teacher_config} trains {tcfg.model.name!r} "
+            f"{dict(tcfg.model.kwargs)} on {tcfg.data.name!r}, but the student is {student!r} "
+            f"{skw} on {cfg.data.name!r}: teachers must have the student's architecture and dataset"
+        )
+    split_keys = ("val_fraction", "test_fraction", "split_seed")
+    theirs, ours = ({k: getattr(c.data, k) for k in split_keys} for c in (tcfg, cfg))
+    if theirs != ours:
+        raise ConfigError(
+            f"meta.teacher_config {m.teacher_config} splits {cfg.data.name} as {theirs}, but this "
+            f"job splits it as {ours}: set data.val_fraction/test_fraction/split_seed to the "
+            f"teachers' values, so that meta-validation and test data were never trained on"
+        )
+    engine.validate(tcfg)
+    return tcfg
+
+
+class _GeneratorOnly(WeightFormerMethod):
+    """Validation before the teacher lists exist (they come from the zoo)."""
+
+    def validate(self) -> None:
+        self.validate_generator()
+
+
+def plan(cfg: Config, *, train_missing: bool = True) -> Plan:
+    """Validate, make sure the zoo holds ``meta.zoo_size`` teachers, check them, split them.
+
+    ``plan(cfg).cfg`` is ``cfg`` with its teachers resolved: what a sweep of generators
+    trains from (``WeightFormerMethod.prepare_sweep``)."""
+    tcfg = validate(cfg)
+    from metaensemble.tracking import TeacherZoo
+
+    tracking.ensure_tracking()
+    student, skw = student_of(cfg)
+    zoo = TeacherZoo(cfg.data.name, student)
+    wanted = set(range(tcfg.zoo.first_seed, tcfg.zoo.first_seed + cfg.meta.zoo_size))
+    have = [e for e in zoo.teachers() if e.seed in wanted and e.config_hash == tcfg.config_hash()]
+    if len(have) < cfg.meta.zoo_size:
+        if not train_missing:
+            raise ZooError(
+                f"zoo {zoo.name} has {len(have)} teachers of this recipe, "
+                f"meta.zoo_size={cfg.meta.zoo_size} needed (K={cfg.meta.ensemble_size}); "
+                f"train them with jobs/train_teachers.py "
+                f"--config {cfg.meta.teacher_config} zoo.num_teachers={cfg.meta.zoo_size}"
+            )
+        from metaensemble.teachers import train_zoo
+
+        print(
+            f"zoo {zoo.name} holds {len(have)} of the {cfg.meta.zoo_size} teachers needed; "
+            "training the rest",
+            flush=True,
+        )
+        train_zoo(tcfg)
+        have = [
+            e for e in zoo.teachers() if e.seed in wanted and e.config_hash == tcfg.config_hash()
+        ]
+    have.sort(key=lambda e: e.seed)
+    info = data.load(cfg.data).info
+    spec = {
+        "arch": student,
+        "kwargs": {
+            "num_classes": info.num_classes,
+            "in_chans": info.in_chans,
+            "img_size": info.img_size,
+            **skw,
+        },
+    }
+    loaded = load_teachers(
+        [e.uri for e in have], spec
+    )  # checks each checkpoint and its architecture
+    sides = split_sides(len(have), cfg.meta.num_val_teachers, cfg.meta.num_test_teachers, cfg.seed)
+    records = [
+        TeacherRecord(e.uri, e.seed, e.version, t.sha256, sides[i])
+        for i, (e, t) in enumerate(zip(have, loaded, strict=True))
+    ]
+    check_disjoint(
+        {s: [r.sha256 for r in records if r.side == s] for s in ("train", "val", "test")}
+    )
+    filled = cfg.with_overrides(
+        {
+            f"meta.{s}_teachers": [r.uri for r in records if r.side == s]
+            for s in ("train", "val", "test")
+        }
+    )
+    WeightFormerMethod(filled).validate()
+    return Plan(filled, tcfg, records, spec)
+
+
+def split_sides(n: int, n_val: int, n_test: int, seed: int) -> list[str]:
+    """Each of ``n`` teachers' side ("train", "val" or "test"), by a seeded permutation:
+    the same zoo and seed always give the same split."""
+    perm = np.random.default_rng([seed, 29]).permutation(n)
+    sides = [""] * n
+    for j, i in enumerate(perm):
+        sides[int(i)] = "test" if j < n_test else "val" if j < n_test + n_val else "train"
+    return sides
+
+
+# ---- 2. train --------------------------------------------------------------------------
+def variant_configs(p: Plan) -> dict[str, Config]:
+    """The generator runs: WeightFormer and each of ``meta.ablations``."""
+    cfg = p.cfg
+    out = {"weightformer": cfg}
+    for name in cfg.meta.ablations:
+        if name == "mlp":
+            student, skw = student_of(cfg)
+            out["mlp"] = cfg.with_overrides(
+                {
+                    "model.name": "mlp_generator",
+                    "model.kwargs": {
+                        "student": student,
+                        "student_kwargs": skw,
+                        "ensemble_size": cfg.meta.ensemble_size,
+                        "hidden": cfg.meta.mlp_hidden,
+                        **{
+                            k: v
+                            for k, v in cfg.model.kwargs.items()
+                            if k in ("chunk", "base", "residual_scale")
+                        },
+                    },
+                }
+            )
+        else:
+            out[name] = cfg.with_overrides(VARIANT_OVERRIDES[name])
+    return out
+
+
+def test_ensembles(cfg: Config) -> list[list[int]]:
+    """The meta-test ensembles (indices into meta.test_teachers), as the method draws them."""
+    return make_ensembles(
+        len(cfg.meta.test_teachers), cfg.meta.ensemble_size, cfg.meta.test_ensembles, cfg.seed + 1
+    )
+
+
+def _kd_common(
+    cfg: Config, student: str, skw: dict[str, Any], teachers: list[str], epochs: int
+) -> dict[str, Any]:
+    """Overrides that turn the teacher recipe into an ensemble-KD run of the student."""
+    return {
+        "task": "kd",
+        "method": "kd",
+        "model.name": student,
+        "model.kwargs": skw,
+        "distill.teachers": teachers,
+        "distill.alpha": cfg.distill.alpha,
+        "distill.temperature": cfg.distill.temperature,
+        "train.epochs": epochs,
+        "seed": cfg.seed,
+    }
+
+
+def kd_configs(p: Plan) -> dict[str, Config]:
+    """Ensemble-KD students for the first ``meta.kd_ensembles`` test ensembles: on the
+    meta-training subset (as many optimiser steps as the full run) and on the full train split."""
+    cfg, t = p.cfg, p.teacher_cfg
+    student, skw = student_of(cfg)
+    n_train = len(data.load(t.data).train)
+    steps = max(1, n_train // t.data.batch_size)
+    out = {}
+    for i, ens in enumerate(test_ensembles(cfg)[: cfg.meta.kd_ensembles]):
+        base = t.with_overrides(
+            _kd_common(
+                cfg, student, skw, [cfg.meta.test_teachers[j] for j in ens], cfg.meta.kd_epochs
+            )
+        )
+        out[f"kd_full/{i}"] = base
+        out[f"kd_subset/{i}"] = base.with_overrides(
+            {"data.train_fraction": cfg.data.train_fraction, "train.steps_per_epoch": steps}
+        )
+    return out
+
+
+def _run_name(cfg: Config, trial_id: str) -> str:
+    return cfg.run_key()
+
+
+def train_all(
+    runs: dict[str, Config], experiment: str, parent_run_id: str, storage: str, name: str
+) -> dict[str, str]:
+    """Train every config (side by side as the cluster allows); returns name -> MLflow run id."""
+    from ray import tune
+
+    from metaensemble.sweep import concurrency, launch
+
+    uri = tracking.ensure_tracking()
+    engine.ensure_ray()
+    first = next(iter(runs.values()))
+    static = {
+        "base": first.to_dict(),
+        "experiment": experiment,
+        "tracking_uri": uri,
+        "name": name,
+        "parent_run_id": parent_run_id,
+        "run_name_fn": _run_name,
+    }
+    # The KD students train in seconds each: one pack (one Ray Train run, started first)
+    # holds them all; every generator run, minutes each, gets its own.
+    kd = [_flat_overrides(c.to_dict()) for k, c in runs.items() if k.startswith("kd_")]
+    space = ([{"pack": kd}] if len(kd) > 1 else kd) + [
+        _flat_overrides(c.to_dict()) for k, c in runs.items() if not k.startswith("kd_")
+    ]
+    results = launch(
+        static,
+        {"params": tune.grid_search(space)},
+        name=name,
+        storage=storage,
+        metric="val_acc",
+        mode="max",
+        num_samples=1,
+        max_concurrent=concurrency(first, 0),
+        verbose=0,
+    )  # the runs print their own epoch lines
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(runs)} runs failed; first: {errors[0]}")
+    client = tracking.client(uri)
+    exp_id = tracking.experiment_id(client, experiment)
+    ids = {}
+    for key, c in runs.items():
+        run = tracking.find_run(
+            client, exp_id, c.with_overrides({"experiment": experiment}).run_key()
+        )
+        if run is None or run.info.status != "FINISHED":
+            raise RuntimeError(f"run {key} ({c.run_key()}) did not finish")
+        ids[key] = run.info.run_id
+    return ids
+
+
+def _flat_overrides(d: dict[str, Any]) -> dict[str, Any]:
+    """A whole config as top-level overrides (sections replaced wholesale)."""
+    return {k: v for k, v in d.items() if k != "experiment"}
+
+
+# ---- 3. evaluate -----------------------------------------------------------------------
+def finetune_configs(p: Plan, init_uris: list[str], ensembles: list[list[int]]) -> list[Config]:
+    """One KD engine run per generated student: ``model.init_from`` its saved weights,
+    distilled from its own ensemble for ``meta.finetune_epochs`` epochs of SGD (momentum
+    0.9, Nesterov, cosine to 0 from ``meta.finetune_lr``), in the job's experiment."""
+    cfg, m = p.cfg, p.cfg.meta
+    student, skw = student_of(cfg)
+    return [
+        p.teacher_cfg.with_overrides(
+            {
+                **_kd_common(
+                    cfg, student, skw, [m.test_teachers[j] for j in ens], m.finetune_epochs
+                ),
+                "task": "kd_finetune",
+                "experiment": cfg.experiment_name,
+                "model.init_from": uri,
+                "model.init_seed": None,
+                "optim.name": "sgd",
+                "optim.lr": m.finetune_lr,
+                "optim.momentum": 0.9,
+                "optim.nesterov": True,
+                "optim.weight_decay": 5e-4,
+                "optim.decay_norm_bias": True,  # decay on every tensor, as before
+                "optim.warmup_epochs": 0,
+                "optim.schedule": "cosine",
+                "optim.min_lr": 0.0,
+                "data.train_fraction": FINETUNE_TRAIN_FRACTION,
+                "data.batch_size": cfg.data.batch_size,
+                "data.augment": cfg.data.augment,
+                "train.steps_per_epoch": None,
+                "train.grad_clip": None,
+            }
+        )
+        for uri, ens in zip(init_uris, ensembles, strict=True)
+    ]
+
+
+def save_students(
+    client, parent_run_id: str, students: list[torch.nn.Module], dataset: str
+) -> list[str]:
+    """Log each generated student as ``finetune_init/<i>`` of the job's run and return
+    their ``runs:/`` URIs: a ``model.init_from`` every Ray worker can read, on any node."""
+    with tempfile.TemporaryDirectory() as d:
+        for i, s in enumerate(students):
+            save_model(s, Path(d) / str(i), dataset=dataset)
+        client.log_artifacts(parent_run_id, d, artifact_path="finetune_init")
+    return [f"runs:/{parent_run_id}/finetune_init/{i}" for i in range(len(students))]
+
+
+def finetune(
+    p: Plan,
+    students: list[torch.nn.Module],
+    ensembles: list[list[int]],
+    parent_run_id: str,
+    bn_loader,
+) -> list[tuple[torch.nn.Module, float]]:
+    """KD-finetune the generated students as engine runs packed into one Ray Train run;
+    returns each selected model, its BN statistics recomputed on ``bn_loader``, and the
+    seconds it cost (the run's epoch times + the BN pass)."""
+    client = tracking.client()
+    uris = save_students(client, parent_run_id, students, p.cfg.data.name)
+    cfgs = finetune_configs(p, uris, ensembles)
+    print(
+        f"finetuning {len(cfgs)} generated students "
+        f"({p.cfg.meta.finetune_epochs} epoch(s) of KD each, one Ray Train run)",
+        flush=True,
+    )
+    outcomes = engine.fit_pack(
+        cfgs, parent_run_id=parent_run_id, tags={"metaensemble.finetune_of": "weightformer"}
+    )
+    out = []
+    for o in outcomes:
+        t0 = time.perf_counter()
+        model = recompute_bn(load(o.model_uri), bn_loader)
+        out.append((model, epoch_seconds(client, o.run_id) + time.perf_counter() - t0))
+    return out
+
+
+def epoch_seconds(client, run_id: str) -> float:
+    """A run's training cost: the sum of its logged epoch times (no Ray start-up)."""
+    return float(sum(m.value for m in client.get_metric_history(run_id, "epoch_time_s")))
+
+
+@dataclass
+class _EvalData:
+    test: Any
+    """Test split loader: everything in the table is measured on it."""
+    subset: Any
+    """The training subset, unaugmented: BN re-estimation of generated students."""
+    full_train: Any
+    """The whole train split, unaugmented: BN re-estimation after finetuning."""
+
+
+def _eval_data(cfg: Config) -> _EvalData:
+    full = data.load(cfg.data.model_copy(update={"train_fraction": 1.0}))
+    sub = data.load(cfg.data)
+    mk = lambda split: make_eval_loader(split, full.info, cfg.data.eval_batch_size, "cpu")  # noqa: E731
+    return _EvalData(mk(full.test), mk(sub.train), mk(full.train))
+
+
+def _timed(fn) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def evaluate(p: Plan, run_ids: dict[str, str], parent_run_id: str) -> list[Row]:
+    """The table on meta-test ensembles, test split: baselines built from the teachers,
+    every generator's zero-shot students, WeightFormer's finetuned students and the KD
+    students; one row each, the mean over the ensembles (see the module docstring)."""
+    cfg = p.cfg
+    torch.manual_seed(cfg.seed)
+    ev = _eval_data(cfg)
+    models = [t.model for t in load_teachers(list(cfg.meta.test_teachers), p.student_spec)]
+    states = [{k: v.clone() for k, v in m_.state_dict().items()} for m_ in models]
+    gens = {k: load(f"runs:/{rid}/model") for k, rid in run_ids.items() if not k.startswith("kd_")}
+    rows_pool = [tokenise(s, gens["weightformer"].layout) for s in states]
+    scores = [predict_logp(m_, ev.test) for m_ in models]
+    per: dict[str, list[dict[str, float]]] = {}
+    to_finetune: list[tuple[torch.nn.Module, float]] = []
+    ensembles = test_ensembles(cfg)
+    for ens in ensembles:
+        for key, m in _baselines(p, ens, states, scores, ev).items():
+            per.setdefault(key, []).append(m)
+        for key, gen in gens.items():
+            student, dt = generate_student(gen, rows_pool, states, ens, ev.subset)
+            per.setdefault(key, []).append(measure(*predict_logp(student, ev.test), dt))
+            if key == "weightformer":
+                to_finetune.append((student, dt))
+    if cfg.meta.finetune_epochs:
+        tuned = finetune(p, [s for s, _ in to_finetune], ensembles, parent_run_id, ev.full_train)
+        per["weightformer_ft"] = [
+            measure(*predict_logp(model, ev.test), dt + seconds)
+            for (_, dt), (model, seconds) in zip(to_finetune, tuned, strict=True)
+        ]
+    client = tracking.client()
+    for kind in ("kd_subset", "kd_full"):
+        for i in range(len(ensembles)):
+            rid = run_ids.get(f"{kind}/{i}")
+            if rid is not None:
+                per.setdefault(kind, []).append(
+                    measure(
+                        *predict_logp(load(f"runs:/{rid}/model"), ev.test),
+                        epoch_seconds(client, rid),
+                    )
+                )
+    return [mean_row(k, LABELS[k], per[k]) for k in ORDER if k in per]
+
+
+def _baselines(
+    p: Plan, ens: list[int], states, scores, ev: _EvalData
+) -> dict[str, dict[str, float]]:
+    """One ensemble's rows that need no training: its members, its anchor (as is, and
+    with BN plainly recomputed on the subset), the ensemble, the naive weight average."""
+    anchor_bn, t_anchor = _timed(
+        lambda: recompute_bn(build_student(p.student_spec, states[ens[0]]), ev.subset)
+    )
+    avg, t_avg = _timed(
+        lambda: recompute_bn(
+            build_student(p.student_spec, weight_average([states[j] for j in ens])), ev.subset
+        )
+    )
+    y = scores[ens[0]][1]
+    return {
+        "mean_teacher": mean_metrics([measure(*scores[j]) for j in ens]),
+        # the anchor as it is: what a generator with a zero correction outputs (generated
+        # students' statistics are re-estimated relative to the anchor's, see recompute_bn)
+        "anchor": measure(*scores[ens[0]]),
+        "ensemble": measure(metrics.ensemble_logp(torch.stack([scores[j][0] for j in ens])), y),
+        "anchor_bn": measure(*predict_logp(anchor_bn, ev.test), t_anchor),
+        "weight_average": measure(*predict_logp(avg, ev.test), t_avg),
+    }
+
+
+# ---- the whole job ---------------------------------------------------------------------
+@dataclass
+class MetaOutcome:
+    parent_run_id: str
+    rows: list[Row]
+    run_ids: dict[str, str]
+    teachers: list[TeacherRecord]
+    generator_version: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "parent_run_id": self.parent_run_id,
+            "rows": [r.to_dict() for r in self.rows],
+            "run_ids": self.run_ids,
+            "teachers": [asdict(t) for t in self.teachers],
+            "generator_version": self.generator_version,
+            "seconds": self.seconds,
+        }
+
+
+def run(cfg: Config, *, train_missing: bool = True) -> MetaOutcome:
+    """The whole job (see the module docstring) under one MLflow parent run, which a
+    rerun of the same config reopens: finished runs are reused, not retrained."""
+    t_start = time.perf_counter()
+    pl = plan(cfg, train_missing=train_missing)
+    t_plan = time.perf_counter()
+    cfg = pl.cfg
+    client = tracking.client(tracking.ensure_tracking())
+    key = f"meta-{cfg.run_key()}"
+    handle = tracking.open_run(client, cfg, key, tags={"metaensemble.job": "meta_train"})
+    if handle.resumed:
+        client.update_run(handle.run_id, status="RUNNING")
+    parent = handle.run_id
+    try:
+        client.log_dict(parent, {"teachers": [asdict(t) for t in pl.teachers]}, "teachers.json")
+        tracking.set_tags(
+            client,
+            parent,
+            {
+                f"teachers.{s}": ",".join(f"v{t.version}" for t in pl.side(s))
+                for s in ("train", "val", "test")
+            },
+        )
+        print(_split_summary(pl), flush=True)
+        runs = {**variant_configs(pl), **kd_configs(pl)}
+        print(f"training {len(runs)} runs: {', '.join(runs)}", flush=True)
+        run_ids = train_all(
+            runs, cfg.experiment_name, parent, f"{cfg.resolved_storage_path()}/meta", key[:150]
+        )
+        t_train = time.perf_counter()
+        rows = evaluate(pl, run_ids, parent)
+        t_eval = time.perf_counter()
+        version = register_generator(client, cfg, run_ids["weightformer"], parent)
+        log_table(
+            client,
+            parent,
+            rows,
+            f"{cfg.data.name}: meta-test ensembles of K={cfg.meta.ensemble_size}",
+            highlight=HIGHLIGHT,
+        )
+        seconds = {
+            "plan_s": t_plan - t_start,
+            "train_s": t_train - t_plan,
+            "eval_s": t_eval - t_train,
+            "total_s": time.perf_counter() - t_start,
+        }
+        tracking.log_metrics(client, parent, seconds)
+        client.set_terminated(parent, status="FINISHED")
+    except BaseException:
+        client.set_terminated(parent, status="FAILED")
+        raise
+    return MetaOutcome(parent, rows, run_ids, pl.teachers, version, seconds)
+
+
+def _split_summary(pl: Plan) -> str:
+    parts = [f"{s}: seeds {sorted(t.seed for t in pl.side(s))}" for s in ("train", "val", "test")]
+    return f"teacher split by checkpoint ({len(pl.teachers)} teachers): " + "; ".join(parts)
+
+
+def register_generator(client, cfg: Config, run_id: str, parent_run_id: str) -> str:
+    """Register the meta-trained generator as ``weightformer.<dataset>.<student>``; the
+    same run registered again keeps its version. Returns the version."""
+    student, _ = student_of(cfg)
+    mv = tracking.register_model(
+        client,
+        f"weightformer.{cfg.data.name}.{student}",
+        run_id,
+        tags={"meta_train_run": parent_run_id, "ensemble_size": cfg.meta.ensemble_size},
+        description=f"WeightFormer generators for {cfg.data.name} / {student} students.",
+    )
+    return mv.version

@@ -1,0 +1,142 @@
+"""The shared results table: measurements, row means, the text table, the chart, and
+what lands in an MLflow run (a real local MLflow server)."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaensemble.evaluation import (
+    Row,
+    bar_chart,
+    format_table,
+    log_table,
+    mean_metrics,
+    mean_row,
+    measure,
+    table_columns,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _rows() -> list[Row]:
+    return [
+        mean_row(
+            "ensemble",
+            "ensemble (prob. average)",
+            [
+                {"acc": 0.9, "nll": 0.3, "ece": 0.02, "time_s": 0.0},
+                {"acc": 0.8, "nll": 0.5, "ece": 0.04, "time_s": 0.0},
+            ],
+        ),
+        mean_row(
+            "student",
+            "  ablation: student",
+            [{"acc": 0.75, "nll": 0.6, "ece": 0.05, "time_s": 2.5}],
+        ),
+    ]
+
+
+def test_measure_reads_accuracy_nll_ece_from_log_probs():
+    # 3 of 4 right; the right ones with p = 0.9, the wrong one with p(true) = 0.2
+    p = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.9, 0.1], [0.8, 0.2]])
+    y = torch.tensor([0, 1, 0, 1])
+    m = measure(p.log(), y, 1.5)
+    assert m["acc"] == pytest.approx(0.75)
+    assert m["nll"] == pytest.approx(-(3 * math.log(0.9) + math.log(0.2)) / 4, rel=1e-5)
+    assert 0.0 <= m["ece"] <= 1.0 and m["time_s"] == 1.5
+
+
+def test_mean_row_averages_each_metric_and_keeps_per_unit_accuracies():
+    r = _rows()[0]
+    assert (r.key, r.label, r.n) == ("ensemble", "ensemble (prob. average)", 2)
+    assert (
+        r.acc == pytest.approx(0.85)
+        and r.nll == pytest.approx(0.4)
+        and r.ece == pytest.approx(0.03)
+    )
+    assert r.accs == [0.9, 0.8]
+    assert mean_metrics(
+        [
+            {"acc": 1.0, "nll": 0.0, "ece": 0.0, "time_s": 4.0},
+            {"acc": 0.0, "nll": 2.0, "ece": 1.0, "time_s": 0.0},
+        ]
+    ) == {"acc": 0.5, "nll": 1.0, "ece": 0.5, "time_s": 2.0}
+    with pytest.raises(ValueError, match="no measurements"):
+        mean_row("x", "x", [])
+
+
+def test_format_table_prints_percent_accuracy_in_fixed_columns():
+    lines = format_table(_rows()).splitlines()
+    assert lines[0].split() == ["method", "ACC", "NLL", "ECE", "time", "(s)", "n"]
+    assert set(lines[1]) == {"-"} and len(lines[1]) == len(lines[0])
+    assert lines[2].startswith("ensemble (prob. average)") and lines[2].split()[-5:] == [
+        "85.00",
+        "0.4000",
+        "0.0300",
+        "0.000",
+        "2",
+    ]
+    assert lines[3].startswith("  ablation: student")  # indentation of a label is kept
+    assert lines[3].split()[-5:] == ["75.00", "0.6000", "0.0500", "2.500", "1"]
+    assert len({len(x) for x in lines[2:]}) == 1  # columns line up
+
+
+def test_bar_chart_writes_a_png(tmp_path):
+    path = bar_chart(_rows(), tmp_path / "bars.png", "a title", highlight=["student"])
+    assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
+
+
+def test_table_columns_are_parallel_lists():
+    cols = table_columns(_rows())
+    assert cols["method"] == ["ensemble (prob. average)", "ablation: student"]
+    assert cols["key"] == ["ensemble", "student"] and cols["n"] == [2, 1]
+    assert {len(v) for v in cols.values()} == {2}
+
+
+def test_log_table_puts_the_table_chart_and_metrics_in_the_run(mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(mlflow_uri)
+    exp = c.create_experiment(f"test/eval-{uuid.uuid4().hex[:6]}")
+    run_id = c.create_run(exp).info.run_id
+    rows = _rows()
+    written = log_table(c, run_id, rows, "digits: a table", highlight=["student"])
+
+    arts = {a.path for a in c.list_artifacts(run_id)}
+    assert (
+        set(written)
+        == arts
+        == {"eval_table.md", "eval_table.json", "eval_bars.png", "eval_table_mlflow.json"}
+    )
+    get = lambda name: Path(c.download_artifacts(run_id, name, str(tmp_path)))  # noqa: E731
+    assert get("eval_bars.png").read_bytes()[:8] == PNG
+    md = get("eval_table.md").read_text()
+    assert md.startswith("digits: a table") and format_table(rows) in md
+    back = [Row(**d) for d in json.loads(get("eval_table.json").read_text())]
+    assert back == rows
+    table = json.loads(get("eval_table_mlflow.json").read_text())  # MLflow's split-orient table
+    assert table["columns"][:2] == ["method", "key"] and len(table["data"]) == 2
+    m = c.get_run(run_id).data.metrics
+    assert m["ensemble_acc"] == pytest.approx(0.85) and m["student_time_s"] == pytest.approx(2.5)
+
+
+def test_log_table_under_another_name_leaves_eval_artifacts_alone(mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(mlflow_uri)
+    run_id = c.create_run(c.create_experiment(f"test/eval-{uuid.uuid4().hex[:6]}")).info.run_id
+    log_table(c, run_id, _rows(), "t", name="fusion", metrics=False)
+    assert {a.path for a in c.list_artifacts(run_id)} == {
+        "fusion_table.md",
+        "fusion_table.json",
+        "fusion_bars.png",
+        "fusion_table_mlflow.json",
+    }
+    assert c.get_run(run_id).data.metrics == {}

@@ -1,0 +1,138 @@
+"""One tracking server per local store: jobs share it, the last one out stops it.
+
+Each job is a real process with no ``MLFLOW_TRACKING_URI`` and its own store under
+``METAENSEMBLE_MLFLOW_HOME``, as a job launched from a shell on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from metaensemble.tracking import LocalTrackingServer
+from metaensemble.tracking.store import ENV_HOME, SERVER_FILE, _group_alive, _healthy
+
+# Waits on a "go" file so that both jobs call ensure_tracking() at the same moment, then
+# logs 5 runs and prints its tracking URI and the store's server record.
+JOB = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from metaensemble import tracking
+    ready, go, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    ready.touch()
+    while not go.exists():
+        time.sleep(0.005)
+    uri = tracking.ensure_tracking()
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(c, "race")
+    for i in range(5):
+        c.create_run(exp, run_name=f"{name}-{i}", tags={"job": name})
+    record = json.loads((tracking.local_store_dir() / "server.json").read_text())
+    print(json.dumps({"uri": uri, "record": record, "describe": tracking.describe_store()}))
+""")
+
+
+def _start_job(store: Path, name: str, go: Path) -> tuple[subprocess.Popen, Path]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env[ENV_HOME] = str(store)
+    ready = store.parent / f"{name}.ready"
+    proc = subprocess.Popen([sys.executable, "-c", JOB, str(ready), str(go), name], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, ready
+
+
+def _run_jobs(store: Path, names: list[str], timeout: float = 180) -> list[dict]:
+    """Start the jobs, release them together once all have imported, return their output."""
+    go = store.parent / "go"
+    go.unlink(missing_ok=True)
+    jobs = [_start_job(store, n, go) for n in names]
+    deadline = time.monotonic() + timeout
+    while not all(ready.exists() for _, ready in jobs):
+        assert time.monotonic() < deadline, "jobs did not start"
+        assert all(p.poll() is None for p, _ in jobs), [p.communicate() for p, _ in jobs]
+        time.sleep(0.01)
+    go.touch()
+    outs = []
+    for proc, _ in jobs:
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs
+
+
+def _port_closed(url: str) -> bool:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.socket() as s:
+        return s.connect_ex((host, int(port))) != 0
+
+
+def _wait_stopped(record: dict, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _group_alive(record["pid"]) and _port_closed(record["url"]):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _runs_in_db(store: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    return c.search_runs([c.get_experiment_by_name("race").experiment_id], max_results=100)
+
+
+def test_jobs_started_together_share_one_server_and_the_last_stops_it(tmp_path):
+    store = tmp_path / "store"
+    a, b = _run_jobs(store, ["a", "b"])
+
+    assert a["uri"] == b["uri"], "two jobs on one store started two servers"
+    assert a["record"] == b["record"] and a["record"]["owner"] == "job"
+    assert len(list(store.glob("server-*.log"))) == 1, "more than one server was started"
+    assert str(store) in a["describe"]
+    # both gone: the last one stopped the server and removed the record
+    assert not (store / SERVER_FILE).exists()
+    assert _wait_stopped(a["record"]), "the server outlived its last job"
+    assert list((store / "clients").iterdir()) == []
+    runs = _runs_in_db(store)
+    assert sorted(r.info.run_name for r in runs) == [f"{j}-{i}" for j in "ab" for i in range(5)]
+
+
+def test_a_dead_recorded_server_is_replaced(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    # a pid above pid_max: no process has it
+    record = {"url": dead_url, "pid": 2**22 + 1, "owner": "job"}
+    (store / SERVER_FILE).write_text(json.dumps(record))
+
+    (out,) = _run_jobs(store, ["a"])
+
+    assert out["uri"] != dead_url and out["record"]["url"] == out["uri"]
+    assert not (store / SERVER_FILE).exists()
+    assert _wait_stopped(out["record"])
+
+
+def test_jobs_use_the_ui_server_and_leave_it_running(tmp_path):
+    store = tmp_path / "store"
+    ui = LocalTrackingServer(store=store).start()
+    try:
+        ui.record()
+        (out,) = _run_jobs(store, ["a"])
+
+        assert out["uri"] == ui.url and out["record"]["owner"] == "ui"
+        assert _healthy(ui.url), "a job stopped the UI's server"
+        assert json.loads((store / SERVER_FILE).read_text())["url"] == ui.url
+        assert len(_runs_in_db(store)) == 5
+    finally:
+        ui.unrecord()
+        ui.stop()
+    assert not (store / SERVER_FILE).exists()
