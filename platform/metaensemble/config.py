@@ -88,6 +88,8 @@ class OptimConfig(_Strict):
     def _milestones(self) -> OptimConfig:
         if self.schedule == "multistep" and not self.decay_milestones:
             raise ValueError("optim.schedule=multistep needs optim.decay_milestones (epochs), e.g. [30, 60]")
+        if any(m < 1 for m in self.decay_milestones) or len(set(self.decay_milestones)) != len(self.decay_milestones):
+            raise ValueError(f"optim.decay_milestones must be distinct epochs >= 1; got {self.decay_milestones}")
         return self
 
 
@@ -187,7 +189,6 @@ def discover_methods() -> None:
     global _discovered
     if _discovered:
         return
-    _discovered = True
     import importlib
     import pkgutil
 
@@ -201,6 +202,7 @@ def discover_methods() -> None:
         except ModuleNotFoundError as e:
             if e.name != name:
                 raise
+    _discovered = True  # only once every method imported: a broken one fails every time
 
 
 def method_spec(name: str) -> MethodSpec:
@@ -290,7 +292,7 @@ class Config(BaseModel):
                 for k in cls.eval_only:
                     d[name].pop(k, None)
         if d["model"].get("init_from") is None:
-            d["model"].pop("init_from", None)  # runs named before init_from existed keep their names
+            d["model"].pop("init_from", None)  # an unset init_from does not name a run
         d["scaling"] = {k: v for k, v in d["scaling"].items() if k in ("num_workers",)}
         if exclude_seed:
             d.pop("seed")

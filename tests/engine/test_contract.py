@@ -375,3 +375,16 @@ def test_a_run_being_trained_by_another_live_driver_is_refused(ray_local, digits
         fit(cfg)
     assert client.get_run(handle.run_id).info.status == "RUNNING"
     assert len(list(Path(cfg.resolved_storage_path()).glob("*"))) == 0, "nothing may be written"
+
+
+def test_evaluate_refuses_bad_input_before_any_run_exists(mlflow_uri, digits_cfg):
+    from metaensemble.errors import ConfigError
+
+    cfg = digits_cfg()
+    wrong = create_model("convnet", num_classes=3, in_chans=1, img_size=8, width=8)
+    with pytest.raises(ConfigError, match="3 classes"):
+        engine.evaluate(wrong, cfg)
+    with pytest.raises(ConfigError, match="create_model"):
+        engine.evaluate(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), cfg)
+    exp = tracking.client().get_experiment_by_name(cfg.experiment_name)
+    assert exp is None or not tracking.client().search_runs([exp.experiment_id])

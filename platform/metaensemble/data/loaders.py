@@ -123,15 +123,22 @@ class DatasetLoader:
             self.sampler = list(range(rank, len(dataset), world_size))
         else:
             self.sampler = None
+        # Loader workers draw their seeds from this generator when an epoch starts:
+        # seeded from (seed, rank, epoch), so every rank has its own stream and a resumed
+        # run gives its workers the seeds an uninterrupted one would (hence no persistent
+        # workers: those keep the seeds of the epoch they were started in).
+        self.seed, self.rank = seed, rank
+        self.generator = torch.Generator()
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-            pin_memory=self.device.type == "cuda", drop_last=drop_last,
-            persistent_workers=num_workers > 0,
+            pin_memory=self.device.type == "cuda", drop_last=drop_last, generator=self.generator,
         )
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+        self.generator.manual_seed((self.seed * 1_000_003 + self.rank * 7_919 + epoch) % 2**63)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -189,6 +189,7 @@ def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
     seed_rank(cfg.seed, rank)
     steps_per_epoch = cfg.train.steps_per_epoch or max(1, n_train // world // cfg.data.batch_size)
     base, model, optimizer, scheduler = _wrap(method, model, cfg, on_gpu, steps_per_epoch, state["global_step"])
+    _check_exportable(method, method.export(base))  # before any epoch, not after the last
     best_weights: dict[str, torch.Tensor] | None = None
     if restored is not None:
         check_state_dict(base, restored["weights"], "checkpoint")
@@ -232,7 +233,14 @@ def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
         epoch_metrics["train_images_per_s"] = totals.n * world / max(train_time, 1e-9)
         epoch_metrics["train_time_s"] = train_time
         method.on_epoch_end(model, epoch, rank)
-        rebuilt = method.rebuild(base, epoch + 1)
+        with torch.random.fork_rng(devices=[]):  # the same draws on every rank
+            torch.manual_seed(cfg.seed * 1_000_003 + epoch + 1)
+            np_state, py_state = np.random.get_state(), random.getstate()
+            np.random.seed((cfg.seed * 7_919 + epoch + 1) % 2**32)
+            random.seed(cfg.seed * 7_919 + epoch + 1)
+            rebuilt = method.rebuild(base, epoch + 1)
+            np.random.set_state(np_state)
+            random.setstate(py_state)
         if rebuilt is not None:
             # New parameters: re-wrap for DDP, a fresh optimiser at the current step, and
             # selection restarts (earlier best weights have another structure).
@@ -241,8 +249,9 @@ def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
             state["best_score"], state["best_epoch"], best_weights = None, -1, None
             epoch_metrics["rebuilt"] = 1
 
+        _sync_buffers(base, world)
         val = _evaluate(method, base, loaders["val"], "val", world)
-        ranks = _gather((rng_state(), method.state_dict()), world)
+        ranks = _gather((rng_state(), _to_cpu(method.state_dict())), world)
         ckpt_dir = None
         if rank == 0:
             epoch_metrics.update(val)
@@ -268,7 +277,7 @@ def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
     _check_exportable(method, exported)
     val = _gather(_predict(method, exported, loaders["val"], "val"), world)
     test = _gather(_predict(method, exported, loaders["test"], "test"), world)
-    ranks = _gather((rng_state(), method.state_dict()), world)
+    ranks = _gather((rng_state(), _to_cpu(method.state_dict())), world)
     ckpt_dir = None
     if rank == 0:
         (val_p, val_y), (test_p, test_y) = _concat(val), _concat(test)
@@ -292,6 +301,25 @@ def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
     _report(final if rank == 0 else {"epoch": cfg.train.epochs, "final": 1}, ckpt_dir)
     if rank == 0 and config.get("packed"):
         tracker.finished()  # a later member's failure must not cost this one
+
+
+def _sync_buffers(base, world: int) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm statistics) before evaluating its
+    shard: under DDP each rank's last forward updated them with its own batch."""
+    if world > 1 and dist.is_initialized():
+        for b in base.buffers():
+            dist.broadcast(b, 0)
+
+
+def _to_cpu(obj):
+    """A method's state with every tensor on the CPU (it is loaded on any device layout)."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _check_exportable(method, exported) -> None:
@@ -470,7 +498,7 @@ def _read_checkpoint(d: Path, rank: int, device) -> dict[str, Any]:
     A checkpoint from a different number of workers restores rank 0's method state and
     leaves the other ranks' RNG freshly seeded."""
     extra = torch.load(d / "optimizer.pt", map_location=device, weights_only=True)
-    ranks = torch.load(d / "ranks.pt", weights_only=True)
+    ranks = torch.load(d / "ranks.pt", map_location="cpu", weights_only=True)
     mine = ranks[rank] if rank < len(ranks) else None
     return {
         "state": json.loads((d / "state.json").read_text()),

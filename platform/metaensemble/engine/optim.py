@@ -62,24 +62,27 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoc
     """timm schedule over ``epochs * steps_per_epoch`` updates: linear warm-up from
     ``warmup_lr`` over ``warmup_epochs``, then cosine to ``min_lr``, step decay every
     ``decay_epochs``, decay at ``decay_milestones``, or constant."""
-    from timm.scheduler import create_scheduler_v2
+    from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
 
-    if cfg.schedule == "constant" and not cfg.warmup_epochs:
-        return StepSchedule(None, step)
+    spe = max(1, steps_per_epoch)
+    warmup_lr = cfg.warmup_lr or cfg.lr / max(1, cfg.warmup_epochs * spe)
+    if cfg.schedule == "multistep":
+        # Built directly: timm's factory makes milestone m take effect one update early
+        # (at m * steps - 1); here the first update of epoch m + 1 has the decayed lr.
+        return StepSchedule(MultiStepLRScheduler(
+            opt, decay_t=[m * spe + 1 for m in sorted(cfg.decay_milestones)], decay_rate=cfg.decay_rate,
+            warmup_t=cfg.warmup_epochs * spe, warmup_lr_init=warmup_lr, warmup_prefix=False, t_in_epochs=False), step)
     sched = {"constant": "step"}.get(cfg.schedule, cfg.schedule)
     kw: dict[str, Any] = {}
-    if cfg.schedule == "constant":
+    if cfg.schedule == "constant":  # a step schedule that never decays (keeps lr_scale working)
         kw = {"decay_epochs": 10 * epochs + 1, "decay_rate": 1.0}
     elif cfg.schedule == "step":
         kw = {"decay_epochs": cfg.decay_epochs or max(1, epochs // 3), "decay_rate": cfg.decay_rate}
-    elif cfg.schedule == "multistep":
-        kw = {"decay_milestones": list(cfg.decay_milestones), "decay_rate": cfg.decay_rate}
     # cosine: the decay spans the epochs after the warm-up and ends at min_lr with the run;
     # step/multistep: milestones count from the run's start, warm-up included.
     prefix = cfg.schedule == "cosine"
     scheduler, _ = create_scheduler_v2(
         opt, sched=sched, num_epochs=max(1, epochs - cfg.warmup_epochs) if prefix else epochs, min_lr=cfg.min_lr,
-        warmup_lr=cfg.warmup_lr or cfg.lr / max(1, cfg.warmup_epochs * steps_per_epoch),
-        warmup_epochs=cfg.warmup_epochs, warmup_prefix=prefix, step_on_epochs=False,
-        updates_per_epoch=max(1, steps_per_epoch), **kw)
+        warmup_lr=warmup_lr, warmup_epochs=cfg.warmup_epochs, warmup_prefix=prefix, step_on_epochs=False,
+        updates_per_epoch=spe, **kw)
     return StepSchedule(scheduler, step)

@@ -322,16 +322,24 @@ def evaluate(model, cfg: Config, *, method: methods.Method | None = None, run_na
         raise ConfigError(f"engine.evaluate reads in-memory datasets; {cfg.data.name!r} streams through Ray Data")
     method = method or methods.build(cfg)
     model = models.unwrap(model)
-    key = run_name or f"eval-{getattr(model, 'me_spec', {}).get('arch', 'model')}-{_weights_digest(model)}-{cfg.config_hash()}"
+    spec = getattr(model, "me_spec", None)
+    if spec is None:
+        raise ConfigError("engine.evaluate saves the model it reports on: pass a model built by "
+                          "metaensemble.models.create_model (or loaded with models.load)")
+    device = next(model.parameters()).device
+    loaders, info, _ = _build_loaders(cfg, 0, 1, device)  # before any run exists: bad data fails here
+    if spec["kwargs"].get("num_classes", info.num_classes) != info.num_classes:
+        raise ConfigError(f"the model predicts {spec['kwargs']['num_classes']} classes, but {info.name} has "
+                          f"{info.num_classes}")
+    key = run_name or f"eval-{spec.get('arch', 'model')}-{_weights_digest(model)}-{cfg.config_hash()}"
     uri = tracking.ensure_tracking()
     client = tracking.client(uri)
     handle = tracking.open_run(client, cfg, key, parent_run_id=parent_run_id, tags=tags)
     if handle.status == "FINISHED":
         return RunOutcome(handle.run_id, key, handle.experiment_id, dict(client.get_run(handle.run_id).data.metrics),
                           skipped=True)
+    was_training = model.training
     try:
-        device = next(model.parameters()).device
-        loaders, info, _ = _build_loaders(cfg, 0, 1, device)
         with torch.no_grad():
             (val_p, val_y), (test_p, test_y) = (_concat([_predict(method, model, loaders[s], s)]) for s in ("val", "test"))
         names = list(val_p)
@@ -347,6 +355,8 @@ def evaluate(model, cfg: Config, *, method: methods.Method | None = None, run_na
     except BaseException:
         client.set_terminated(handle.run_id, status="FAILED")
         raise
+    finally:
+        model.train(was_training)
     client.set_terminated(handle.run_id, status="FINISHED")
     return RunOutcome(handle.run_id, key, handle.experiment_id, report)
 
@@ -354,8 +364,10 @@ def evaluate(model, cfg: Config, *, method: methods.Method | None = None, run_na
 def _weights_digest(model) -> str:
     import hashlib
 
+    import torch
+
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     return h.hexdigest()[:12]

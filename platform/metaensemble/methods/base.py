@@ -80,14 +80,18 @@ class Method:
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Optimiser parameter groups. Default: ``optim.weight_decay`` on weights, none on
-        norms and biases (1-d tensors) unless ``optim.decay_norm_bias``. A group may set
-        its own ``lr``, ``weight_decay`` or ``lr_scale`` (multiplies the schedule's lr)."""
+        norms, biases (1-d tensors) and what the model lists in ``no_weight_decay()``
+        (timm's ViTs: position embedding, class token) unless ``optim.decay_norm_bias``.
+        A group may set its own ``weight_decay`` and ``lr_scale`` (multiplies the
+        schedule's lr, warm-up included; prefer it to a group ``lr``, from which timm's
+        warm-up would start at the one absolute ``optim.warmup_lr``)."""
         from timm.optim import param_groups_weight_decay
 
         o = self.cfg.optim
         if o.decay_norm_bias or not o.weight_decay:
             return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": o.weight_decay}]
-        return param_groups_weight_decay(model, o.weight_decay)
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+        return param_groups_weight_decay(model, o.weight_decay, no_weight_decay_list=skip)
 
     def configure_optimizer(self, model: nn.Module, steps_per_epoch: int):
         """(optimizer, scheduler) for ``model``; the scheduler is timm's, stepped by the
@@ -100,7 +104,8 @@ class Method:
     # ---- training ----------------------------------------------------------------------
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Loss of one batch (``x`` [B,C,H,W], ``y`` [B]) and scalars to log (tensors are
-        fine and preferred: the engine never moves them to the host per step)."""
+        fine and preferred: the engine never moves them to the host per step). Return the
+        same names at every step and on every rank: they are reduced over ranks by position."""
         logits = model(batch["x"])
         loss = F.cross_entropy(logits, batch["y"], label_smoothing=self.cfg.train.label_smoothing)
         return loss, {"loss": loss.detach(), "correct": (logits.argmax(1) == batch["y"]).sum()}
