@@ -10,7 +10,7 @@ Both sides skip the first epoch (warm-up) and time the rest. Two ratios are repo
 - epoch: whole epochs, where the engine also validates, checkpoints and logs to MLflow
   and the plain loop also validates (it has no checkpointing or tracking).
 Ray and MLflow start-up is reported separately: it is paid once per run, not per epoch.
-Writes benchmarks/results/engine_overhead.{json,md}. Target: train ratio >= 0.9.
+Writes benchmarks/results/engine_overhead.{json,md}. Target: train ratio >= 0.95.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TARGET = 0.95
 
 
 def plain_loop(cfg, device: torch.device) -> dict:
     """A straightforward PyTorch loop: shuffled index slices of in-memory tensors."""
     from metaensemble import data
-    from metaensemble.engine.optim import build_optimizer, build_scheduler
+    from metaensemble.methods.base import Method
     from metaensemble.models import create_model
 
     torch.manual_seed(cfg.seed)
@@ -47,10 +48,9 @@ def plain_loop(cfg, device: torch.device) -> dict:
     x_val = ((splits.val.images.to(device).float() / 255) - mean) / std
     model = create_model(cfg.model.name, num_classes=info.num_classes, in_chans=info.in_chans,
                          img_size=info.img_size, **cfg.model.kwargs).to(device)
-    opt = build_optimizer(cfg.optim, model.parameters())
     bs = cfg.data.batch_size
     steps = len(y_all) // bs
-    sched = build_scheduler(opt, cfg.optim, steps, cfg.train.epochs)
+    opt, sched = Method(cfg).configure_optimizer(model, steps)  # the engine's optimiser and schedule
     train_rates, epoch_rates = [], []
     for epoch in range(cfg.train.epochs):
         t0 = time.perf_counter()
@@ -139,9 +139,9 @@ def main() -> None:
         "plain": plain, "engine": eng,
         "ratio_train": eng["train_images_per_s"] / plain["train_images_per_s"],
         "ratio_epoch": eng["epoch_images_per_s"] / plain["epoch_images_per_s"],
-        "target_ratio_train": 0.9,
+        "target_ratio_train": TARGET,
     }
-    result["target_met"] = result["ratio_train"] >= 0.9
+    result["target_met"] = result["ratio_train"] >= TARGET
     RESULTS.mkdir(exist_ok=True)
     tag = "" if not args.gpu else "_gpu"
     (RESULTS / f"engine_overhead{tag}.json").write_text(json.dumps(result, indent=2))
@@ -152,7 +152,7 @@ def main() -> None:
         f"| train phase images/s | {plain['train_images_per_s']:.0f} | {eng['train_images_per_s']:.0f} | {result['ratio_train']:.3f} |\n"
         f"| whole epoch images/s | {plain['epoch_images_per_s']:.0f} | {eng['epoch_images_per_s']:.0f} | {result['ratio_epoch']:.3f} |\n\n"
         f"Engine start-up + final evaluation (once per run): {eng['startup_and_final_eval_s']:.1f} s of "
-        f"{eng['fit_wall_s']:.1f} s wall. Target train ratio >= 0.9: {'met' if result['target_met'] else 'NOT met'}.\n"
+        f"{eng['fit_wall_s']:.1f} s wall. Target train ratio >= {TARGET}: {'met' if result['target_met'] else 'NOT met'}.\n"
     )
     (RESULTS / f"engine_overhead{tag}.md").write_text(md)
     print(md)
