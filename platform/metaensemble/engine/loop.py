@@ -127,6 +127,7 @@ def quiet_worker() -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     try:
         from ray.train.v2._internal.execution import context as train_context

@@ -103,15 +103,26 @@ def _check_init_from(cfg: Config) -> None:
 def ensure_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (``ray job submit`` sets it), or start a
     local instance with at least LOCAL_CPUS_MIN logical CPUs."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    # A readable console: Tune's tables and per-trial lines off (verbose=0 is honoured by
+    # the classic reporter), MLflow's and Tune's INFO chatter off, here and in the local
+    # instance's processes (they inherit this environment). Run logs keep everything.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for name in ("ray.tune", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, logging_level=logging.WARNING)
     else:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
-        ray.init(num_cpus=max(LOCAL_CPUS_MIN, os.cpu_count() or 1), log_to_driver=True)
+        ray.init(num_cpus=max(LOCAL_CPUS_MIN, os.cpu_count() or 1), log_to_driver=True,
+                 logging_level=logging.WARNING)
 
 
 def scaling_config(cfg: Config):

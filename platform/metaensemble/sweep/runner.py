@@ -78,6 +78,9 @@ def trial_driver(params: dict[str, Any], static: dict[str, Any]) -> None:
     from ray.train import TrainingFailedError
 
     os.environ["MLFLOW_TRACKING_URI"] = static["tracking_uri"]
+    from metaensemble.engine.loop import quiet_worker
+
+    quiet_worker()  # on a cluster, trial processes do not inherit the driver's settings
     ctx = tune.get_context()
     base = build_config(static["base"])
     entries = params["params"].get("pack") or [params["params"]]
