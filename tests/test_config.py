@@ -70,3 +70,19 @@ def test_every_shipped_config_is_valid():
         cfg = load_config(f)
         assert cfg.run_key().startswith(cfg.task), f
     assert Path(REPO_ROOT / "cluster.yaml").is_file()
+
+
+def test_assigning_an_unknown_key_or_a_bad_section_stores_nothing():
+    from metaensemble.config import build_config
+    from metaensemble.methods.weightformer.config import MetaConfig
+
+    cfg = build_config({"method": "weightformer"})
+    before = cfg.config_hash()
+    with pytest.raises(ConfigError, match="unknown config key 'bogus'"):
+        cfg.bogus = 1
+    with pytest.raises(ConfigError, match="meta.bogus"):
+        cfg.meta = {"bogus": 3}
+    assert "bogus" not in cfg.to_dict() and isinstance(cfg.meta, MetaConfig)
+    assert cfg.config_hash() == before
+    cfg.meta = {"ensemble_size": 3}
+    assert isinstance(cfg.meta, MetaConfig) and cfg.meta.ensemble_size == 3

@@ -249,6 +249,19 @@ class Config(BaseModel):
     experiment: str | None = None
     """MLflow experiment; default ``<dataset>/<task>``."""
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Method sections are extras: checked here, so a refused assignment stores nothing.
+        if name not in type(self).model_fields and not name.startswith("_"):
+            known = sections()
+            if name not in known:
+                raise ConfigError(f"unknown config key {name!r}; valid keys here: {', '.join(_top_keys())}")
+            if not isinstance(value, known[name]):
+                try:
+                    value = known[name].model_validate(value if value is not None else {})
+                except ValidationError as e:
+                    raise ConfigError("invalid config: " + "; ".join(_describe(e, (name,)))) from None
+        super().__setattr__(name, value)
+
     @model_validator(mode="after")
     def _method_sections(self) -> Config:
         # The method name and every method section are checked here (torch-free); data
