@@ -116,3 +116,38 @@ class RayRunDir:
 @pytest.fixture
 def ray_run_dir():
     return RayRunDir
+
+
+class WorkerKiller:
+    """SIGKILLs a process (a Ray Train worker) from a background thread as soon as
+    ``find_pid()`` returns its pid, ``delay`` seconds later; ``join()`` gives the pids killed."""
+
+    def __init__(self, find_pid, delay: float = 0.0, timeout: float = 240.0) -> None:
+        import threading
+
+        self.killed: list[int] = []
+        self._thread = threading.Thread(target=self._watch, args=(find_pid, delay, timeout), daemon=True)
+        self._thread.start()
+
+    def _watch(self, find_pid, delay: float, timeout: float) -> None:
+        import signal
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = find_pid()
+            if pid is not None:
+                time.sleep(delay)
+                os.kill(pid, signal.SIGKILL)
+                self.killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    def join(self) -> list[int]:
+        self._thread.join(timeout=5)
+        return self.killed
+
+
+@pytest.fixture
+def worker_killer():
+    return WorkerKiller

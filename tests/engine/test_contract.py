@@ -4,9 +4,7 @@ real local Ray instance (2-worker gloo DDP) and a real MLflow server."""
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -226,7 +224,7 @@ def test_export_named_predictions_scalars_rank_rng_and_evaluate(ray_local, digit
 
 
 # ---- rebuild + method state + every rank's RNG survive a worker kill -----------------------------
-def test_rebuild_at_epoch_2_and_worker_killed_at_epoch_3_resumes_to_the_same_weights(ray_run_dir, ray_local, digits_cfg, tmp_path):
+def test_rebuild_at_epoch_2_and_worker_killed_at_epoch_3_resumes_to_the_same_weights(ray_run_dir, worker_killer, ray_local, digits_cfg, tmp_path):
     base = ("scaling.num_workers=2", "train.epochs=4", "scaling.max_failures=2")
     ref_cfg = digits_cfg(*base, "experiment=test/rebuild-ref")
     ref = fit(ref_cfg, method=GrowingMethod(ref_cfg))
@@ -235,24 +233,15 @@ def test_rebuild_at_epoch_2_and_worker_killed_at_epoch_3_resumes_to_the_same_wei
     out = tmp_path / "rec"
     out.mkdir()
     run_dir = ray_run_dir(cfg)
-    killed: list[int] = []
+    def worker_in_epoch_3():
+        recs = list(out.glob("epoch1-pid*"))  # epoch index 1 = the second epoch is done
+        if recs and len(list(run_dir.glob("checkpoint_*"))) >= 2:
+            return int(recs[0].name.split("pid")[1])
+        return None
 
-    def kill_in_epoch_3():
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            recs = list(out.glob("epoch1-pid*"))  # epoch index 1 = the second epoch is done
-            if recs and len(list(run_dir.glob("checkpoint_*"))) >= 2:
-                time.sleep(0.3)
-                pid = int(recs[0].name.split("pid")[1])
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_in_epoch_3, daemon=True)
-    killer.start()
+    killer = worker_killer(worker_in_epoch_3, delay=0.3)
     outcome = fit(cfg, method=GrowingMethod(cfg, out, sleep=0.05))
-    killer.join(timeout=5)
+    killed = killer.join()
     assert killed, "the worker was never killed"
     run = tracking.client().get_run(outcome.run_id)
     assert int(run.data.tags["metaensemble.resumed_from_epoch"]) >= 1

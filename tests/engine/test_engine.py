@@ -96,27 +96,19 @@ def test_two_worker_gloo_ddp_identical_params_and_disjoint_halves(ray_local, dig
     assert outcome.metrics["test_acc"] > 0.5 and not outcome.skipped
 
 
-def test_worker_killed_mid_run_resumes_from_checkpoint_in_same_mlflow_run(ray_run_dir, ray_local, digits_cfg, tmp_path):
+def test_worker_killed_mid_run_resumes_from_checkpoint_in_same_mlflow_run(ray_run_dir, worker_killer, ray_local, digits_cfg, tmp_path):
     cfg = digits_cfg("train.epochs=6", "scaling.max_failures=2")
     out = tmp_path / "rec"
     out.mkdir()
     run_dir = ray_run_dir(cfg)
-    killed: list[int] = []
+    def worker_after_two_checkpoints():
+        if len(list(run_dir.glob("checkpoint_*"))) >= 2 and (recs := list(out.glob("rank0-epoch2-*"))):
+            return int(recs[0].stem.split("pid")[1])  # the RayTrainWorker process, mid epoch 3 or 4
+        return None
 
-    def kill_after_two_checkpoints():
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if len(list(run_dir.glob("checkpoint_*"))) >= 2 and (recs := list(out.glob("rank0-epoch2-*"))):
-                pid = int(recs[0].stem.split("pid")[1])
-                os.kill(pid, signal.SIGKILL)  # the RayTrainWorker process, mid epoch 3 or 4
-                killed.append(pid)
-                return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_after_two_checkpoints, daemon=True)
-    killer.start()
+    killer = worker_killer(worker_after_two_checkpoints)
     outcome = fit(cfg, method=RecordingMethod(cfg, out, sleep=0.08))
-    killer.join(timeout=5)
+    killed = killer.join()
     assert killed, "the worker was never killed"
     recs = _records(out)
     pids = sorted({r["pid"] for r in recs})
