@@ -140,3 +140,30 @@ def test_log_table_under_another_name_leaves_eval_artifacts_alone(mlflow_uri, tm
         "fusion_table_mlflow.json",
     }
     assert c.get_run(run_id).data.metrics == {}
+
+
+def test_seed_rows_report_the_mean_and_sample_std_over_seeds():
+    from metaensemble.evaluation import COLUMNS, format_seed_table, seed_row
+
+    per = [{k: v for k in (*COLUMNS, "temperature")} for v in (0.5, 0.7, 0.9)]
+    row = seed_row("kd", "Student KD", per, train_s=3.0)
+    assert row.mean["acc"] == pytest.approx(0.7) and row.std["nll"] == pytest.approx(0.2)  # ddof 1
+    text = format_seed_table([row, seed_row("teacher", "Teacher DE-4", per[:1])])
+    assert "70.00 +- 20.00" in text and "0.7000 +- 0.2000" in text
+    assert "Teacher DE-4" in text and "+-" not in text.splitlines()[-1]  # one value: no spread
+
+
+def test_calibrated_columns_and_the_reliability_diagram(tmp_path):
+    from metaensemble import metrics
+    from metaensemble.evaluation import calibrated_columns, reliability_diagram
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(400, 5, generator=g) * 3
+    y = torch.distributions.Categorical(logits=z / 2).sample()  # true temperature 2
+    logp = torch.log_softmax(z, 1)
+    cols = calibrated_columns((logp[:200], y[:200]), (logp[200:], y[200:]))
+    report = metrics.calibrated_report(logp[:200], y[:200], logp[200:], y[200:])
+    assert cols["cnll"] == report["test_cnll"] and cols["acc"] == report["test_acc"]
+    assert cols["temperature"] > 1.3 and cols["cnll"] < cols["nll"]
+    png = reliability_diagram({"a": (logp, y), "b": (logp / 2, y)}, tmp_path / "r.png", "t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

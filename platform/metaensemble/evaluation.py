@@ -10,6 +10,11 @@ and a bar chart. Nothing here knows which method produced a row.
     rows = [mean_row("kd_full", "KD student (full train)", per), ...]
     print(format_table(rows))
     log_table(client, run_id, rows, title="digits: held-out ensembles")
+
+A job whose candidates are trained once per seed (the distillation students) reports
+``SeedRow``s instead: mean +- std over seeds of test ACC, NLL, ECE and the calibrated
+cNLL, cECE (``calibrated_columns``), printed by ``format_seed_table``, with
+``reliability_diagram`` for the calibration.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ METRICS = ("acc", "nll", "ece", "time_s")
 wall time in seconds it took to produce the network being measured."""
 
 LABEL_WIDTH = 34
+COLUMNS = ("acc", "nll", "ece", "cnll", "cece")
+"""The calibrated table's columns (``SeedRow``): test ACC, NLL, ECE, and test NLL and
+ECE after a temperature fitted on val."""
 
 
 @dataclass
@@ -143,6 +151,12 @@ def bar_chart(rows: list[Row], path: str | Path, title: str, highlight: Iterable
         ax.set_title(name)
     axes[0].set_yticks(ypos, [r.label.strip() for r in rows])
     axes[0].invert_yaxis()
+    return _save(fig, title, path)
+
+
+def _save(fig, title: str, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
@@ -181,3 +195,91 @@ def log_table(
             client, run_id, {f"{r.key}_{m}": getattr(r, m) for r in rows for m in METRICS}
         )
     return [*written, f"{name}_table_mlflow.json"]
+
+
+# ---- candidates over seeds: mean +- std, calibrated columns -------------------------------
+def calibrated_columns(val: tuple[Any, Any], test: tuple[Any, Any]) -> dict[str, float]:
+    """``COLUMNS`` (and the temperature) of one network from its val and test
+    (log-probabilities, labels): the temperature is fitted on val by NLL."""
+    from metaensemble import metrics
+
+    r = metrics.calibrated_report(val[0], val[1], test[0], test[1])
+    return {"acc": r["test_acc"], "nll": r["test_nll"], "ece": r["test_ece"], "cnll": r["test_cnll"],
+            "cece": r["test_cece"], "temperature": r["temperature"]}
+
+
+@dataclass
+class SeedRow:
+    """A candidate measured once per seed (or per member): the mean and the sample std
+    (ddof 1) of ``COLUMNS`` over ``per_seed``, and its mean training seconds."""
+
+    key: str
+    label: str
+    mean: dict[str, float]
+    std: dict[str, float]
+    n: int
+    train_s: float = 0.0
+    per_seed: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "label": self.label, "mean": self.mean, "std": self.std, "n": self.n,
+                "train_s": self.train_s, "per_seed": self.per_seed}
+
+
+def seed_row(key: str, label: str, per: list[dict[str, float]], train_s: float = 0.0) -> SeedRow:
+    """``per``: one ``calibrated_columns`` dict per seed."""
+    cols = (*COLUMNS, "temperature")
+    mean = {k: float(np.mean([p[k] for p in per])) for k in cols}
+    std = {k: float(np.std([p[k] for p in per], ddof=1)) if len(per) > 1 else 0.0 for k in cols}
+    return SeedRow(key, label, mean, std, len(per), train_s, per)
+
+
+def format_seed_table(rows: list[SeedRow]) -> str:
+    """The paper's table: ACC (%), NLL, ECE, cNLL, cECE as mean +- std over seeds."""
+    head = f"{'method':<24} {'ACC':>14} {'NLL':>16} {'ECE':>16} {'cNLL':>16} {'cECE':>16} {'train s':>8} {'n':>2}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = []
+        for k in COLUMNS:
+            f = 100.0 if k == "acc" else 1.0
+            w, p = (14, 2) if k == "acc" else (16, 4)
+            cells.append(f"{f * r.mean[k]:.{p}f} +- {f * r.std[k]:.{p}f}".rjust(w) if r.n > 1
+                         else f"{f * r.mean[k]:.{p}f}".rjust(w))
+        secs = f"{r.train_s:>8.1f}" if r.train_s else f"{'-':>8}"
+        lines.append(f"{r.label:<24} {' '.join(cells)} {secs} {r.n:>2}")
+    return "\n".join(lines)
+
+
+def reliability_diagram(curves: dict[str, tuple[Any, Any]], path: str | Path, title: str,
+                        n_bins: int = 15) -> Path:
+    """One panel per row: accuracy per confidence bin (15 equal-width, right-closed, as
+    ECE) against the diagonal, from the test predictions (a student's seeds pooled)."""
+    import matplotlib
+    import torch
+
+    from metaensemble import metrics
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.8), sharey=True)
+    axes = np.atleast_1d(axes)
+    width = 1.0 / n_bins
+    centres = (np.arange(n_bins) + 0.5) * width
+    for ax, (label, (logp, y)) in zip(axes, curves.items(), strict=True):
+        bins = metrics.ece_bins(logp.float().exp(), y, n_bins).numpy()
+        count = np.maximum(bins[:, 0], 1)
+        acc, conf = bins[:, 2] / count, bins[:, 1] / count
+        filled = bins[:, 0] > 0
+        ax.bar(centres[filled], acc[filled], width=width, edgecolor="black", color="tab:blue", label="accuracy")
+        ax.bar(centres[filled], (conf - acc)[filled], bottom=acc[filled], width=width, color="tab:red",
+               alpha=0.35, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ece = metrics.ece_from_bins(torch.from_numpy(bins))
+        ax.set_title(f"{label.strip()}\nECE {ece:.4f}", fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    return _save(fig, title, path)

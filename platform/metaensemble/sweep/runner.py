@@ -146,6 +146,50 @@ def launch(static: dict[str, Any], param_space: dict[str, Any], *, name: str, st
     return tuner.fit()
 
 
+def run_key_name(cfg: Config, trial_id: str) -> str:
+    """A trial's run is named by its config (``cfg.run_key()``): a rerun reuses it."""
+    return cfg.run_key()
+
+
+def train_configs(runs: dict[str, Config], groups: list[list[str]], *, experiment: str, parent_run_id: str,
+                  storage: str, name: str) -> dict[str, str]:
+    """Train every config of ``runs`` as child runs of ``parent_run_id`` in ``experiment``,
+    side by side as the cluster allows: each group of keys in ``groups`` is one Tune trial
+    (a group of several is a pack: one Ray Train run trained one after another, for runs
+    of seconds whose start-up would dominate), started in the order given. Runs finished
+    before are not retrained. Returns key -> MLflow run id; raises if any run failed."""
+    from ray import tune
+
+    listed = [k for g in groups for k in g]
+    if sorted(listed) != sorted(runs) or len(set(listed)) != len(listed):
+        raise ValueError(f"groups must hold every run key exactly once; runs {sorted(runs)}, groups {groups}")
+    uri = tracking.ensure_tracking()
+    engine.ensure_ray()
+    first = next(iter(runs.values()))
+    static = {"base": first.to_dict(), "experiment": experiment, "tracking_uri": uri, "name": name,
+              "parent_run_id": parent_run_id, "run_name_fn": run_key_name}
+
+    def flat(c: Config) -> dict[str, Any]:  # a whole config as top-level overrides
+        return {k: v for k, v in c.to_dict().items() if k != "experiment"}
+
+    space = [{"pack": [flat(runs[k]) for k in g]} if len(g) > 1 else flat(runs[g[0]]) for g in groups if g]
+    results = launch(static, {"params": tune.grid_search(space)}, name=name, storage=storage, metric="val_acc",
+                     mode="max", num_samples=1, max_concurrent=concurrency(first, 0),
+                     verbose=0)  # the runs print their own epoch lines
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(space)} trials failed; first: {errors[0]}")
+    client = tracking.client(uri)
+    exp_id = tracking.experiment_id(client, experiment)
+    ids = {}
+    for key, c in runs.items():
+        run = tracking.find_run(client, exp_id, c.with_overrides({"experiment": experiment}).run_key())
+        if run is None or run.info.status != "FINISHED":
+            raise RuntimeError(f"run {key} ({c.run_key()}) did not finish")
+        ids[key] = run.info.run_id
+    return ids
+
+
 def prepare(base: Config) -> Config:
     """Resolve a base config's external inputs once, before any trial, through the
     method's own hook ``prepare_sweep(cfg) -> cfg`` if its class defines one (e.g. a

@@ -7,6 +7,7 @@ from metaensemble.tracking.runs import (
     client,
     experiment_id,
     find_run,
+    job_run,
     log_config,
     log_metrics,
     open_run,
@@ -23,6 +24,6 @@ from metaensemble.tracking.zoo import TeacherEntry, TeacherZoo, registered_name
 __all__ = [
     "LocalTrackingServer", "RunHandle", "TeacherEntry", "TeacherZoo", "child_runs", "client", "describe_store",
     "ensure_registered_model", "ensure_tracking", "experiment_id", "find_run", "find_version",
-    "local_store_dir", "log_config", "log_metrics", "open_run", "register_model", "registered_name",
+    "local_store_dir", "job_run", "log_config", "log_metrics", "open_run", "register_model", "registered_name",
     "set_tags",
 ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,22 @@ def open_run(c: MlflowClient, cfg: Config, run_key: str, *, parent_run_id: str |
         return _handle(winner, resumed=True)
     log_config(c, run_id, cfg)
     return RunHandle(run_id, exp_id, run.info.status, False)
+
+
+@contextmanager
+def job_run(c: MlflowClient, cfg: Config, run_key: str, job: str) -> Iterator[str]:
+    """The parent run of a job that trains child runs: opened (or reopened, RUNNING again,
+    when the same config ran before) under ``run_key`` with tag ``metaensemble.job``;
+    yields its id; FINISHED when the block ends, FAILED when it raises."""
+    handle = open_run(c, cfg, run_key, tags={"metaensemble.job": job})
+    if handle.resumed:
+        c.update_run(handle.run_id, status="RUNNING")
+    try:
+        yield handle.run_id
+    except BaseException:
+        c.set_terminated(handle.run_id, status="FAILED")
+        raise
+    c.set_terminated(handle.run_id, status="FINISHED")
 
 
 def join_race(c: MlflowClient, exp_id: str, run_key: str, run_id: str):

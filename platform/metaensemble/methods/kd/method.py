@@ -95,7 +95,7 @@ class EnsembleKD(Method):
 
     def validate(self) -> None:
         if len(self.cfg.distill.teachers) < 1:
-            raise ConfigError("method kd needs teachers: set distill.teachers to checkpoint folders or MLflow URIs")
+            raise ConfigError(f"method {self.name} needs teachers: set distill.teachers to checkpoint folders or MLflow URIs")
 
     def teacher_uris(self) -> list[str]:
         return list(self.cfg.distill.teachers)

@@ -303,65 +303,18 @@ def kd_configs(p: Plan) -> dict[str, Config]:
     return out
 
 
-def _run_name(cfg: Config, trial_id: str) -> str:
-    return cfg.run_key()
-
-
 def train_all(
     runs: dict[str, Config], experiment: str, parent_run_id: str, storage: str, name: str
 ) -> dict[str, str]:
-    """Train every config (side by side as the cluster allows); returns name -> MLflow run id."""
-    from ray import tune
+    """Train every config (side by side as the cluster allows); returns name -> MLflow run id.
+    The KD students train in seconds each: one pack (one Ray Train run, started first)
+    holds them all; every generator run, minutes each, gets its own."""
+    from metaensemble.sweep import train_configs
 
-    from metaensemble.sweep import concurrency, launch
-
-    uri = tracking.ensure_tracking()
-    engine.ensure_ray()
-    first = next(iter(runs.values()))
-    static = {
-        "base": first.to_dict(),
-        "experiment": experiment,
-        "tracking_uri": uri,
-        "name": name,
-        "parent_run_id": parent_run_id,
-        "run_name_fn": _run_name,
-    }
-    # The KD students train in seconds each: one pack (one Ray Train run, started first)
-    # holds them all; every generator run, minutes each, gets its own.
-    kd = [_flat_overrides(c.to_dict()) for k, c in runs.items() if k.startswith("kd_")]
-    space = ([{"pack": kd}] if len(kd) > 1 else kd) + [
-        _flat_overrides(c.to_dict()) for k, c in runs.items() if not k.startswith("kd_")
-    ]
-    results = launch(
-        static,
-        {"params": tune.grid_search(space)},
-        name=name,
-        storage=storage,
-        metric="val_acc",
-        mode="max",
-        num_samples=1,
-        max_concurrent=concurrency(first, 0),
-        verbose=0,
-    )  # the runs print their own epoch lines
-    errors = [r.error for r in results if r.error]
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {len(runs)} runs failed; first: {errors[0]}")
-    client = tracking.client(uri)
-    exp_id = tracking.experiment_id(client, experiment)
-    ids = {}
-    for key, c in runs.items():
-        run = tracking.find_run(
-            client, exp_id, c.with_overrides({"experiment": experiment}).run_key()
-        )
-        if run is None or run.info.status != "FINISHED":
-            raise RuntimeError(f"run {key} ({c.run_key()}) did not finish")
-        ids[key] = run.info.run_id
-    return ids
-
-
-def _flat_overrides(d: dict[str, Any]) -> dict[str, Any]:
-    """A whole config as top-level overrides (sections replaced wholesale)."""
-    return {k: v for k, v in d.items() if k != "experiment"}
+    kd = [k for k in runs if k.startswith("kd_")]
+    groups = [kd] + [[k] for k in runs if k not in kd]
+    return train_configs(runs, groups, experiment=experiment, parent_run_id=parent_run_id,
+                         storage=storage, name=name)
 
 
 # ---- 3. evaluate -----------------------------------------------------------------------
@@ -568,11 +521,7 @@ def run(cfg: Config, *, train_missing: bool = True) -> MetaOutcome:
     cfg = pl.cfg
     client = tracking.client(tracking.ensure_tracking())
     key = f"meta-{cfg.run_key()}"
-    handle = tracking.open_run(client, cfg, key, tags={"metaensemble.job": "meta_train"})
-    if handle.resumed:
-        client.update_run(handle.run_id, status="RUNNING")
-    parent = handle.run_id
-    try:
+    with tracking.job_run(client, cfg, key, "meta_train") as parent:
         client.log_dict(parent, {"teachers": [asdict(t) for t in pl.teachers]}, "teachers.json")
         tracking.set_tags(
             client,
@@ -606,10 +555,6 @@ def run(cfg: Config, *, train_missing: bool = True) -> MetaOutcome:
             "total_s": time.perf_counter() - t_start,
         }
         tracking.log_metrics(client, parent, seconds)
-        client.set_terminated(parent, status="FINISHED")
-    except BaseException:
-        client.set_terminated(parent, status="FAILED")
-        raise
     return MetaOutcome(parent, rows, run_ids, pl.teachers, version, seconds)
 
 

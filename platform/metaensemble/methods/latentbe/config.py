@@ -1,0 +1,23 @@
+"""The ``latentbe`` section and the ``latentbe`` / ``tdiv_sdiv`` methods (no torch)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from metaensemble.config import Section, register_method, register_section
+
+
+class LatentBEConfig(Section):
+    """The BatchEnsemble student of LatentBE and TDiv-SDiv."""
+
+    members: int | None = Field(None, ge=2)
+    """Student members M; member m is distilled from teacher m, so ``distill.teachers``
+    needs at least M (the first M are used). None: one member per teacher."""
+    perturb_scale: float = Field(1.0, gt=0.0, le=16.0)
+    """TDiv-SDiv's step length in units of the paper's sqrt(D)/255 per example (D = pixels
+    x channels); 1 is the paper's. Read by ``tdiv_sdiv`` only."""
+
+
+register_section("latentbe", LatentBEConfig)
+register_method("latentbe", "metaensemble.methods.latentbe.method:LatentBE", sections=("distill", "latentbe"))
+register_method("tdiv_sdiv", "metaensemble.methods.latentbe.method:TDivSDiv", sections=("distill", "latentbe"))

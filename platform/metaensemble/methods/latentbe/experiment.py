@@ -1,0 +1,327 @@
+"""The ensemble-distillation experiment: the pipeline behind ``jobs/distill.py``.
+
+1. plan      validate; take M teachers (``distill.teachers``, or the zoo of
+             ``distill.teacher_config``, whose missing seeds are trained first) and
+             check each is the student's architecture
+2. train     every student of ``distill.methods`` (kd, latentbe, tdiv_sdiv) once per
+             seed of ``distill.seeds``, as child engine runs of one parent MLflow run;
+             each method's seeds are one pack (one Ray Train run), the methods side by
+             side as the cluster allows
+3. evaluate  the paper's table on the test split: the teachers' ensemble DE-M, each
+             student as mean +- std over seeds (ACC, NLL, ECE, and cNLL, cECE after a
+             temperature fitted on val), one procedure for every row; reliability
+             diagrams as a PNG; every student registered as
+             ``student.<dataset>.<arch>.<method>``, tagged with its teachers
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metaensemble import data, engine, metrics, tracking
+from metaensemble.config import Config, load_config
+from metaensemble.errors import ConfigError, ZooError
+from metaensemble.evaluation import (
+    COLUMNS,
+    SeedRow,
+    calibrated_columns,
+    format_seed_table,
+    reliability_diagram,
+    seed_row,
+)
+from metaensemble.methods.base import predict_logp
+
+METHODS = ("kd", "latentbe", "tdiv_sdiv")
+LABELS = {"teacher": "Teacher DE-{m}", "member": "  single teacher (mean)", "kd": "Student KD",
+          "latentbe": "+ LatentBE", "tdiv_sdiv": "+ TDiv-SDiv"}
+
+
+@dataclass
+class Teacher:
+    uri: str
+    label: str
+    """What a student's tags name it by: ``teacher.digits.convnet v3`` or its URI."""
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    """The job's config with ``latentbe.members`` and ``distill.teachers`` resolved."""
+    teachers: list[Teacher]
+    students: dict[str, Config] = field(default_factory=dict)
+    """``<method>/s<seed>`` -> the student's engine config."""
+
+
+# ---- 1. plan ---------------------------------------------------------------------------
+def members(cfg: Config, tcfg: Config | None) -> int:
+    if cfg.latentbe.members:
+        return cfg.latentbe.members
+    if cfg.distill.teachers:
+        return len(cfg.distill.teachers)
+    return tcfg.zoo.num_teachers
+
+
+def validate(cfg: Config) -> Config | None:
+    """Everything checkable before any work; returns the teacher recipe (None when the
+    teachers are given as ``distill.teachers``)."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"jobs/distill.py trains students with {', '.join(METHODS)}; got method={cfg.method!r}")
+    if len(set(cfg.distill.seeds)) != len(cfg.distill.seeds):
+        raise ConfigError(f"distill.seeds has repeats: {cfg.distill.seeds}")
+    if len(cfg.distill.seeds) < 2:
+        raise ConfigError(f"distill.seeds={cfg.distill.seeds}: the table's +- std needs at least 2 seeds")
+    engine.validate(cfg.with_overrides({"method": "supervised"}))  # data, model, optimiser
+    tcfg = None
+    if not cfg.distill.teachers:
+        tcfg = load_config(cfg.distill.teacher_config, [f"storage_path={cfg.storage_path}"])
+        m = members(cfg, tcfg)
+        if tcfg.zoo.num_teachers < m:
+            tcfg = tcfg.with_overrides({"zoo.num_teachers": m})
+        theirs = (tcfg.model.name, dict(tcfg.model.kwargs), tcfg.data.name)
+        ours = (cfg.model.name, dict(cfg.model.kwargs), cfg.data.name)
+        if theirs != ours:
+            raise ConfigError(
+                f"distill.teacher_config {cfg.distill.teacher_config} trains {theirs[0]!r} {theirs[1]} on "
+                f"{theirs[2]!r}, but the student is {ours[0]!r} {ours[1]} on {ours[2]!r}: LatentBE's teachers "
+                f"must have the student's architecture and data"
+            )
+        split = ("val_fraction", "test_fraction", "split_seed")
+        if {k: getattr(tcfg.data, k) for k in split} != {k: getattr(cfg.data, k) for k in split}:
+            raise ConfigError(
+                f"distill.teacher_config {cfg.distill.teacher_config} splits {cfg.data.name} as "
+                f"{ {k: getattr(tcfg.data, k) for k in split} }, this job as { {k: getattr(cfg.data, k) for k in split} }: "
+                f"set data.val_fraction/test_fraction/split_seed to the teachers' values, so that the students are "
+                f"selected and tested on data no teacher trained on"
+            )
+        engine.validate(tcfg)
+    elif len(cfg.distill.teachers) < members(cfg, None):
+        raise ConfigError(f"latentbe.members={cfg.latentbe.members} but distill.teachers has "
+                          f"{len(cfg.distill.teachers)}: member m is distilled from teacher m")
+    return tcfg
+
+
+def resolve_teachers(cfg: Config, *, train_missing: bool = True) -> tuple[Config, list[Teacher]]:
+    """Validate and take the M teachers (training the zoo's missing ones); returns ``cfg``
+    with ``distill.teachers`` and ``latentbe.members`` filled in, and the teachers."""
+    tcfg = validate(cfg)
+    m = members(cfg, tcfg)
+    if tcfg is None:
+        teachers = [Teacher(u, u) for u in cfg.distill.teachers[:m]]
+    else:
+        teachers = zoo_teachers(tcfg, m, train_missing)
+    return cfg.with_overrides({"distill.teachers": [t.uri for t in teachers], "latentbe.members": m}), teachers
+
+
+def plan(cfg: Config, *, train_missing: bool = True) -> Plan:
+    """Validate, take the teachers (training the zoo's missing ones), check them, and make
+    one student config per (method, seed)."""
+    cfg, teachers = resolve_teachers(cfg, train_missing=train_missing)
+    students = {}
+    for method in cfg.distill.methods:
+        c = cfg.with_overrides({"method": method, "task": "distill"})
+        engine.validate(c)  # the method's own checks: teacher architectures, members, layers
+        for seed in cfg.distill.seeds:
+            students[f"{method}/s{seed}"] = c.with_overrides({"seed": seed})
+    return Plan(cfg, teachers, students)
+
+
+def zoo_teachers(tcfg: Config, m: int, train_missing: bool) -> list[Teacher]:
+    """The first ``m`` seeds of the recipe's zoo, trained first if missing."""
+    from metaensemble.tracking import TeacherZoo
+
+    tracking.ensure_tracking()
+    zoo = TeacherZoo(tcfg.data.name, tcfg.model.name)
+    wanted = list(range(tcfg.zoo.first_seed, tcfg.zoo.first_seed + m))
+
+    def have():
+        return {e.seed: e for e in zoo.teachers() if e.seed in wanted and e.config_hash == tcfg.config_hash()}
+
+    found = have()
+    if len(found) < m:
+        if not train_missing:
+            raise ZooError(f"zoo {zoo.name} has {len(found)} of the {m} teachers of recipe {tcfg.config_hash()}; "
+                           f"train them with jobs/train_teachers.py --config <teacher_config> zoo.num_teachers={m}")
+        from metaensemble.teachers import train_zoo
+
+        print(f"zoo {zoo.name} holds {len(found)} of the {m} teachers needed; training the rest", flush=True)
+        train_zoo(tcfg.with_overrides({"zoo.num_teachers": m}))
+        found = have()
+    return [Teacher(found[s].uri, f"{zoo.name} v{found[s].version}") for s in wanted]
+
+
+# ---- 3. evaluate -----------------------------------------------------------------------
+@dataclass
+class Scored:
+    """One network's predictions and the table's columns for it."""
+
+    test_logp: torch.Tensor
+    test_y: torch.Tensor
+    values: dict[str, float]
+
+
+def score(val: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]) -> Scored:
+    """ACC, NLL, ECE on test and cNLL, cECE after the temperature fitted on val: the one
+    procedure behind every row of the table (teachers, their ensemble, students)."""
+    return Scored(test[0], test[1], calibrated_columns(val, test))
+
+
+def directions(rows: list[SeedRow]) -> dict[str, bool]:
+    """The paper's claims, checked on the table's means: every student below DE-M (lower
+    ACC and higher NLL); LatentBE at or above KD in NLL (NLL no higher); TDiv-SDiv the best
+    student in NLL and in ECE. A claim whose rows are missing is left out."""
+    by = {r.key: r for r in rows}
+    students = [by[k] for k in METHODS if k in by]
+    out: dict[str, bool] = {}
+    if "teacher" in by and students:
+        t = by["teacher"].mean
+        out["every student below DE-M"] = all(s.mean["acc"] < t["acc"] and s.mean["nll"] > t["nll"] for s in students)
+    if "kd" in by and "latentbe" in by:
+        out["LatentBE at or above KD in NLL"] = by["latentbe"].mean["nll"] <= by["kd"].mean["nll"]
+    if "tdiv_sdiv" in by and len(students) > 1:
+        others = [s for s in students if s.key != "tdiv_sdiv"]
+        for k in ("nll", "ece"):
+            out[f"TDiv-SDiv best student in {k.upper()}"] = all(by["tdiv_sdiv"].mean[k] < s.mean[k] for s in others)
+    return out
+
+
+def _loaders(cfg: Config):
+    splits = data.load(cfg.data.model_copy(update={"train_fraction": 1.0}))
+    mk = lambda s: data.ArrayLoader(s, splits.info, cfg.data.eval_batch_size)  # noqa: E731
+    if not isinstance(splits.val, data.ArraySplit):
+        mk = lambda s: data.DatasetLoader(s, cfg.data.eval_batch_size)  # noqa: E731
+    return mk(splits.val), mk(splits.test)
+
+
+def evaluate(p: Plan, run_ids: dict[str, str]) -> tuple[list[SeedRow], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The table's rows (teacher DE-M, mean single teacher, each method over seeds) and
+    each row's pooled test predictions for the reliability diagrams."""
+    from metaensemble.models import load
+
+    cfg = p.cfg
+    val, test = _loaders(cfg)
+    client = tracking.client()
+    t_val, t_test = [], []
+    for t in p.teachers:
+        model = load(t.uri)
+        t_val.append(predict_logp(model, val))
+        t_test.append(predict_logp(model, test))
+    ens = score((metrics.ensemble_logp(torch.stack([v[0] for v in t_val])), t_val[0][1]),
+                (metrics.ensemble_logp(torch.stack([v[0] for v in t_test])), t_test[0][1]))
+    m = len(p.teachers)
+    rows = [seed_row("teacher", LABELS["teacher"].format(m=m), [ens.values]),
+            seed_row("member", LABELS["member"], [score(v, s).values for v, s in zip(t_val, t_test, strict=True)])]
+    curves = {rows[0].label: (ens.test_logp, ens.test_y)}
+    for method in cfg.distill.methods:
+        per, logps, ys, seconds = [], [], [], []
+        for seed in cfg.distill.seeds:
+            rid = run_ids[f"{method}/s{seed}"]
+            model = load(f"runs:/{rid}/model")
+            s = score(predict_logp(model, val), predict_logp(model, test))
+            per.append(s.values)
+            logps.append(s.test_logp)
+            ys.append(s.test_y)
+            seconds.append(train_seconds(client, rid))
+        rows.append(seed_row(method, LABELS[method], per, float(np.mean(seconds))))
+        curves[LABELS[method]] = (torch.cat(logps), torch.cat(ys))
+    return rows, curves
+
+
+def train_seconds(client, run_id: str) -> float:
+    """A run's optimisation time: the sum of its epochs' ``train_time_s`` (no validation,
+    checkpointing or start-up)."""
+    return float(sum(x.value for x in client.get_metric_history(run_id, "train_time_s")))
+
+
+def register_students(client, p: Plan, run_ids: dict[str, str], parent_run_id: str) -> dict[str, str]:
+    """Each student run's model as a version of ``student.<dataset>.<arch>.<method>``,
+    tagged with its teachers and seed; returns key -> version."""
+    cfg = p.cfg
+    out = {}
+    for key, rid in run_ids.items():
+        method, seed = key.split("/s")
+        mv = tracking.register_model(
+            client, f"student.{cfg.data.name}.{cfg.model.name}.{method}", rid,
+            tags={"teachers": ", ".join(t.label for t in p.teachers), "seed": seed, "method": method,
+                  "distill_run": parent_run_id},
+            description=f"{cfg.model.name} students distilled on {cfg.data.name} by {method} (jobs/distill.py).",
+        )
+        out[key] = mv.version
+    return out
+
+
+# ---- the whole job ---------------------------------------------------------------------
+@dataclass
+class DistillOutcome:
+    parent_run_id: str
+    rows: list[SeedRow]
+    run_ids: dict[str, str]
+    versions: dict[str, str]
+    directions: dict[str, bool]
+    teachers: list[Teacher]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parent_run_id": self.parent_run_id, "rows": [r.to_dict() for r in self.rows],
+                "run_ids": self.run_ids, "versions": self.versions, "directions": self.directions,
+                "teachers": [t.__dict__ for t in self.teachers], "seconds": self.seconds}
+
+
+def run(cfg: Config, *, train_missing: bool = True) -> DistillOutcome:
+    """The whole job under one parent MLflow run, which a rerun of the same config
+    reopens (finished students are reused, not retrained)."""
+    from metaensemble.sweep import train_configs
+
+    t0 = time.perf_counter()
+    p = plan(cfg, train_missing=train_missing)
+    t_plan = time.perf_counter()
+    cfg = p.cfg
+    client = tracking.client(tracking.ensure_tracking())
+    key = f"distill-{cfg.run_key()}"
+    with tracking.job_run(client, cfg, key, "distill") as parent:
+        tracking.set_tags(client, parent, {"teachers": ", ".join(t.label for t in p.teachers),
+                                           "methods": ",".join(cfg.distill.methods),
+                                           "seeds": ",".join(map(str, cfg.distill.seeds))})
+        print(f"teachers (M={len(p.teachers)}): {', '.join(t.label for t in p.teachers)}", flush=True)
+        print(f"training {len(p.students)} students: {', '.join(p.students)}", flush=True)
+        groups = [[k for k in p.students if k.startswith(f"{m}/")] for m in cfg.distill.methods]
+        # the slowest method first, so that the others fill in around it
+        groups.sort(key=lambda g: -METHODS.index(g[0].split("/")[0]))
+        run_ids = train_configs(p.students, groups, experiment=cfg.experiment_name, parent_run_id=parent,
+                                storage=f"{cfg.resolved_storage_path()}/distill", name=key[:150])
+        t_train = time.perf_counter()
+        rows, curves = evaluate(p, run_ids)
+        versions = register_students(client, p, run_ids, parent)
+        dirs = directions(rows)
+        title = f"{cfg.data.name} {cfg.model.name} {cfg.model.kwargs}: DE-{len(p.teachers)} and its students"
+        log_results(client, parent, rows, curves, dirs, title)
+        seconds = {"plan_s": t_plan - t0, "train_s": t_train - t_plan, "total_s": time.perf_counter() - t0}
+        tracking.log_metrics(client, parent, seconds)
+    return DistillOutcome(parent, rows, run_ids, versions, dirs, p.teachers, seconds)
+
+
+def log_results(client, run_id: str, rows: list[SeedRow], curves, dirs: dict[str, bool], title: str) -> None:
+    """``distill_table.md`` / ``.json``, ``reliability.png`` and ``<key>_<column>``
+    metrics (means, and ``_std``) on the parent run."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d)
+        claims = "\n".join(f"- {k}: {'holds' if v else 'does not hold'}" for k, v in dirs.items())
+        (out / "distill_table.md").write_text(f"{title}\n\n{format_seed_table(rows)}\n\n{claims}\n")
+        (out / "distill_table.json").write_text(json.dumps({"rows": [r.to_dict() for r in rows],
+                                                            "directions": dirs}, indent=2))
+        reliability_diagram(curves, out / "reliability.png", title)
+        client.log_artifacts(run_id, d)
+    values = {}
+    for r in rows:
+        for k in (*COLUMNS, "temperature"):
+            values[f"{r.key}_{k}"] = r.mean[k]
+            if r.n > 1:
+                values[f"{r.key}_{k}_std"] = r.std[k]
+    tracking.log_metrics(client, run_id, values)
