@@ -9,8 +9,13 @@ from collections.abc import Callable
 from metaensemble.errors import MetaEnsembleError
 
 
-def config_parser(description: str, default_config: str | None) -> argparse.ArgumentParser:
+def config_parser(description: str, default_config: str | None,
+                  commands: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """``[--config F] [key.sub=value ...]``; with ``commands`` (name -> help), a first
+    positional ``command`` chosen among them comes before the overrides."""
     p = argparse.ArgumentParser(description=description)
+    if commands:
+        p.add_argument("command", choices=list(commands), help="; ".join(f"{k}: {v}" for k, v in commands.items()))
     p.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     return p

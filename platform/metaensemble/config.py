@@ -40,6 +40,13 @@ class DataConfig(_Strict):
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(512, gt=0)
     augment: bool = True
+    transform: Literal["standard", "deit"] = "standard"
+    """Training augmentation of file datasets (imagefolder): ``standard`` is
+    RandomResizedCrop + flip; ``deit`` is timm's transform factory with RandAugment
+    (``auto_augment``) and random erasing (``re_prob``), the DeiT recipe. Array datasets
+    (digits, synthetic, cifar) have their own augmentation and take only ``standard``."""
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    re_prob: float = Field(0.25, ge=0.0, le=1.0)
     loader_workers: int = Field(0, ge=0)
     image_size: int | None = Field(None, gt=0)
     # synthetic only

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from metaensemble import engine, tracking
 from metaensemble.config import Config
+from metaensemble.errors import ZooError
 from metaensemble.tracking import TeacherEntry, TeacherZoo
 
 
@@ -91,3 +92,24 @@ def train_zoo(cfg: Config) -> TeacherZoo:
     if errors:
         raise RuntimeError(f"{len(errors)} teacher run(s) failed; first: {errors[0]}")
     return zoo
+
+
+def zoo_teachers(tcfg: Config, m: int, train_missing: bool = True) -> list[tuple[str, str]]:
+    """(URI, label such as ``teacher.digits.convnet v3``) of the first ``m`` seeds of the
+    recipe ``tcfg``'s zoo, trained first if missing (``train_missing``; else ZooError)."""
+    tracking.ensure_tracking()
+    zoo = TeacherZoo(tcfg.data.name, tcfg.model.name)
+    wanted = list(range(tcfg.zoo.first_seed, tcfg.zoo.first_seed + m))
+
+    def have():
+        return {e.seed: e for e in zoo.teachers() if e.seed in wanted and e.config_hash == tcfg.config_hash()}
+
+    found = have()
+    if len(found) < m:
+        if not train_missing:
+            raise ZooError(f"zoo {zoo.name} has {len(found)} of the {m} teachers of recipe {tcfg.config_hash()}; "
+                           f"train them with jobs/train_teachers.py --config <teacher_config> zoo.num_teachers={m}")
+        print(f"zoo {zoo.name} holds {len(found)} of the {m} teachers needed; training the rest", flush=True)
+        train_zoo(tcfg.with_overrides({"zoo.num_teachers": m}))
+        found = have()
+    return [(found[s].uri, f"{zoo.name} v{found[s].version}") for s in wanted]

@@ -131,3 +131,17 @@ def test_augmentation_keeps_shape_and_changes_pixels():
     y = data.augment_batch(x, "cifar", g)
     assert y.shape == x.shape and y.dtype == torch.uint8 and not torch.equal(x, y)
     assert torch.equal(data.augment_batch(x, "synthetic", g), x)
+
+
+def test_the_deit_transform_is_timms_factory_with_randaugment_and_random_erasing(tmp_path):
+    write_imagefolder(tmp_path)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, transform="deit", re_prob=0.5)
+    data.check(cfg)
+    splits = data.load(cfg)
+    ops = [type(t).__name__ for t in splits.train.base.transform.transforms]
+    assert "RandAugment" in ops and "RandomErasing" in ops and "RandomResizedCropAndInterpolation" in ops
+    assert [type(t).__name__ for t in splits.val.base.transform.transforms][:2] == ["Resize", "CenterCrop"]
+    x, y, _ = splits.train[0]
+    assert tuple(x.shape) == (3, 16, 16)
+    with pytest.raises(Exception, match="data.transform='deit' applies to images read from files"):
+        data.check(DataConfig(name="digits", transform="deit"))

@@ -238,3 +238,12 @@ def test_closing_a_sweep_gives_each_trial_run_its_final_status(mlflow_uri, tmp_p
     assert "metaensemble.stopped_early" not in c.get_run(runs["broke"]).data.tags
     assert outcome.best_metric == 0.9 and c.get_run(parent).info.status == "FINISHED"
     assert [t["error"] for t in outcome.trials] == [None, None, "worker died", "no report"]
+
+
+def test_a_grace_period_longer_than_the_trials_is_refused_before_any_work(tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    monkeypatch.setenv("METAENSEMBLE_MLFLOW_HOME", str(store))
+    space = load_space("search_spaces/teacher.yaml")
+    with pytest.raises(SearchSpaceError, match=r"grace_period=2 is more than the 1 epochs"):
+        run_sweep(space.model_copy(update={"params": {"optim.lr": {"choice": [0.1]}}}), ["train.epochs=1"])
+    assert not store.exists()

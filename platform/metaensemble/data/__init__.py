@@ -62,6 +62,11 @@ def check(cfg) -> None:
 
         raise ConfigError(f"data.train_fraction={cfg.train_fraction} is not supported for the streaming "
                           f"dataset {cfg.name!r}; write the subset you want with jobs/prepare_data.py")
+    if cfg.transform != "standard" and cfg.name != "imagefolder":
+        from metaensemble.errors import ConfigError
+
+        raise ConfigError(f"data.transform={cfg.transform!r} applies to images read from files (data.name="
+                          f"imagefolder); {cfg.name!r} augments its arrays itself: use data.transform=standard")
     spec.check(cfg)
 
 

@@ -181,6 +181,12 @@ def load_imagefolder(cfg: DataConfig) -> DataSplits:
         if cfg.augment
         else [transforms.Resize(int(size / 0.875)), transforms.CenterCrop(size), transforms.ToTensor(), norm]
     )
+    if cfg.augment and cfg.transform == "deit":
+        from timm.data import create_transform
+
+        train_tf = create_transform(size, is_training=True, auto_augment=cfg.auto_augment, re_prob=cfg.re_prob,
+                                    re_mode="pixel", re_count=1, interpolation="bicubic", mean=IMAGENET_MEAN,
+                                    std=IMAGENET_STD)
     eval_tf = transforms.Compose(
         [transforms.Resize(int(size / 0.875)), transforms.CenterCrop(size), transforms.ToTensor(), norm]
     )

@@ -204,7 +204,13 @@ def prepare(base: Config) -> Config:
 def run_sweep(space: SearchSpace, extra_overrides: list[str] | None = None) -> SweepOutcome:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    base = prepare(space.base_config(extra_overrides))
+    base = space.base_config(extra_overrides)
+    max_t = space.scheduler.max_t or _max_epochs(space, base)
+    if space.scheduler.name == "asha" and space.scheduler.grace_period > max_t:
+        raise SearchSpaceError(
+            f"{space.source}: scheduler.grace_period={space.scheduler.grace_period} is more than the {max_t} "
+            f"epochs a trial trains (train.epochs or scheduler.max_t): lower grace_period or train longer")
+    base = prepare(base)
     engine.validate(base)
     if space.search.name == "optuna" and any("grid" in d for d in space.params.values()):
         raise SearchSpaceError(f"{space.source}: optuna search cannot take grid params; use choice")
@@ -232,7 +238,6 @@ def run_sweep(space: SearchSpace, extra_overrides: list[str] | None = None) -> S
     parent_id = parent.info.run_id
     client.update_run(parent_id, status="RUNNING")
 
-    max_t = space.scheduler.max_t or _max_epochs(space, base)
     # ASHA stops every trial that reaches max_t; one past the last epoch keeps it from
     # cutting a trial between its last epoch and its final evaluation (model + test metrics).
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=max_t + 1, grace_period=space.scheduler.grace_period,

@@ -28,7 +28,7 @@ import torch
 
 from metaensemble import data, engine, metrics, tracking
 from metaensemble.config import Config, load_config
-from metaensemble.errors import ConfigError, ZooError
+from metaensemble.errors import ConfigError
 from metaensemble.evaluation import (
     COLUMNS,
     SeedRow,
@@ -38,6 +38,7 @@ from metaensemble.evaluation import (
     seed_row,
 )
 from metaensemble.methods.base import predict_logp
+from metaensemble.teachers import zoo_teachers
 
 METHODS = ("kd", "latentbe", "tdiv_sdiv")
 LABELS = {"teacher": "Teacher DE-{m}", "member": "  single teacher (mean)", "kd": "Student KD",
@@ -116,7 +117,7 @@ def resolve_teachers(cfg: Config, *, train_missing: bool = True) -> tuple[Config
     if tcfg is None:
         teachers = [Teacher(u, u) for u in cfg.distill.teachers[:m]]
     else:
-        teachers = zoo_teachers(tcfg, m, train_missing)
+        teachers = [Teacher(uri, label) for uri, label in zoo_teachers(tcfg, m, train_missing)]
     return cfg.with_overrides({"distill.teachers": [t.uri for t in teachers], "latentbe.members": m}), teachers
 
 
@@ -131,30 +132,6 @@ def plan(cfg: Config, *, train_missing: bool = True) -> Plan:
         for seed in cfg.distill.seeds:
             students[f"{method}/s{seed}"] = c.with_overrides({"seed": seed})
     return Plan(cfg, teachers, students)
-
-
-def zoo_teachers(tcfg: Config, m: int, train_missing: bool) -> list[Teacher]:
-    """The first ``m`` seeds of the recipe's zoo, trained first if missing."""
-    from metaensemble.tracking import TeacherZoo
-
-    tracking.ensure_tracking()
-    zoo = TeacherZoo(tcfg.data.name, tcfg.model.name)
-    wanted = list(range(tcfg.zoo.first_seed, tcfg.zoo.first_seed + m))
-
-    def have():
-        return {e.seed: e for e in zoo.teachers() if e.seed in wanted and e.config_hash == tcfg.config_hash()}
-
-    found = have()
-    if len(found) < m:
-        if not train_missing:
-            raise ZooError(f"zoo {zoo.name} has {len(found)} of the {m} teachers of recipe {tcfg.config_hash()}; "
-                           f"train them with jobs/train_teachers.py --config <teacher_config> zoo.num_teachers={m}")
-        from metaensemble.teachers import train_zoo
-
-        print(f"zoo {zoo.name} holds {len(found)} of the {m} teachers needed; training the rest", flush=True)
-        train_zoo(tcfg.with_overrides({"zoo.num_teachers": m}))
-        found = have()
-    return [Teacher(found[s].uri, f"{zoo.name} v{found[s].version}") for s in wanted]
 
 
 # ---- 3. evaluate -----------------------------------------------------------------------

@@ -1,0 +1,244 @@
+"""The two stages of Learngene SWS: the pipelines behind ``jobs/learngene.py``.
+
+aux          the aux-net (``method: learngene``) distilled from ``learngene.teacher``
+             (or the first teacher of ``learngene.teacher_config``'s zoo, trained first
+             if missing) as one engine run; its checkpoint is the learngene, registered as
+             ``learngene.<dataset>.<aux arch>``
+descendants  for every depth of ``learngene.depths``: a descendant initialised from the
+             learngene (``model.expand``) and one from random init, both finetuned by
+             engine runs with the same recipe and budget (AdamW, cosine to a min lr, no
+             warm-up, lr scaled by global batch / 512), side by side; the table of val
+             accuracy after 1 and after N epochs, test accuracy of the selected network,
+             parameters, and the storage ratio (all descendants' parameters over the
+             learngene's), under one parent MLflow run
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from metaensemble import data, engine, tracking
+from metaensemble.config import Config, load_config
+from metaensemble.errors import ConfigError
+
+
+def registered_name(cfg: Config) -> str:
+    return f"learngene.{cfg.data.name}.{cfg.model.name}"
+
+
+# ---- stage 1: the aux-net ------------------------------------------------------------------
+def resolve_teacher(cfg: Config, *, train_missing: bool = True) -> tuple[Config, str]:
+    """``cfg`` with ``learngene.teacher`` set (the zoo's first teacher of
+    ``learngene.teacher_config`` when none is given) and the teacher's label."""
+    if cfg.learngene.teacher:
+        return cfg, cfg.learngene.teacher
+    from metaensemble.teachers import zoo_teachers
+
+    tcfg = load_config(cfg.learngene.teacher_config, [f"storage_path={cfg.storage_path}"])
+    if tcfg.data.name != cfg.data.name:
+        raise ConfigError(f"learngene.teacher_config {cfg.learngene.teacher_config} trains on {tcfg.data.name!r}, "
+                          f"the aux-net on {cfg.data.name!r}: the teacher must know the aux-net's classes")
+    engine.validate(tcfg)
+    (uri, label), = zoo_teachers(tcfg, 1, train_missing)
+    return cfg.with_overrides({"learngene.teacher": uri}), label
+
+
+def check_aux(cfg: Config) -> None:
+    """Everything checkable before any work, teacher aside."""
+    if cfg.method != "learngene":
+        raise ConfigError(f"jobs/learngene.py aux trains method learngene, got method={cfg.method!r}")
+    engine.validate(cfg.with_overrides({"method": "supervised"}))  # data, model kwargs, optimiser
+    from metaensemble.methods.learngene.model import parse_stages
+
+    parse_stages(cfg.model.kwargs.get("stages", "L16_33433"))
+
+
+@dataclass
+class AuxOutcome:
+    run_id: str
+    version: str
+    teacher: str
+    metrics: dict[str, Any]
+    parameters: int
+
+
+def run_aux(cfg: Config, *, train_missing: bool = True) -> AuxOutcome:
+    """Train the aux-net (one engine run; a finished run of this config is reused) and
+    register it as the learngene."""
+    check_aux(cfg)
+    cfg, label = resolve_teacher(cfg, train_missing=train_missing)
+    engine.validate(cfg)
+    outcome = engine.fit(cfg)
+    client = tracking.client()
+    run = client.get_run(outcome.run_id)
+    from metaensemble.models import load
+
+    aux = load(outcome.model_uri)
+    mv = tracking.register_model(
+        client, registered_name(cfg), outcome.run_id,
+        tags={"teacher": label, "stages": str(aux.stage_sizes), "embed_dim": aux.embed_dim},
+        description=f"Learngenes (stage-wise weight-shared aux-nets) for {cfg.data.name}; jobs/learngene.py aux.",
+    )
+    return AuxOutcome(outcome.run_id, mv.version, label, dict(run.data.metrics),
+                      sum(p.numel() for p in aux.parameters()))
+
+
+# ---- stage 2: descendants ------------------------------------------------------------------
+def learngene_uri(cfg: Config) -> str:
+    """``learngene.learngene``, or the newest registered version of this config's learngene."""
+    if cfg.learngene.learngene:
+        return cfg.learngene.learngene
+    tracking.ensure_tracking()
+    client = tracking.client()
+    name = registered_name(cfg)
+    versions = client.search_model_versions(f"name='{name}'")
+    if not versions:
+        raise ConfigError(f"no learngene registered as {name}: train one with `python jobs/learngene.py aux` "
+                          f"(same config), or set learngene.learngene to a checkpoint folder or MLflow URI")
+    return f"models:/{name}/{max(int(v.version) for v in versions)}"
+
+
+def load_learngene(uri: str, cfg: Config):
+    """The aux-net at ``uri``, checked against this config's aux shape: a learngene of
+    another width, head count or patch size cannot initialise these descendants."""
+    from metaensemble.methods.learngene.model import AuxViT
+    from metaensemble.models import load
+
+    aux = load(uri)
+    if not isinstance(aux, AuxViT):
+        raise ConfigError(f"{uri} holds a {type(aux).__name__}, not a learngene (an aux_vit checkpoint)")
+    want = {k: cfg.model.kwargs[k] for k in ("embed_dim", "num_heads", "patch_size") if k in cfg.model.kwargs}
+    have = {"embed_dim": aux.embed_dim, "num_heads": aux.num_heads, "patch_size": aux.patch_size}
+    diff = {k: (have[k], v) for k, v in want.items() if have[k] != v}
+    if diff:
+        raise ConfigError("learngene " + uri + " does not fit these descendants: " + "; ".join(
+            f"its {k} is {a}, the config's model.kwargs.{k} is {b}" for k, (a, b) in diff.items()))
+    return aux
+
+
+def finetune_config(cfg: Config, aux, depth: int, init_uri: str | None) -> Config:
+    """The descendant recipe (the same budget for both inits): AdamW at
+    ``finetune_lr`` x global batch / 512, cosine to ``finetune_min_lr``, no warm-up."""
+    lg = cfg.learngene
+    ref = lg.lr_batch_reference
+    scale = cfg.data.batch_size * cfg.scaling.num_workers / ref if ref else 1.0
+    kwargs = {"depth": depth, "embed_dim": aux.embed_dim, "patch_size": aux.patch_size, "mlp_ratio": aux.mlp_ratio,
+              "style": lg.style, "drop_path_rate": float(cfg.model.kwargs.get("drop_path_rate", 0.0))}
+    if lg.style == "preserving":
+        kwargs["num_heads"] = aux.num_heads
+    return cfg.with_overrides({
+        "method": "supervised", "task": "descendant" if init_uri else "descendant_scratch",
+        "model.name": "descendant_vit", "model.kwargs": kwargs, "model.init_from": init_uri,
+        "optim.name": "adamw", "optim.lr": lg.finetune_lr * scale, "optim.weight_decay": lg.finetune_weight_decay,
+        "optim.warmup_epochs": 0, "optim.schedule": "cosine", "optim.min_lr": lg.finetune_min_lr,
+        "train.epochs": lg.finetune_epochs, "train.label_smoothing": lg.label_smoothing,
+    })
+
+
+@dataclass
+class DepthRow:
+    depth: int
+    layers_source: list[int]
+    parameters: int
+    learngene: dict[str, float] = field(default_factory=dict)
+    scratch: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DescendantsOutcome:
+    parent_run_id: str
+    learngene: str
+    learngene_parameters: int
+    rows: list[DepthRow]
+    run_ids: dict[str, str]
+    storage_ratio: float
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parent_run_id": self.parent_run_id, "learngene": self.learngene,
+                "learngene_parameters": self.learngene_parameters, "rows": [r.__dict__ for r in self.rows],
+                "run_ids": self.run_ids, "storage_ratio": self.storage_ratio, "seconds": self.seconds}
+
+
+def _accuracies(client, run_id: str) -> dict[str, float]:
+    """val accuracy after epoch 1 and after the last epoch, and the selected network's test accuracy."""
+    hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val_acc"))
+    run = client.get_run(run_id)
+    return {"val_acc_1": hist[0][1], "val_acc_n": hist[-1][1], "test_acc": run.data.metrics["test_acc"],
+            "train_s": sum(m.value for m in client.get_metric_history(run_id, "train_time_s"))}
+
+
+def run_descendants(cfg: Config) -> DescendantsOutcome:
+    """Stage 2 (see the module docstring). Every input is checked and every descendant
+    expanded before any run opens."""
+    from metaensemble.methods.learngene.model import default_layers_source, expand
+    from metaensemble.models import save_model
+    from metaensemble.sweep import train_configs
+
+    t0 = time.perf_counter()
+    check_aux(cfg)
+    uri = learngene_uri(cfg)
+    aux = load_learngene(uri, cfg)
+    info = data.load(cfg.data).info
+    if (info.in_chans, info.img_size) != (aux.in_chans, aux.img_size):
+        raise ConfigError(f"learngene {uri} takes {aux.in_chans}x{aux.img_size}x{aux.img_size} images, "
+                          f"{cfg.data.name} has {info.in_chans}x{info.img_size}x{info.img_size}")
+    lg = cfg.learngene
+    sources = {d: (list(lg.layers_source) if lg.layers_source is not None else default_layers_source(aux.stage_sizes, d))
+               for d in lg.depths}
+    client = tracking.client(tracking.ensure_tracking())
+    key = f"descendants-{cfg.run_key()}-{uri.replace('/', '_').replace(':', '')}"[:200]
+    with tempfile.TemporaryDirectory() as tmp:
+        inits, params = {}, {}
+        for d, src in sources.items():
+            desc = expand(aux, d, src, lg.style, num_classes=info.num_classes)  # checks layers_source
+            save_model(desc, Path(tmp) / f"d{d}", dataset=cfg.data.name)
+            params[d] = sum(p.numel() for p in desc.parameters())
+        runs: dict[str, Config] = {}
+        with tracking.job_run(client, cfg, key, "learngene_descendants") as parent:
+            tracking.set_tags(client, parent, {"learngene": uri, "depths": ",".join(map(str, lg.depths)),
+                                               "style": lg.style})
+            client.log_artifacts(parent, tmp, artifact_path="descendant_init")
+            for d in lg.depths:
+                inits[d] = f"runs:/{parent}/descendant_init/d{d}"
+                runs[f"learngene/d{d}"] = finetune_config(cfg, aux, d, inits[d])
+                runs[f"scratch/d{d}"] = finetune_config(cfg, aux, d, None)
+            for c in runs.values():
+                engine.validate(c)
+            print(f"learngene {uri}: {aux.stage_sizes} stages of width {aux.embed_dim}; finetuning "
+                  f"{len(runs)} descendants ({lg.finetune_epochs} epochs each): {', '.join(runs)}", flush=True)
+            t_start = time.perf_counter()
+            groups = [[k] for k in runs]
+            run_ids = train_configs(runs, groups, experiment=cfg.experiment_name, parent_run_id=parent,
+                                    storage=f"{cfg.resolved_storage_path()}/learngene", name=key[:150])
+            rows = [DepthRow(d, sources[d], params[d], _accuracies(client, run_ids[f"learngene/d{d}"]),
+                             _accuracies(client, run_ids[f"scratch/d{d}"])) for d in lg.depths]
+            aux_params = sum(p.numel() for p in aux.parameters())
+            ratio = sum(params.values()) / aux_params
+            seconds = {"train_s": time.perf_counter() - t_start, "total_s": time.perf_counter() - t0}
+            table = format_table(rows, aux_params, ratio, lg.finetune_epochs)
+            client.log_text(parent, table, "descendants_table.md")
+            values = {"storage_ratio": ratio, **seconds}
+            for r in rows:
+                for init, acc in (("learngene", r.learngene), ("scratch", r.scratch)):
+                    values.update({f"d{r.depth}_{init}_{k}": v for k, v in acc.items()})
+            tracking.log_metrics(client, parent, values)
+    return DescendantsOutcome(parent, uri, aux_params, rows, run_ids, ratio, seconds)
+
+
+def format_table(rows: list[DepthRow], aux_params: int, ratio: float, epochs: int) -> str:
+    head = (f"{'depth':>5} {'layers_source':<36} {'params':>9}   {'learngene init: val@1':>21} {f'val@{epochs}':>7} "
+            f"{'test':>6}   {'random init: val@1':>18} {f'val@{epochs}':>7} {'test':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        a, b = r.learngene, r.scratch
+        src = ",".join(map(str, r.layers_source))
+        lines.append(f"{r.depth:>5} {src:<36} {r.parameters:>9,}   {100 * a['val_acc_1']:>21.2f} "
+                     f"{100 * a['val_acc_n']:>7.2f} {100 * a['test_acc']:>6.2f}   {100 * b['val_acc_1']:>18.2f} "
+                     f"{100 * b['val_acc_n']:>7.2f} {100 * b['test_acc']:>6.2f}")
+    lines.append(f"learngene: {aux_params:,} parameters; storage ratio (all descendants / learngene): {ratio:.2f}x")
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""Stage 1 of Learngene SWS as an engine method (``method: learngene``): the aux-net
+(``model: aux_vit``) distilled from a teacher of any architecture.
+
+    loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y~)
+
+with the teacher in eval mode under no_grad on the same augmented (mixed) images, and
+y~ the Mixup/CutMix soft targets with label smoothing (timm's ``Mixup``) when those are
+on. With alpha = 1 (the paper's) no label enters. The DeiT learning rate is scaled by
+global batch / ``learngene.lr_batch_reference`` through every group's ``lr_scale``.
+
+The teacher is ``learngene.teacher``: a checkpoint folder or MLflow URI of any
+registered architecture, or a foreign state-dict file (``.pth``/``.pt``, e.g. timm's
+LeViT-384) read with ``torch.load(weights_only=True)``, built as ``learngene.teacher_arch``
+with ``learngene.teacher_kwargs`` and loaded with strict keys (every difference named).
+The exported network is the aux-net itself: its checkpoint is the learngene.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from metaensemble.data import DatasetInfo
+from metaensemble.errors import CheckpointError, ConfigError
+from metaensemble.methods.base import Method, freeze
+
+FOREIGN_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def soft_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), mean over the batch."""
+    t = temperature
+    log_s = F.log_softmax(student_logits.float() / t, -1)
+    log_t = F.log_softmax(teacher_logits.float() / t, -1)
+    return t * t * F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
+
+
+def is_foreign(uri: str) -> bool:
+    return "://" not in uri and Path(uri).suffix in FOREIGN_SUFFIXES
+
+
+def load_foreign_teacher(path: str, arch: str, kwargs: dict[str, Any], info: DatasetInfo) -> nn.Module:
+    """A registered ``arch`` built for ``info`` and loaded, strictly, from a state-dict file
+    (``{"model": state}`` or the state itself) read without unpickling code."""
+    from metaensemble.models import check_state_dict, create_model
+
+    model = create_model(arch, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size, **kwargs)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling refusals and corrupt files alike
+        raise CheckpointError(f"teacher file {path} cannot be read as a state dict with weights_only=True: "
+                              f"{str(e).splitlines()[0]}") from None
+    state = blob.get("model", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"teacher file {path} holds no state dict (a mapping of tensor names to tensors, "
+                              f"at the top level or under 'model')")
+    check_state_dict(model, state, f"teacher file {path} (as {arch} {kwargs})")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+class LearngeneAux(Method):
+    """The aux-net distilled from ``learngene.teacher`` (see the module docstring)."""
+
+    name = "learngene"
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.info: DatasetInfo | None = None
+        self._mixup = None
+
+    # ---- before any work -------------------------------------------------------------
+    def validate(self) -> None:
+        from metaensemble.methods.learngene.model import parse_stages
+
+        cfg, lg = self.cfg, self.cfg.learngene
+        if cfg.model.name != "aux_vit":
+            raise ConfigError(f"method learngene trains an aux-net: set model.name=aux_vit (got {cfg.model.name!r})")
+        depth_stages = cfg.model.kwargs.get("stages", "L16_33433")
+        parse_stages(depth_stages)
+        if not lg.teacher:
+            raise ConfigError("method learngene needs a teacher: set learngene.teacher to a checkpoint folder, an "
+                              "MLflow URI (models:/teacher.<dataset>.<arch>/N) or a state-dict file with teacher_arch")
+        if (lg.mixup or lg.cutmix) and cfg.data.batch_size % 2:
+            raise ConfigError(f"Mixup/CutMix pairs examples within a batch: data.batch_size must be even, "
+                              f"got {cfg.data.batch_size}")
+        if is_foreign(lg.teacher):
+            if not Path(lg.teacher).is_file():
+                raise ConfigError(f"learngene.teacher file {lg.teacher} does not exist")
+            if not lg.teacher_arch:
+                raise ConfigError(f"learngene.teacher {lg.teacher} is a state-dict file: set learngene.teacher_arch "
+                                  f"to its registered architecture (e.g. levit_384)")
+            from metaensemble import models
+
+            models.check_name(lg.teacher_arch)
+        else:
+            self._check_teacher_classes()
+
+    def _check_teacher_classes(self) -> None:
+        from metaensemble import data
+        from metaensemble.models import local_dir, read_meta
+
+        meta = read_meta(local_dir(self.cfg.learngene.teacher))
+        k = meta["kwargs"].get("num_classes")
+        if not data.is_streaming(self.cfg.data):
+            n = data.load(self.cfg.data).info.num_classes
+            if k != n:
+                raise CheckpointError(f"teacher {self.cfg.learngene.teacher} predicts {k} classes, but "
+                                      f"{self.cfg.data.name} has {n}: the teacher must predict the aux-net's classes")
+
+    @staticmethod
+    def prepare_sweep(cfg):
+        """Before a sweep's trials: with no ``learngene.teacher``, the first teacher of
+        ``learngene.teacher_config``'s zoo (trained first if missing)."""
+        from metaensemble.methods.learngene.experiment import resolve_teacher
+
+        return resolve_teacher(cfg)[0]
+
+    # ---- teacher -------------------------------------------------------------------------
+    def teacher_uris(self) -> list[str]:
+        t = self.cfg.learngene.teacher
+        return [] if t is None or is_foreign(t) else [t]
+
+    def teachers(self, device) -> list[nn.Module]:
+        lg = self.cfg.learngene
+        if self._teachers is None and lg.teacher and is_foreign(lg.teacher):
+            self._teachers = [freeze(load_foreign_teacher(lg.teacher, lg.teacher_arch, lg.teacher_kwargs, self.info))]
+        return super().teachers(device)
+
+    # ---- the model and its optimiser -----------------------------------------------------
+    def build_model(self, info: DatasetInfo) -> nn.Module:
+        self.info = info
+        lg = self.cfg.learngene
+        if lg.mixup or lg.cutmix:
+            from timm.data import Mixup
+
+            self._mixup = Mixup(mixup_alpha=lg.mixup, cutmix_alpha=lg.cutmix, prob=lg.mixup_prob,
+                                label_smoothing=lg.label_smoothing, num_classes=info.num_classes)
+        return super().build_model(info)
+
+    def lr_scale(self) -> float:
+        ref = self.cfg.learngene.lr_batch_reference
+        return 1.0 if not ref else self.cfg.data.batch_size * self.cfg.scaling.num_workers / ref
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        scale = self.lr_scale()
+        return [{**g, "lr_scale": g.get("lr_scale", 1.0) * scale} for g in super().param_groups(model)]
+
+    # ---- training --------------------------------------------------------------------------
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        lg = self.cfg.learngene
+        x, y = batch["x"], batch["y"]
+        target = None
+        if self._mixup is not None:
+            x, target = self._mixup(x, y)
+        logits = model(x)
+        with torch.no_grad():
+            t_logits = self.teachers(x.device)[0](x).float()
+        loss = lg.alpha * soft_kd_loss(logits, t_logits, lg.temperature)
+        if lg.alpha < 1.0:
+            if target is None:
+                ce = F.cross_entropy(logits.float(), y, label_smoothing=lg.label_smoothing)
+            else:
+                ce = torch.sum(-target * F.log_softmax(logits.float(), -1), -1).mean()
+            loss = loss + (1.0 - lg.alpha) * ce
+        return loss, {"loss": loss.detach(), "correct": (logits.detach().argmax(1) == y).sum(),
+                      "teacher_agree": (logits.detach().argmax(1) == t_logits.argmax(1)).float().mean()}
