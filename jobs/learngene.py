@@ -2,13 +2,15 @@
 
     python jobs/learngene.py aux                          # stage 1 on the embedded default (digits)
     python jobs/learngene.py descendants                  # stage 2: depths 4, 6, 8 vs random init
-    python jobs/learngene.py descendants learngene.depths=[12] learngene.layers_source=[0,0,0,1,1,1,2,2,3,3,4,4]
+    python jobs/learngene.py descendants depths=[12] layers_source=[0,0,0,1,1,1,2,2,3,3,4,4]
+    python jobs/learngene.py descendants learngene=models:/learngene.digits.aux_vit/2    # or an original checkpoint.pth
     python jobs/learngene.py aux --config configs/learngene/imagenet_aux_s.yaml data.root=/data/imagenet
 
 aux: distils the aux-net from learngene.teacher (or the first teacher of
 learngene.teacher_config's zoo, trained first if missing) through the engine and
 registers it as learngene.<dataset>.<aux arch>. descendants: initialises a descendant of
-every depth in learngene.depths from the learngene (learngene.learngene, or the newest
+every depth in learngene.depths from the learngene (learngene.learngene: a registered
+version, a folder, or a checkpoint.pth of the original code; default the newest
 registered one), finetunes it against a random-init one with the same budget, and prints
 and logs the per-depth table and the storage ratio.
 """
@@ -23,7 +25,9 @@ def main() -> int:
     args = p.parse_args()
     from metaensemble.config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # validated before Ray or MLflow start
+    short = ("depths=", "layers_source=", "learngene=", "teacher=", "style=")  # learngene.<key> shorthands
+    overrides = [f"learngene.{o}" if o.startswith(short) else o for o in args.overrides]
+    cfg = load_config(args.config, overrides)  # validated before Ray or MLflow start
     from metaensemble import tracking
     from metaensemble.methods.learngene import experiment
 

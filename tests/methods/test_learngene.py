@@ -83,13 +83,19 @@ def test_labels_enter_below_alpha_one_and_through_mixup(tmp_path):
     assert m._mixup is not None and m._mixup.cutmix_alpha == 1.0
 
 
-def test_the_deit_rule_scales_every_groups_lr_by_global_batch_over_512(tmp_path):
-    m, s = _method(tmp_path, "data.batch_size=128", "scaling.num_workers=2")
-    groups = m.param_groups(s["model"])
-    assert groups and all(g["lr_scale"] == pytest.approx(128 * 2 / 512) for g in groups)
-    assert any(g["weight_decay"] == 0 for g in groups)  # pos_embed, norms, biases: no decay
-    m2, s2 = _method(tmp_path, "learngene.lr_batch_reference=null")
-    assert all(g.get("lr_scale", 1.0) == 1.0 for g in m2.param_groups(s2["model"]))
+def test_the_deit_rule_scales_the_base_lr_by_global_batch_over_512(tmp_path):
+    m, s = _method(tmp_path, "data.batch_size=128", "scaling.num_workers=2", "optim.lr=4e-3", "optim.min_lr=1e-5",
+                   "optim.warmup_epochs=1", "train.epochs=4")
+    opt, sched = m.configure_optimizer(s["model"], steps_per_epoch=10)
+    sched.set_step(10)  # the end of the warm-up: the scaled base lr
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([4e-3 * 128 * 2 / 512] * len(opt.param_groups))
+    sched.set_step(40)  # the end of the cosine: min_lr, unscaled (as DeiT)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-5] * len(opt.param_groups))
+    assert any(g["weight_decay"] == 0 for g in opt.param_groups)  # pos_embed, norms, biases: no decay
+    m2, s2 = _method(tmp_path, "learngene.lr_batch_reference=null", "optim.lr=4e-3", "optim.warmup_epochs=1")
+    opt2, sched2 = m2.configure_optimizer(s2["model"], steps_per_epoch=10)
+    sched2.set_step(10)
+    assert [g["lr"] for g in opt2.param_groups] == pytest.approx([4e-3] * len(opt2.param_groups))
 
 
 def test_a_foreign_teacher_file_loads_strictly_without_unpickling(tmp_path):
@@ -109,6 +115,41 @@ def test_a_foreign_teacher_file_loads_strictly_without_unpickling(tmp_path):
     cfg = _cfg(tmp_path, f"learngene.teacher={path}")
     with pytest.raises(ConfigError, match="set learngene.teacher_arch"):
         LearngeneAux(cfg).validate()
+    # checked before any work: another class count (or shape) in the file is refused by validate
+    torch.save({"model": create_model("convnet", num_classes=7, in_chans=1, img_size=8, width=4).state_dict()}, path)
+    cfg = _cfg(tmp_path, f"learngene.teacher={path}", "learngene.teacher_arch=convnet",
+               "learngene.teacher_kwargs={width: 4}")
+    with pytest.raises(CheckpointError, match=r"13.weight: checkpoint \(7, 16\) vs model \(10, 16\)"):
+        LearngeneAux(cfg).validate()
+
+
+def test_mixup_mixes_the_images_the_student_and_teacher_see(tmp_path):
+    import numpy as np
+
+    plain, s = _method(tmp_path, "learngene.alpha=1.0")
+    mixed, _ = _method(tmp_path, "learngene.alpha=1.0", "learngene.mixup=0.8", "learngene.mixup_prob=1.0")
+    mixed._teachers = plain.teachers("cpu")
+    np.random.seed(0)
+    a = float(plain.training_step(s["model"], s["batch"])[0].detach())
+    b = float(mixed.training_step(s["model"], s["batch"])[0].detach())
+    assert float(plain.training_step(s["model"], s["batch"])[0].detach()) == a  # deterministic without mixup
+    assert abs(a - b) > 1e-3 * a  # alpha = 1: no label enters, so only mixed inputs can change the loss
+
+
+def test_descendants_take_a_learngene_written_by_the_original_code(tmp_path):
+    from metaensemble.methods.learngene.original import to_original_state
+
+    cfg = _cfg(tmp_path)
+    torch.manual_seed(5)
+    aux = create_model("aux_vit", num_classes=10, in_chans=1, img_size=8, **cfg.model.kwargs).eval()
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": to_original_state(aux), "args": argparse.Namespace(model="aux"), "epoch": 3}, path)
+    got = experiment.load_learngene(str(path), cfg)
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(got(x), aux(x))
+    wide = cfg.with_overrides({"model.kwargs.embed_dim": 32})
+    with pytest.raises(CheckpointError, match="not an aux-net of this shape"):
+        experiment.load_learngene(str(path), wide)
 
 
 @pytest.mark.parametrize("override, error, message", [
@@ -167,10 +208,24 @@ def test_descendants_grow_from_the_learngene_and_train_against_random_init(stage
     assert out.storage_ratio == pytest.approx(sum(r.parameters for r in out.rows) / out.learngene_parameters)
     # the depth-4 descendant of an L4_22 learngene starts as the aux-net itself (property 6)
     aux = load(out.learngene)
-    init = load(f"runs:/{out.parent_run_id}/descendant_init/d4")
+    init = load(f"runs:/{out.parent_run_id}/descendant_init/{experiment.init_name(4, [0, 0, 1, 1])}")
     x = torch.randn(5, 1, 8, 8)
     torch.testing.assert_close(init(x), aux(x), atol=1e-5, rtol=1e-5)
     assert "descendants_table.md" in {a.path for a in client.list_artifacts(out.parent_run_id)}
+    # val@N is the last epoch's val accuracy, not the selected network's (logged after it)
+    for r in out.rows:
+        hist = sorted(client.get_metric_history(out.run_ids[f"learngene/d{r.depth}"], "val_acc"),
+                      key=lambda m: (m.step, m.timestamp))
+        assert r.learngene["val_acc_n"] == [m.value for m in hist if m.step == cfg.learngene.finetune_epochs][0]
+
+
+def test_another_layers_source_is_another_descendant_run(stages):
+    cfg, aux_out, out = stages
+    again = experiment.run_descendants(cfg.with_overrides({"learngene.depths": [4],
+                                                            "learngene.layers_source": [0, 0, 0, 1]}))
+    assert again.rows[0].layers_source == [0, 0, 0, 1]
+    assert again.run_ids["learngene/d4"] != out.run_ids["learngene/d4"]
+    assert again.run_ids["scratch/d4"] == out.run_ids["scratch/d4"]  # random init does not depend on it
 
 
 def test_a_learngene_of_another_width_is_refused_before_any_run(stages, tmp_path):

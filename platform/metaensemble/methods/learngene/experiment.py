@@ -42,6 +42,12 @@ def resolve_teacher(cfg: Config, *, train_missing: bool = True) -> tuple[Config,
     if tcfg.data.name != cfg.data.name:
         raise ConfigError(f"learngene.teacher_config {cfg.learngene.teacher_config} trains on {tcfg.data.name!r}, "
                           f"the aux-net on {cfg.data.name!r}: the teacher must know the aux-net's classes")
+    split = ("val_fraction", "test_fraction", "split_seed")
+    theirs, ours = ({k: getattr(c.data, k) for k in split} for c in (tcfg, cfg))
+    if theirs != ours:
+        raise ConfigError(f"learngene.teacher_config {cfg.learngene.teacher_config} splits {cfg.data.name} as "
+                          f"{theirs}, the aux-net as {ours}: use the teacher's split, so that the aux-net is "
+                          f"selected and tested on data its teacher never trained on")
     engine.validate(tcfg)
     (uri, label), = zoo_teachers(tcfg, 1, train_missing)
     return cfg.with_overrides({"learngene.teacher": uri}), label
@@ -108,7 +114,15 @@ def load_learngene(uri: str, cfg: Config):
     from metaensemble.methods.learngene.model import AuxViT
     from metaensemble.models import load
 
-    aux = load(uri)
+    if uri.endswith(".pth") and "://" not in uri:  # a learngene written by the original code
+        from metaensemble.methods.learngene.original import load_original
+
+        k = cfg.model.kwargs
+        aux = load_original(uri, stages=k.get("stages", "L16_33433"), num_heads=k.get("num_heads", 12),
+                            img_size=data.load(cfg.data).info.img_size, patch_size=k.get("patch_size") or 16,
+                            embed_dim=k.get("embed_dim"))
+    else:
+        aux = load(uri)
     if not isinstance(aux, AuxViT):
         raise ConfigError(f"{uri} holds a {type(aux).__name__}, not a learngene (an aux_vit checkpoint)")
     want = {k: cfg.model.kwargs[k] for k in ("embed_dim", "num_heads", "patch_size") if k in cfg.model.kwargs}
@@ -166,10 +180,20 @@ class DescendantsOutcome:
 
 def _accuracies(client, run_id: str) -> dict[str, float]:
     """val accuracy after epoch 1 and after the last epoch, and the selected network's test accuracy."""
-    hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val_acc"))
+    # At the last step the engine logs the last epoch's val_acc, then the selected
+    # network's: the first one logged at each step is that epoch's.
+    hist: dict[int, float] = {}
+    for m in sorted(client.get_metric_history(run_id, "val_acc"), key=lambda m: (m.step, m.timestamp)):
+        hist.setdefault(m.step, m.value)
     run = client.get_run(run_id)
-    return {"val_acc_1": hist[0][1], "val_acc_n": hist[-1][1], "test_acc": run.data.metrics["test_acc"],
+    return {"val_acc_1": hist[min(hist)], "val_acc_n": hist[max(hist)], "test_acc": run.data.metrics["test_acc"],
             "train_s": sum(m.value for m in client.get_metric_history(run_id, "train_time_s"))}
+
+
+def init_name(depth: int, layers_source: list[int]) -> str:
+    """The initial descendant's artifact folder: by depth and layers_source, so another
+    layers_source is another ``model.init_from`` and so another run."""
+    return f"d{depth}-{'_'.join(map(str, layers_source))}"
 
 
 def run_descendants(cfg: Config) -> DescendantsOutcome:
@@ -196,7 +220,7 @@ def run_descendants(cfg: Config) -> DescendantsOutcome:
         inits, params = {}, {}
         for d, src in sources.items():
             desc = expand(aux, d, src, lg.style, num_classes=info.num_classes)  # checks layers_source
-            save_model(desc, Path(tmp) / f"d{d}", dataset=cfg.data.name)
+            save_model(desc, Path(tmp) / init_name(d, src), dataset=cfg.data.name)
             params[d] = sum(p.numel() for p in desc.parameters())
         runs: dict[str, Config] = {}
         with tracking.job_run(client, cfg, key, "learngene_descendants") as parent:
@@ -204,7 +228,7 @@ def run_descendants(cfg: Config) -> DescendantsOutcome:
                                                "style": lg.style})
             client.log_artifacts(parent, tmp, artifact_path="descendant_init")
             for d in lg.depths:
-                inits[d] = f"runs:/{parent}/descendant_init/d{d}"
+                inits[d] = f"runs:/{parent}/descendant_init/{init_name(d, sources[d])}"
                 runs[f"learngene/d{d}"] = finetune_config(cfg, aux, d, inits[d])
                 runs[f"scratch/d{d}"] = finetune_config(cfg, aux, d, None)
             for c in runs.values():

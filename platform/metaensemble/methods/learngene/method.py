@@ -6,7 +6,7 @@
 with the teacher in eval mode under no_grad on the same augmented (mixed) images, and
 y~ the Mixup/CutMix soft targets with label smoothing (timm's ``Mixup``) when those are
 on. With alpha = 1 (the paper's) no label enters. The DeiT learning rate is scaled by
-global batch / ``learngene.lr_batch_reference`` through every group's ``lr_scale``.
+global batch / ``learngene.lr_batch_reference`` (the base lr only, as DeiT does).
 
 The teacher is ``learngene.teacher``: a checkpoint folder or MLflow URI of any
 registered architecture, or a foreign state-dict file (``.pth``/``.pt``, e.g. timm's
@@ -43,9 +43,12 @@ def is_foreign(uri: str) -> bool:
     return "://" not in uri and Path(uri).suffix in FOREIGN_SUFFIXES
 
 
-def load_foreign_teacher(path: str, arch: str, kwargs: dict[str, Any], info: DatasetInfo) -> nn.Module:
+def load_foreign_teacher(path: str, arch: str, kwargs: dict[str, Any], info: DatasetInfo, *,
+                         check_only: bool = False) -> nn.Module:
     """A registered ``arch`` built for ``info`` and loaded, strictly, from a state-dict file
-    (``{"model": state}`` or the state itself) read without unpickling code."""
+    (``{"model": state}`` or the state itself) read without unpickling code. With
+    ``check_only`` the names and shapes are checked and nothing is loaded (the model may
+    live on the meta device)."""
     from metaensemble.models import check_state_dict, create_model
 
     model = create_model(arch, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size, **kwargs)
@@ -59,6 +62,8 @@ def load_foreign_teacher(path: str, arch: str, kwargs: dict[str, Any], info: Dat
         raise CheckpointError(f"teacher file {path} holds no state dict (a mapping of tensor names to tensors, "
                               f"at the top level or under 'model')")
     check_state_dict(model, state, f"teacher file {path} (as {arch} {kwargs})")
+    if check_only:
+        return model
     model.load_state_dict(state, strict=True)
     return model
 
@@ -94,9 +99,13 @@ class LearngeneAux(Method):
             if not lg.teacher_arch:
                 raise ConfigError(f"learngene.teacher {lg.teacher} is a state-dict file: set learngene.teacher_arch "
                                   f"to its registered architecture (e.g. levit_384)")
-            from metaensemble import models
+            from metaensemble import data, models
 
             models.check_name(lg.teacher_arch)
+            if not data.is_streaming(cfg.data):  # the file against the architecture, before any run
+                with torch.device("meta"):
+                    load_foreign_teacher(lg.teacher, lg.teacher_arch, lg.teacher_kwargs, data.load(cfg.data).info,
+                                         check_only=True)
         else:
             self._check_teacher_classes()
 
@@ -146,9 +155,14 @@ class LearngeneAux(Method):
         ref = self.cfg.learngene.lr_batch_reference
         return 1.0 if not ref else self.cfg.data.batch_size * self.cfg.scaling.num_workers / ref
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        scale = self.lr_scale()
-        return [{**g, "lr_scale": g.get("lr_scale", 1.0) * scale} for g in super().param_groups(model)]
+    def configure_optimizer(self, model: nn.Module, steps_per_epoch: int):
+        """DeiT's rule: the base lr times global batch / ``lr_batch_reference``; the
+        warm-up start and ``min_lr`` stay as configured (as in DeiT)."""
+        from metaensemble.engine.optim import build_optimizer, build_scheduler
+
+        o = self.cfg.optim.model_copy(update={"lr": self.cfg.optim.lr * self.lr_scale()})
+        optimizer = build_optimizer(o, self.param_groups(model))
+        return optimizer, build_scheduler(optimizer, o, steps_per_epoch, self.cfg.train.epochs)
 
     # ---- training --------------------------------------------------------------------------
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]):
@@ -156,7 +170,7 @@ class LearngeneAux(Method):
         x, y = batch["x"], batch["y"]
         target = None
         if self._mixup is not None:
-            x, target = self._mixup(x, y)
+            x, target = self._mixup(x.clone(), y)  # timm mixes in place: leave the caller's batch alone
         logits = model(x)
         with torch.no_grad():
             t_logits = self.teachers(x.device)[0](x).float()
