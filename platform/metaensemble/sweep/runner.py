@@ -8,6 +8,8 @@ An interrupted sweep is restored from its storage folder by running the same com
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import tempfile
@@ -173,6 +175,10 @@ def train_configs(runs: dict[str, Config], groups: list[list[str]], *, experimen
         return {k: v for k, v in c.to_dict().items() if k != "experiment"}
 
     space = [{"pack": [flat(runs[k]) for k in g]} if len(g) > 1 else flat(runs[g[0]]) for g in groups if g]
+    # The Tune folder is restored by a rerun of the same runs in the same MLflow store
+    # (same parent run), never by another store's or another set of runs.
+    digest = hashlib.sha256(json.dumps(sorted(c.run_key() for c in runs.values())).encode()).hexdigest()[:8]
+    name = f"{name[:120]}-{parent_run_id[:8]}-{digest}"
     results = launch(static, {"params": tune.grid_search(space)}, name=name, storage=storage, metric="val_acc",
                      mode="max", num_samples=1, max_concurrent=concurrency(first, 0),
                      verbose=0)  # the runs print their own epoch lines
