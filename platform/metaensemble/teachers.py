@@ -15,18 +15,16 @@ def _teacher_run_name(cfg: Config, trial_id: str) -> str:
 
 
 def missing_seeds(entries: list[TeacherEntry], wanted: list[int], config_hash: str) -> list[int]:
-    """Seeds of ``wanted`` without a registered teacher trained with this exact recipe.
-
-    A seed registered under another config hash (a changed recipe) is missing: it gets a
-    new version, which then is the zoo's newest for that seed.
-    """
+    """Seeds of ``wanted`` without a registered teacher trained with this exact recipe
+    (a seed registered only under another config hash is missing: it gets a new version,
+    and the other recipe's versions stay)."""
     have = {e.seed for e in entries if e.config_hash == config_hash}
     return [s for s in wanted if s not in have]
 
 
 def register_teacher(cfg: Config, outcome: engine.RunOutcome) -> None:
     zoo = TeacherZoo(cfg.data.name, cfg.model.name)
-    if not missing_seeds(zoo.teachers(), [cfg.seed], cfg.config_hash()):
+    if not missing_seeds(zoo.teachers(cfg.config_hash()), [cfg.seed], cfg.config_hash()):
         return
     metrics = dict(outcome.metrics)
     if "test_acc" not in metrics:  # finished in an earlier call: read what rank 0 logged
@@ -58,9 +56,9 @@ def train_zoo(cfg: Config) -> TeacherZoo:
     engine.ensure_ray()
     zoo = TeacherZoo(cfg.data.name, cfg.model.name, uri)
     wanted = list(range(cfg.zoo.first_seed, cfg.zoo.first_seed + cfg.zoo.num_teachers))
-    entries = zoo.teachers()
+    entries = zoo.teachers(cfg.config_hash())
     missing = missing_seeds(entries, wanted, cfg.config_hash())
-    other = sorted({e.seed for e in entries if e.seed in missing})
+    other = sorted({e.seed for e in zoo.teachers() if e.seed in missing and e.config_hash != cfg.config_hash()})
     n_conc = concurrency(cfg, cfg.zoo.max_concurrent)
     groups = packs(missing, cfg.zoo.pack_size, n_conc)
     print(f"teacher zoo {zoo.name}: {len(wanted) - len(missing)} of {len(wanted)} seeds registered with this "
@@ -69,7 +67,7 @@ def train_zoo(cfg: Config) -> TeacherZoo:
              if len(groups) < len(missing) else ""),
           flush=True)
     if other:
-        print(f"  seeds {other} are registered with another recipe; new versions will supersede them", flush=True)
+        print(f"  seeds {other} are also registered with another recipe; those versions stay as they are", flush=True)
     if not missing:
         return zoo
     if n_conc == 1 or len(groups) == 1:
@@ -102,7 +100,7 @@ def zoo_teachers(tcfg: Config, m: int, train_missing: bool = True) -> list[tuple
     wanted = list(range(tcfg.zoo.first_seed, tcfg.zoo.first_seed + m))
 
     def have():
-        return {e.seed: e for e in zoo.teachers() if e.seed in wanted and e.config_hash == tcfg.config_hash()}
+        return {e.seed: e for e in zoo.teachers(tcfg.config_hash()) if e.seed in wanted}
 
     found = have()
     if len(found) < m:

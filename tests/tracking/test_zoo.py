@@ -45,6 +45,17 @@ def test_zoo_trains_missing_seeds_concurrently_registers_and_skips_known(ray_loc
     assert [e.seed for e in grown.teachers()] == [0, 1, 2, 3]
     assert len(c.search_runs([exp.experiment_id])) == n_runs + 1
 
+    # Another recipe of the same (dataset, arch) registers its own versions of seeds 0-1,
+    # and neither recipe displaces the other's.
+    first = [e.version for e in zoo.teachers(cfg.config_hash())]
+    other = cfg.with_overrides({"zoo.num_teachers": 2, "train.epochs": 1})
+    train_zoo(other)
+    assert [e.seed for e in zoo.teachers(other.config_hash())] == [0, 1]
+    assert [e.version for e in zoo.teachers(cfg.config_hash())] == first
+    runs_before = len(c.search_runs([exp.experiment_id]))
+    train_zoo(cfg.with_overrides({"zoo.num_teachers": 4}))  # the first recipe's zoo is still whole
+    assert len(c.search_runs([exp.experiment_id])) == runs_before
+
 
 def test_zoo_of_unknown_pair_is_empty_and_require_explains(mlflow_uri):
     zoo = TeacherZoo("digits", "resnet50")

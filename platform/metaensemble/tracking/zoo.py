@@ -55,8 +55,11 @@ class TeacherZoo:
             return False
         return True
 
-    def teachers(self) -> list[TeacherEntry]:
-        """Every registered teacher, one per seed (the newest version wins), by seed."""
+    def teachers(self, config_hash: str | None = None) -> list[TeacherEntry]:
+        """Every registered teacher, one per seed (the newest version wins), by seed. With
+        ``config_hash``, only the versions trained with that recipe: recipes of one
+        (dataset, arch) (the main job's width-16 teachers, the distillation job's narrow
+        ones) share the registered model without superseding each other."""
         if not self.exists():
             return []
         by_seed: dict[int, TeacherEntry] = {}
@@ -68,6 +71,8 @@ class TeacherZoo:
                 source=v.source, config_hash=v.tags.get("config_hash", ""),
                 metrics={k: float(v.tags[k]) for k in METRIC_TAGS if k in v.tags},
             )
+            if config_hash is not None and e.config_hash != config_hash:
+                continue
             if e.seed not in by_seed or e.version > by_seed[e.seed].version:
                 by_seed[e.seed] = e
         return [by_seed[s] for s in sorted(by_seed)]

@@ -167,7 +167,7 @@ def plan(cfg: Config, *, train_missing: bool = True) -> Plan:
     student, skw = student_of(cfg)
     zoo = TeacherZoo(cfg.data.name, student)
     wanted = set(range(tcfg.zoo.first_seed, tcfg.zoo.first_seed + cfg.meta.zoo_size))
-    have = [e for e in zoo.teachers() if e.seed in wanted and e.config_hash == tcfg.config_hash()]
+    have = [e for e in zoo.teachers(tcfg.config_hash()) if e.seed in wanted]
     if len(have) < cfg.meta.zoo_size:
         if not train_missing:
             raise ZooError(
@@ -185,7 +185,7 @@ def plan(cfg: Config, *, train_missing: bool = True) -> Plan:
         )
         train_zoo(tcfg)
         have = [
-            e for e in zoo.teachers() if e.seed in wanted and e.config_hash == tcfg.config_hash()
+            e for e in zoo.teachers(tcfg.config_hash()) if e.seed in wanted
         ]
     have.sort(key=lambda e: e.seed)
     info = data.load(cfg.data).info
