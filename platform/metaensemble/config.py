@@ -25,6 +25,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LabelSplit(_Strict):
+    """Skill transfer's split of the train split by label (OT fusion's ``p_split``): part
+    ``a`` holds every example of ``special`` and ``fraction`` of each other label's, part
+    ``b`` the rest of the other labels' (none of ``special``). Val and test stay whole."""
+
+    special: int = Field(4, ge=0)
+    fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    part: Literal["a", "b"] = "a"
+    seed: int = 0
+
+
 class DataConfig(_Strict):
     name: str = "digits"
     root: str | None = None
@@ -37,6 +48,8 @@ class DataConfig(_Strict):
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
     """Train on a fixed subset of the train split (the same examples on every worker and
     every run with this split_seed); val and test are unchanged."""
+    label_split: LabelSplit | None = None
+    """Train on one part of a split by label (skill transfer); None: every label."""
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(512, gt=0)
     augment: bool = True
@@ -313,6 +326,8 @@ class Config(BaseModel):
                     d[name].pop(k, None)
         if d["model"].get("init_from") is None:
             d["model"].pop("init_from", None)  # an unset init_from does not name a run
+        if d["data"].get("label_split") is None:
+            d["data"].pop("label_split", None)  # nor does an unset label split
         d["scaling"] = {k: v for k, v in d["scaling"].items() if k in ("num_workers",)}
         if exclude_seed:
             d.pop("seed")

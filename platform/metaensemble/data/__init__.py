@@ -62,6 +62,11 @@ def check(cfg) -> None:
 
         raise ConfigError(f"data.train_fraction={cfg.train_fraction} is not supported for the streaming "
                           f"dataset {cfg.name!r}; write the subset you want with jobs/prepare_data.py")
+    if spec.streaming and cfg.label_split is not None:
+        from metaensemble.errors import ConfigError
+
+        raise ConfigError(f"data.label_split is not supported for the streaming dataset {cfg.name!r}; write each "
+                          f"part with jobs/prepare_data.py")
     if cfg.transform != "standard" and cfg.name != "imagefolder":
         from metaensemble.errors import ConfigError
 
@@ -74,7 +79,43 @@ def load(cfg) -> DataSplits:
     splits = DATASETS.get(cfg.name).load(cfg)
     if cfg.train_fraction < 1.0:
         splits.train = train_subset(splits.train, cfg.train_fraction, cfg.split_seed)
+    if cfg.label_split is not None:
+        splits.train = label_part(splits.train, cfg.label_split, splits.info.num_classes)
     return splits
+
+
+def _labels(split):
+    import torch
+
+    if isinstance(split, ArraySplit):
+        return split.labels
+    return torch.as_tensor([int(split[i][1]) for i in range(len(split))])
+
+
+def label_part(split, ls, num_classes: int):
+    """Part ``ls.part`` of ``split`` under the label split ``ls`` (a ``LabelSplit``):
+    part a is every example of ``ls.special`` plus ``ls.fraction`` of each other label's
+    examples (chosen by ``ls.seed``), part b the remaining examples of the other labels."""
+    import numpy as np
+
+    from metaensemble.errors import ConfigError
+
+    if ls.special >= num_classes:
+        raise ConfigError(f"data.label_split.special={ls.special}, but the dataset has labels 0..{num_classes - 1}")
+    y = _labels(split).numpy()
+    rng = np.random.default_rng([ls.seed, 11])
+    in_a = y == ls.special
+    for c in range(num_classes):
+        if c == ls.special:
+            continue
+        idx = np.flatnonzero(y == c)
+        in_a[rng.permutation(idx)[: int(round(len(idx) * ls.fraction))]] = True
+    keep = np.flatnonzero(in_a if ls.part == "a" else ~in_a)
+    if isinstance(split, ArraySplit):
+        return split.subset(keep)
+    import torch.utils.data
+
+    return torch.utils.data.Subset(split, keep.tolist())
 
 
 def train_subset(split, fraction: float, seed: int):

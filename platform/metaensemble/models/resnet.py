@@ -103,6 +103,28 @@ def _resnet(block, layers):
 
 
 register_model("resnet18")(_resnet(BasicBlock, [2, 2, 2, 2]))
+_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+@register_model("resnet")
+def resnet(num_classes: int, in_chans: int, img_size: int, layers: tuple = (2, 2, 2, 2), block: str = "basic",
+           width: int = 64, stem: str | None = None, norm: bool = True) -> nn.Module:
+    """Any four-stage ResNet (blocks per stage, block type, base width): the descriptor of
+    depth-balanced and fused ResNets (``resnet18`` is ``resnet`` with layers [2, 2, 2, 2])."""
+    from metaensemble.errors import ConfigError
+
+    if block not in _BLOCKS:
+        raise ConfigError(f"resnet block must be one of {sorted(_BLOCKS)}, got {block!r}")
+    layers = list(layers)
+    if len(layers) != 4 or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in layers):
+        raise ConfigError(f"resnet layers must be four positive block counts, got {layers}")
+    if not isinstance(width, int) or width < 1:
+        raise ConfigError(f"resnet width must be a positive int, got {width!r}")
+    return _resnet(_BLOCKS[block], layers)(num_classes, in_chans, img_size, stem=stem, norm=norm, width=width)
+
+
+RESNET_LAYERS = {"resnet18": ([2, 2, 2, 2], "basic"), "resnet34": ([3, 4, 6, 3], "basic"),
+                 "resnet50": ([3, 4, 6, 3], "bottleneck")}
 register_model("resnet34")(_resnet(BasicBlock, [3, 4, 6, 3]))
 register_model("resnet50")(_resnet(Bottleneck, [3, 4, 6, 3]))
 

@@ -49,3 +49,32 @@ def _make(plan_name: str, batch_norm: bool):
 for _name in _PLANS:
     register_model(_name)(_make(_name, batch_norm=False))
     register_model(f"{_name}_bn")(_make(_name, batch_norm=True))
+
+
+def check_plan(plan) -> list:
+    """A VGG plan: conv widths (positive ints) and "M" (2x2 max-pool), at least one conv."""
+    from metaensemble.errors import ConfigError
+
+    out = []
+    for v in plan:
+        if v == "M" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            out.append(v)
+        else:
+            raise ConfigError(f"vgg plan entries are positive conv widths or 'M' (max-pool), got {v!r} in {list(plan)}")
+    if not any(v != "M" for v in out):
+        raise ConfigError(f"vgg plan needs at least one conv width, got {list(plan)}")
+    return out
+
+
+@register_model("vgg")
+def vgg(num_classes: int, in_chans: int, img_size: int, plan: tuple = tuple(_PLANS["vgg11"]),
+        batch_norm: bool = False, bias: bool = True) -> nn.Module:
+    """Any VGG-style plan (conv widths and "M"): the descriptor of depth-balanced and fused
+    VGGs (``vgg11`` with ``width_mult=0.5`` is ``vgg`` with the halved plan)."""
+    return VGG(check_plan(plan), num_classes, in_chans, batch_norm, bias)
+
+
+def plan_of(arch: str, width_mult: float = 1.0) -> list:
+    """The explicit plan of a named VGG (``vgg11``, ``vgg13_bn``, ...) at ``width_mult``."""
+    base = _PLANS[arch.removesuffix("_bn")]
+    return [v if v == "M" else max(1, int(v * width_mult)) for v in base]

@@ -1,0 +1,82 @@
+"""The ``fusion`` section and the ``fusion`` method, declared to the schema (no torch).
+
+Every option of OT fusion (Singh & Jaggi 2020) and of cross-layer alignment (CLAFusion,
+Nguyen et al. 2023) is a key here, with the original's default.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from metaensemble.config import Section, register_method, register_section
+
+
+class FusionConfig(Section):
+    """Fuse two or more trained networks (same or different depths) into one."""
+
+    models: list[str] = Field(default_factory=list)
+    """The parents: checkpoint folders or MLflow URIs (``models:/teacher.digits.mlp/3``,
+    ``runs:/<id>/model``). Empty: jobs/fuse.py takes one from each zoo of
+    ``parent_configs`` (training it first if missing)."""
+    anchor: Literal["deep", "shallow", "first", "last"] = "deep"
+    """The parent whose widths and neuron order the fused network keeps (model 1 of the
+    papers): the deepest (ties: the last of them), the shallowest (the teacher-student
+    setting: the student's widths at the teacher's depth), or by position."""
+
+    # ---- OT fusion --------------------------------------------------------------------
+    ground_metric: Literal["activation", "weight"] = "activation"
+    """Match neurons by their pre-activation outputs on ``act_samples`` training examples,
+    or by their (aligned) incoming weights."""
+    distance: Literal["euclidean", "sqeuclidean", "cosine"] = "euclidean"
+    solver: Literal["emd", "sinkhorn"] = "emd"
+    """Exact optimal transport (``ot.emd``) or entropic (``ot.sinkhorn``)."""
+    sinkhorn_reg: float = Field(0.01, gt=0.0)
+    correction: bool = True
+    """Divide each column of the map by its mass, so every anchor neuron is a barycentre."""
+    past_correction: bool = True
+    """Align each layer's incoming side with the previous layer's map."""
+    weight: float = Field(0.5, ge=0.0, le=1.0)
+    """The anchor's weight s with two parents (the other gets 1 - s); k > 2 parents are
+    averaged with 1/k each."""
+    act_samples: int = Field(200, ge=2)
+    """Training examples whose activations the ground metric (and activation-based
+    alignment costs) use; the same examples for every parent."""
+    act_seed: int = 0
+    bn_samples: int | None = Field(None, ge=1)
+    """Training examples the fused network's BatchNorm statistics are recomputed on
+    (None: the whole train split)."""
+
+    # ---- cross-layer alignment ---------------------------------------------------------
+    cla_cost: Literal["width", "cka", "cca", "wasserstein"] = "width"
+    """Cost between a deep and a shallow layer: width difference, 1 - linear CKA, 1 - mean
+    CCA, or the Wasserstein distance between their neuron sets."""
+    pin_start: int = Field(2, ge=0)
+    """The first ``pin_start`` hidden layers of the shallow net map to the deep net's first."""
+    pin_end: int = Field(1, ge=0)
+    """The last ``pin_end`` map to the deep net's last; 0 leaves the end free."""
+
+    # ---- after fusion (the ``fusion`` engine method, and jobs/fuse.py's rows) ---------------
+    finetune: Literal["ce", "kd"] = "ce"
+    """How the engine trains the fused network: cross-entropy, or distillation from the
+    parents (``distill.alpha``, ``distill.temperature``)."""
+
+    # jobs/fuse.py only
+    eval_only: ClassVar[tuple[str, ...]] = ("parent_configs", "parent_seed", "experiment", "rows")
+    parent_configs: list[str] = Field(default_factory=lambda: [
+        "configs/teachers/digits_mlp_deep.yaml", "configs/teachers/digits_mlp_shallow.yaml"])
+    """Teacher recipes, one per parent, when ``models`` is empty; a recipe named twice
+    gives two parents (seeds ``parent_seed`` and ``parent_seed + 1``)."""
+    parent_seed: int = 0
+    """Which seed of each recipe's zoo is the parent."""
+    experiment: Literal["fusion", "skill_transfer", "transfer"] = "fusion"
+    """``fusion``: the paper's table; ``skill_transfer``: parents trained on two label
+    splits (``data.label_split`` parts a and b of the first recipe); ``transfer``: the
+    deep architecture initialised from the shallow parent, against the same from scratch."""
+    rows: list[Literal["finetune", "kd"]] = Field(default_factory=lambda: ["finetune", "kd"])
+    """Trained rows of the fusion table besides the one-shot ones."""
+
+
+register_section("fusion", FusionConfig)
+register_method("fusion", "metaensemble.methods.fusion.method:FusionMethod", sections=("fusion", "distill"))

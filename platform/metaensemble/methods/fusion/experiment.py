@@ -1,0 +1,411 @@
+"""The fusion experiments behind ``jobs/fuse.py``, each under one parent MLflow run.
+
+``fusion.experiment``:
+
+- ``fusion`` (the paper's table): every parent, their ensemble, the naive weight average
+  (where shapes allow, after depth balancing), the one-shot fused network (OT fusion for
+  parents of one depth, CLA + OT fusion otherwise), it finetuned through the engine
+  (selected on val), and KD from the parents into a network of the fused shape for the
+  same epochs. The fused networks are registered as ``fused.<dataset>.<arch>``; the
+  layer alignment goes to MLflow as ``alignment_<i>.png``.
+- ``skill_transfer``: two parents of one recipe trained on the two parts of a split by
+  label (``data.label_split``: part a holds every example of one label and a fraction of
+  the others, part b the rest), fused one-shot; accuracy on the special label, on the
+  other labels and on all.
+- ``transfer``: the deepest parent's depth initialised from the shallowest parent through
+  cross-layer alignment and depth balancing, finetuned, against the same architecture
+  trained from scratch for the same epochs.
+
+Parents are ``fusion.models`` (folders, ``models:/``, ``runs:/``) or one network from the
+zoo of each recipe in ``fusion.parent_configs`` (trained first if missing). Rows are
+scored by one procedure (``evaluation.calibrated_columns``: ACC, NLL, ECE on test, cNLL
+and cECE after a temperature fitted on val). One-shot networks get BatchNorm statistics
+recomputed on the training split; trained rows keep the statistics their training
+accumulated, as any trained network.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metaensemble import data, engine, metrics, tracking
+from metaensemble.config import Config, load_config
+from metaensemble.errors import ConfigError
+from metaensemble.evaluation import (
+    COLUMNS,
+    SeedRow,
+    calibrated_columns,
+    format_seed_table,
+    seed_row,
+)
+from metaensemble.methods.base import predict_logp
+from metaensemble.teachers import zoo_teachers
+
+SPLIT_KEYS = ("name", "val_fraction", "test_fraction", "split_seed")
+
+
+@dataclass
+class Parent:
+    uri: str
+    label: str
+    """What tags and tables call it: ``teacher.digits.mlp v3`` or its URI."""
+
+
+# ---- 1. plan: parents ----------------------------------------------------------------------
+def parent_recipes(cfg: Config) -> list[Config]:
+    """The teacher recipes the parents come from (``fusion.models`` empty): one per entry
+    of ``fusion.parent_configs``; for skill transfer, the first recipe's two label parts."""
+    f = cfg.fusion
+    store = [f"storage_path={cfg.storage_path}"]
+    if f.experiment == "skill_transfer":
+        base = load_config(f.parent_configs[0], store)
+        split = cfg.data.label_split
+        if split is None:
+            raise ConfigError("fusion.experiment=skill_transfer needs data.label_split (special label, fraction): "
+                              "the two parents train on its parts a and b")
+        return [base.with_overrides({"data.label_split": split.model_copy(update={"part": p}).model_dump(),
+                                     "zoo.first_seed": f.parent_seed + i}) for i, p in enumerate("ab")]
+    if len(f.parent_configs) < 2:
+        raise ConfigError(f"fusion.parent_configs names {len(f.parent_configs)} recipe(s); fusion needs two or more "
+                          f"parents (or set fusion.models)")
+    seen: dict[str, int] = {}
+    out = []
+    for p in f.parent_configs:  # a recipe named again gives its next seed
+        out.append(load_config(p, store).with_overrides({"zoo.first_seed": f.parent_seed + seen.get(p, 0)}))
+        seen[p] = seen.get(p, 0) + 1
+    return out
+
+
+def validate(cfg: Config) -> list[Config]:
+    """Everything checkable before any work; returns the parents' recipes (none when the
+    parents are given as ``fusion.models``)."""
+    f = cfg.fusion
+    if cfg.method not in ("supervised", "kd", "fusion"):
+        raise ConfigError(f"jobs/fuse.py finetunes with the supervised or kd method; got method={cfg.method!r}")
+    if cfg.model.init_from:
+        raise ConfigError("jobs/fuse.py builds the fused network itself; model.init_from must be unset")
+    if f.experiment != "skill_transfer" and cfg.data.label_split is not None:
+        raise ConfigError("data.label_split is for fusion.experiment=skill_transfer (the parents' data); the "
+                          f"{f.experiment} experiment trains and scores on every label")
+    engine.validate(cfg.with_overrides({"method": "supervised"}))  # data, model, optimiser
+    if f.models:
+        if len(f.models) < 2 and f.experiment != "transfer":
+            raise ConfigError(f"fusion.models has {len(f.models)} parent(s); fusion needs two or more")
+        return []
+    recipes = parent_recipes(cfg)
+    ours = {k: getattr(cfg.data, k) for k in SPLIT_KEYS}
+    for path, r in zip(f.parent_configs * (2 if f.experiment == "skill_transfer" else 1), recipes, strict=False):
+        theirs = {k: getattr(r.data, k) for k in SPLIT_KEYS}
+        if theirs != ours:
+            raise ConfigError(f"fusion.parent_configs {path} splits the data as {theirs}, this job as {ours}: set "
+                              f"data.* to the parents' values, so that the fused network is selected and tested on "
+                              f"data no parent trained on")
+        engine.validate(r)
+        from metaensemble.methods.fusion.structure import family
+
+        family(r.model.name)  # a family fusion supports, before any training
+    return recipes
+
+
+def resolve_parents(cfg: Config, *, train_missing: bool = True) -> list[Parent]:
+    """Validate, then the parents: ``fusion.models``, or one network of each recipe's zoo
+    (its seed ``fusion.parent_seed``, trained first if missing)."""
+    recipes = validate(cfg)
+    if cfg.fusion.models:
+        return [Parent(u, u) for u in cfg.fusion.models]
+    return [Parent(*zoo_teachers(r, 1, train_missing)[0]) for r in recipes]
+
+
+# ---- scoring -----------------------------------------------------------------------------
+def loaders(cfg: Config):
+    splits = data.load(cfg.data.model_copy(update={"train_fraction": 1.0, "label_split": None}))
+    from metaensemble.methods.weightformer.method import make_eval_loader
+
+    mk = lambda s: make_eval_loader(s, splits.info, cfg.data.eval_batch_size, "cpu")  # noqa: E731
+    return splits, mk(splits.val), mk(splits.test)
+
+
+@dataclass
+class Scored:
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    values: dict[str, float]
+
+
+def score_model(model, val, test) -> Scored:
+    v, t = predict_logp(model, val), predict_logp(model, test)
+    return Scored(v, t, calibrated_columns(v, t))
+
+
+def score_ensemble(members: list[Scored]) -> Scored:
+    v = (metrics.ensemble_logp(torch.stack([m.val[0] for m in members])), members[0].val[1])
+    t = (metrics.ensemble_logp(torch.stack([m.test[0] for m in members])), members[0].test[1])
+    return Scored(v, t, calibrated_columns(v, t))
+
+
+def label_accuracies(s: Scored, special: int) -> dict[str, float]:
+    """Test accuracy on the special label, on the other labels, and on all."""
+    logp, y = s.test
+    right = logp.argmax(1) == y
+    sp = y == special
+    return {"acc_special": float(right[sp].float().mean()), "acc_others": float(right[~sp].float().mean()),
+            "acc_all": float(right.float().mean())}
+
+
+def train_seconds(client, run_id: str) -> float:
+    """A run's optimisation time: the sum of its epochs' ``train_time_s``."""
+    return float(sum(x.value for x in client.get_metric_history(run_id, "train_time_s")))
+
+
+# ---- outcome -------------------------------------------------------------------------------
+@dataclass
+class FuseOutcome:
+    parent_run_id: str
+    experiment: str
+    rows: list[SeedRow]
+    parents: list[Parent]
+    run_ids: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Per experiment: the alignment maps, inserted layers, label accuracies, seconds."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parent_run_id": self.parent_run_id, "experiment": self.experiment,
+                "rows": [r.to_dict() for r in self.rows], "parents": [p.__dict__ for p in self.parents],
+                "run_ids": self.run_ids, "versions": self.versions, "extra": self.extra}
+
+
+def format_outcome(out: FuseOutcome) -> str:
+    text = format_seed_table(out.rows)
+    accs = out.extra.get("label_accuracies")
+    if accs:
+        special = out.extra["special"]
+        head = f"{'network':<30} {f'label {special}':>10} {'others':>10} {'all':>10}"
+        lines = [head, "-" * len(head)]
+        for label, a in accs.items():
+            lines.append(f"{label:<30} {100 * a['acc_special']:>10.2f} {100 * a['acc_others']:>10.2f} "
+                         f"{100 * a['acc_all']:>10.2f}")
+        text += "\n\nskill transfer: test accuracy (%) by label\n" + "\n".join(lines)
+    return text
+
+
+def _log(client, run_id: str, out: FuseOutcome, title: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "fusion_table.md").write_text(f"{title}\n\n{format_outcome(out)}\n")
+        Path(d, "fusion_table.json").write_text(json.dumps(out.to_dict(), indent=2, default=str))
+        client.log_artifacts(run_id, d)
+    values = {f"{r.key}_{k}": r.mean[k] for r in out.rows for k in (*COLUMNS, "temperature")}
+    for label, a in out.extra.get("label_accuracies", {}).items():
+        key = out.extra["label_keys"][label]
+        values.update({f"{key}_{k}": v for k, v in a.items()})
+    tracking.log_metrics(client, run_id, values)
+
+
+def _save_model(client, run_id: str, model, path: str, dataset: str, **meta) -> str:
+    from metaensemble.models import save_model
+
+    with tempfile.TemporaryDirectory() as d:
+        save_model(model, Path(d) / path.rsplit("/", 1)[-1], dataset=dataset, **meta)
+        client.log_artifacts(run_id, d, artifact_path=path.rsplit("/", 1)[0] if "/" in path else None)
+    return f"runs:/{run_id}/{path}"
+
+
+def _trained_config(cfg: Config, spec: dict, *, task: str, init_from: str | None, teachers: list[str] | None,
+                    seed: int | None = None) -> Config:
+    over: dict[str, Any] = {"task": task, "model.name": spec["arch"],
+                            "model.kwargs": {k: v for k, v in spec["kwargs"].items()
+                                             if k not in ("num_classes", "in_chans", "img_size")},
+                            "model.init_from": init_from, "model.init_seed": None,
+                            "method": "kd" if teachers else "supervised"}
+    if teachers:
+        over["distill.teachers"] = teachers
+    if seed is not None:
+        over["seed"] = seed
+    return cfg.with_overrides(over)
+
+
+# ---- the experiments -----------------------------------------------------------------------
+def run_key(cfg: Config, parents: list[Parent]) -> str:
+    """The job's MLflow run key: its config and its parents (``parent_configs`` does not
+    name a run by itself, the networks it resolved to do), so a rerun reopens its own
+    run and other parents get another."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps([p.uri for p in parents]).encode()).hexdigest()[:8]
+    return f"fuse-{cfg.fusion.experiment}-{cfg.run_key()}-{digest}"
+
+
+def run(cfg: Config, *, train_missing: bool = True) -> FuseOutcome:
+    """The experiment ``fusion.experiment`` under one parent MLflow run (a rerun of the
+    same config reopens it and reuses finished trained rows)."""
+    from metaensemble.models import load
+
+    t0 = time.perf_counter()
+    parents = resolve_parents(cfg, train_missing=train_missing)
+    t_parents = time.perf_counter() - t0
+    client = tracking.client(tracking.ensure_tracking())
+    key = run_key(cfg, parents)
+    splits, val, test = loaders(cfg)
+    nets = [load(p.uri) for p in parents]
+    prepared = prepare(cfg, nets, splits)  # alignment and fusion: bad pins etc. fail before the run opens
+    with tracking.job_run(client, cfg, key, "fuse") as parent_run:
+        tracking.set_tags(client, parent_run, {"parents": ", ".join(p.label for p in parents),
+                                               "fusion.experiment": cfg.fusion.experiment})
+        print(f"parents: {', '.join(p.label for p in parents)}", flush=True)
+        fn = {"fusion": _fusion, "skill_transfer": _skill_transfer, "transfer": _transfer}[cfg.fusion.experiment]
+        out = fn(cfg, client, parent_run, parents, nets, prepared, splits, val, test)
+        out.extra.setdefault("seconds", {})["parents_s"] = t_parents
+        out.extra["seconds"]["total_s"] = time.perf_counter() - t0
+        _log(client, parent_run, out, f"{cfg.data.name}: fusion.experiment={cfg.fusion.experiment}")
+        tracking.log_metrics(client, parent_run, out.extra["seconds"])
+    return out
+
+
+def prepare(cfg: Config, nets, splits):
+    """The experiment's fusion (``fusion``, ``skill_transfer``: ``pipeline.Fused``) or
+    depth balancing (``transfer``: (alignment, balanced, deep, shallow)), computed before
+    the job's run opens so that parents that cannot be aligned leave nothing behind."""
+    from metaensemble.methods.fusion import cla
+    from metaensemble.methods.fusion.pipeline import (
+        check_parents,
+        depth,
+        fuse_parents,
+        pick,
+        sample_inputs,
+    )
+
+    f = cfg.fusion
+    if f.experiment != "transfer":
+        return fuse_parents(nets, f, splits.train, splits.info)
+    check_parents(nets)
+    depths = [depth(n) for n in nets]
+    deep, shallow = pick(depths, "deep"), pick(depths, "shallow")
+    if depths[deep] == depths[shallow]:
+        raise ConfigError(f"fusion.experiment=transfer initialises a deeper network from a shallower one; the "
+                          f"parents all have {depths[deep]} alignable layers")
+    x = sample_inputs(splits.train, splits.info, f.act_samples, f.act_seed)
+    al = cla.align_models(nets[deep], nets[shallow], cost=f.cla_cost, x=x, pin_start=f.pin_start, pin_end=f.pin_end)
+    return al, cla.balance(nets[shallow], al), deep, shallow
+
+
+def _parent_rows(nets, scored: list[Scored]) -> list[SeedRow]:
+    from metaensemble.methods.fusion.pipeline import depth
+
+    return [seed_row(f"parent{i}", f"parent {i} ({n.me_spec['arch']}, {depth(n)} lay.)", [s.values])
+            for i, (n, s) in enumerate(zip(nets, scored, strict=True))]
+
+
+def _alignment_pngs(client, run_id: str, fused, parents: list[Parent]) -> dict[str, Any]:
+    from metaensemble.methods.fusion import cla
+
+    info = {}
+    with tempfile.TemporaryDirectory() as d:
+        for i, al in fused.alignments.items():
+            cla.plot_alignment(al, Path(d) / f"alignment_{i}.png",
+                               f"{parents[i].label} (shallow) onto {parents[fused.deep].label} (deep)")
+            info[str(i)] = {"mapping": al.mapping, "inserted": fused.inserted[i]}
+        if fused.alignments:
+            client.log_artifacts(run_id, d)
+    return info
+
+
+def _fusion(cfg, client, run_id, parents, nets, fused, splits, val, test) -> FuseOutcome:
+    from metaensemble.models import load
+    from metaensemble.sweep import train_configs
+
+    scored = [score_model(n, val, test) for n in nets]
+    rows = _parent_rows(nets, scored)
+    rows.append(seed_row("ensemble", f"ensemble of {len(nets)}", [score_ensemble(scored).values]))
+    shot = "cla" if fused.alignments else "ot"
+    name = "CLA" if shot == "cla" else "OT"
+    if fused.naive is not None:
+        rows.append(seed_row("naive", "naive average" + (" (balanced)" if fused.alignments else ""),
+                             [score_model(fused.naive, val, test).values]))
+    rows.append(seed_row(shot, f"{name} one-shot", [score_model(fused.model, val, test).values]))
+    extra: dict[str, Any] = {"alignment": _alignment_pngs(client, run_id, fused, parents),
+                             "anchor": fused.anchor, "deep": fused.deep,
+                             "seconds": {"fusion_s": fused.seconds}}
+    spec = fused.model.me_spec
+    fused_uri = _save_model(client, run_id, fused.model, "fused", splits.info.name,
+                            parents=[p.label for p in parents], stage="one-shot")
+    arch_name = f"fused.{cfg.data.name}.{spec['arch']}"
+    tags = {"parents": ", ".join(p.label for p in parents), "fuse_run": run_id, "method": shot}
+    versions = {"one-shot": tracking.register_model(client, arch_name, run_id, "fused", tags={**tags, "stage": "one-shot"},
+                                                    description="Fused networks (jobs/fuse.py).").version}
+    runs: dict[str, Config] = {}
+    uris = [p.uri for p in parents]
+    if "finetune" in cfg.fusion.rows:
+        runs["finetune"] = _trained_config(cfg, spec, task="fusion_finetune", init_from=fused_uri,
+                                           teachers=uris if cfg.fusion.finetune == "kd" else None)
+    if "kd" in cfg.fusion.rows:
+        runs["kd"] = _trained_config(cfg, spec, task="fusion_kd", init_from=None, teachers=uris)
+    run_ids = {}
+    if runs:
+        run_ids = train_configs(runs, [[k] for k in runs], experiment=cfg.experiment_name, parent_run_id=run_id,
+                                storage=f"{cfg.resolved_storage_path()}/fuse", name=f"fuse-{cfg.config_hash()}")
+        e = cfg.train.epochs
+        labels = {"finetune": f"{name} + finetune {e} ep", "kd": f"KD, fused shape, {e} ep"}
+        for k, rid in run_ids.items():
+            rows.append(seed_row(f"{shot}_{k}" if k == "finetune" else k, labels[k],
+                                 [score_model(load(f"runs:/{rid}/model"), val, test).values],
+                                 train_seconds(client, rid)))
+        if "finetune" in run_ids:
+            versions["finetuned"] = tracking.register_model(client, arch_name, run_ids["finetune"],
+                                                            tags={**tags, "stage": "finetuned"}).version
+    return FuseOutcome(run_id, "fusion", rows, parents, run_ids, versions, extra)
+
+
+def _skill_transfer(cfg, client, run_id, parents, nets, fused, splits, val, test) -> FuseOutcome:
+    special = cfg.data.label_split.special
+    scored = [score_model(n, val, test) for n in nets]
+    ens = score_ensemble(scored)
+    shot = "cla" if fused.alignments else "ot"
+    named = {f"parent A (label {special} + {cfg.data.label_split.fraction:.0%})": ("parent_a", scored[0]),
+             "parent B (the rest)": ("parent_b", scored[1]), "ensemble of A and B": ("ensemble", ens)}
+    if fused.naive is not None:
+        named["naive average"] = ("naive", score_model(fused.naive, val, test))
+    named[f"{shot.upper()} one-shot"] = (shot, score_model(fused.model, val, test))
+    rows = [seed_row(k, label[:24], [s.values]) for label, (k, s) in named.items()]
+    accs = {label: label_accuracies(s, special) for label, (_, s) in named.items()}
+    uri = _save_model(client, run_id, fused.model, "fused", splits.info.name, stage="skill-transfer")
+    extra = {"label_accuracies": accs, "special": special, "label_keys": {lb: k for lb, (k, _) in named.items()},
+             "seconds": {"fusion_s": fused.seconds}, "fused_uri": uri}
+    return FuseOutcome(run_id, "skill_transfer", rows, parents, {}, {}, extra)
+
+
+def _transfer(cfg, client, run_id, parents, nets, prepared, splits, val, test) -> FuseOutcome:
+    from metaensemble.methods.fusion import cla
+    from metaensemble.models import load
+    from metaensemble.sweep import train_configs
+
+    al, balanced, deep, shallow = prepared
+    spec = balanced.model.me_spec
+    init_uri = _save_model(client, run_id, balanced.model, "transfer_init", splits.info.name,
+                           source=parents[shallow].label)
+    from metaensemble.methods.fusion.pipeline import depth
+
+    rows = [seed_row(f"parent{i}", f"{'deep' if i == deep else 'shallow'} parent ({depth(n)} lay.)",
+                     [score_model(n, val, test).values]) for i, n in enumerate(nets) if i in (deep, shallow)]
+    rows.append(seed_row("balanced", "shallow, depth-balanced", [score_model(balanced.model, val, test).values]))
+    runs = {"from_shallow": _trained_config(cfg, spec, task="transfer_init", init_from=init_uri, teachers=None),
+            "scratch": _trained_config(cfg, spec, task="transfer_scratch", init_from=None, teachers=None)}
+    run_ids = train_configs(runs, [[k] for k in runs], experiment=cfg.experiment_name, parent_run_id=run_id,
+                            storage=f"{cfg.resolved_storage_path()}/fuse", name=f"transfer-{cfg.config_hash()}")
+    e = cfg.train.epochs
+    labels = {"from_shallow": f"from shallow + {e} ep", "scratch": f"from scratch, {e} ep"}
+    for k, rid in run_ids.items():
+        rows.append(seed_row(k, labels[k], [score_model(load(f"runs:/{rid}/model"), val, test).values],
+                             train_seconds(client, rid)))
+    with tempfile.TemporaryDirectory() as d:
+        cla.plot_alignment(al, Path(d) / "alignment.png", f"{parents[shallow].label} onto {parents[deep].label}")
+        client.log_artifacts(run_id, d)
+    extra = {"alignment": {"mapping": al.mapping, "inserted": list(balanced.inserted)},
+             "architecture": spec}
+    return FuseOutcome(run_id, "transfer", rows, parents, run_ids, {}, extra)
