@@ -65,7 +65,7 @@ def main() -> int:
         labels: dict[str, str] = {}
         extra: list[dict] = []
         for rep in range(args.repeats):
-            cfg = base.with_overrides({"fusion.parent_seed": step * rep})
+            cfg = base.with_overrides({"fusion.parent_seed": step * rep, "seed": rep})
             t0 = time.perf_counter()
             out = experiment.run(cfg)
             wall = time.perf_counter() - t0
@@ -85,8 +85,11 @@ def main() -> int:
         results[name] = {"config": path, "labels": labels,
                          "rows": {k: {m: summary(v) for m, v in d.items()} for k, d in per_row.items()},
                          "repeats": extra}
+    timing = cifar_timing()
     claims = check(results)
-    payload = {"settings": results, "claims": claims, "repeats": args.repeats,
+    claims["CLAFusion of ResNet-18 + ResNet-34 at CIFAR shapes under 60 s on 2 cores"] = {
+        "holds": timing["fusion_s"] < 60.0, "fusion_s": timing["fusion_s"], "peak_rss_mib": timing["peak_rss_mib"]}
+    payload = {"settings": results, "claims": claims, "repeats": args.repeats, "cifar_timing": timing,
                "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
                "command": "python benchmarks/fusion.py" + (f" --repeats {args.repeats}" if args.repeats != 3 else ""),
                "wall_s": time.perf_counter() - t_all}
@@ -95,6 +98,45 @@ def main() -> int:
     (OUT / "fusion.md").write_text(markdown(payload))
     print(markdown(payload))
     return 0
+
+
+CHILD = """
+import json, resource, sys, time, torch
+from metaensemble.config import load_config
+from metaensemble import data
+from metaensemble.models import create_model
+from metaensemble.methods.fusion.pipeline import fuse_parents
+from metaensemble.methods.fusion.structure import generic_spec
+torch.manual_seed(0)
+cfg = load_config("configs/fusion/cifar10_resnet34_18.yaml", [
+    "data.name=synthetic", "data.root=null", "data.num_samples=2000", "data.channels=3", "data.image_size=32",
+    "data.val_fraction=0.1", "fusion.bn_samples=1000"])
+splits = data.load(cfg.data)
+nets = [create_model(a, num_classes=10, in_chans=3, img_size=32).eval() for a in ("resnet34", "resnet18")]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+fused = fuse_parents(nets, cfg.fusion, splits.train, splits.info)
+dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"fusion_s": dt, "peak_rss_mib": peak / 1024, "before_fusion_rss_mib": base / 1024,
+                  "threads": torch.get_num_threads(), "mapping": {str(k): v.mapping for k, v in fused.alignments.items()},
+                  "fused_arch": fused.model.me_spec["arch"], "layers": generic_spec(fused.model.me_spec)["kwargs"]["layers"],
+                  "settings": "resnet34 + resnet18 (width 64, BN, CIFAR stem), 3x32x32, 10 classes, "
+                              "configs/fusion/cifar10_resnet34_18.yaml's fusion options (activation metric, "
+                              "200 samples, exact EMD, width cost, pins 2/1), BatchNorm statistics on 1000 "
+                              "synthetic images; random weights (timing only)"}))
+"""
+
+
+def cifar_timing() -> dict:
+    """CLAFusion of a ResNet-34 and a ResNet-18 at CIFAR shapes in a fresh process (its
+    peak RSS is the fusion's), on synthetic images: alignment, OT fusion, BatchNorm."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def check(results: dict) -> dict[str, dict]:
@@ -156,6 +198,11 @@ def markdown(p: dict) -> str:
             lines += ["", f"Fusion (alignment + OT + BatchNorm statistics) wall time: "
                           f"{statistics.fmean(fs):.2f} s per repeat."]
         lines.append("")
+    t = p.get("cifar_timing")
+    if t:
+        lines += ["## CLAFusion at CIFAR shapes", "", f"{t['settings']}: fused into `{t['fused_arch']}` "
+                  f"layers {t['layers']} in **{t['fusion_s']:.1f} s**, peak RSS {t['peak_rss_mib']:.0f} MiB "
+                  f"({t['before_fusion_rss_mib']:.0f} MiB before fusing), {t['threads']} threads.", ""]
     lines += ["## Claims", ""]
     for k, v in p["claims"].items():
         nums = ", ".join(f"{a} {b:.2f}" for a, b in v.items() if isinstance(b, float))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from metaensemble import data, engine, tracking
 from metaensemble.config import REPO_ROOT, load_config
-from metaensemble.errors import ConfigError
+from metaensemble.errors import CheckpointError, ConfigError
 from metaensemble.methods.fusion import experiment
 from metaensemble.methods.fusion.pipeline import fuse_parents
 from metaensemble.models import create_model, load, save_model
@@ -177,6 +177,17 @@ def test_bad_input_is_refused_before_any_work(mlflow_uri, parents, tmp_path):
     msg = _no_new_runs(None, lambda: experiment.run(_cfg(tmp_path, f"fusion.models=[{deep},{shallow}]",
                                                          "fusion.pin_start=3", "fusion.pin_end=1")))
     assert "pin" in msg
+    bad = tmp_path / "corrupt"
+    save_model(create_model("mlp", num_classes=10, in_chans=1, img_size=8, hidden=[8]), bad, dataset="digits")
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    client = tracking.client()
+    before = len(client.search_experiments())
+    with pytest.raises(CheckpointError):
+        experiment.run(_cfg(tmp_path, f"fusion.models=[{deep},{bad}]"))
+    assert len(client.search_experiments()) == before
+    msg = _no_new_runs(None, lambda: experiment.run(_cfg(tmp_path, f"fusion.models=[{deep},{shallow}]",
+                                                         "data.name=synthetic", "data.channels=1")))
+    assert "this job's data" in msg
     with pytest.raises(ConfigError, match="label_split"):
         experiment.validate(_cfg(tmp_path, config="configs/fusion/digits_skill_transfer.yaml",
                                  ).with_overrides({"data.label_split": None}))

@@ -226,8 +226,11 @@ def test_resnet_identity_insertion(block, norm):
     assert al.pairs == [(f"layer{s}.0", f"layer{s}.0") for s in range(1, 5)]
     bal = balance(shallow, al)
     assert bal.inserted == ["layer1.1", "layer2.1", "layer4.1"]
-    convs = ["conv1", "conv2"] + (["conv3"] if block == "bottleneck" else [])
-    assert bal.degenerate == {f"{b}.{c}": f"{b[:-1]}0" for b in bal.inserted for c in convs}
+    if block == "basic":  # both convs as wide as the stream: its map at the block input
+        assert bal.degenerate == {f"{b}.{c}": f"{b[:-1]}0" for b in bal.inserted for c in ("conv1", "conv2")}
+    else:  # a bottleneck's inner convs are narrower than the stream: a uniform plan
+        assert bal.degenerate == {**{f"{b}.{c}": "uniform" for b in bal.inserted for c in ("conv1", "conv2")},
+                                  **{f"{b}.conv3": f"{b[:-1]}0" for b in bal.inserted}}
     assert_balanced(deep, shallow, al)
     expected = make("resnet", layers=[2, 2, 1, 2], block=block, width=4, norm=norm, stem="cifar")
     assert {k: v.shape for k, v in bal.model.state_dict().items()} == \

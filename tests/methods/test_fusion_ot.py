@@ -162,7 +162,7 @@ def test_emd_plans_are_permutations_and_correction_makes_barycentres():
         assert torch.allclose(nt.sum(0), torch.ones(n, dtype=torch.float64)), key
         assert torch.allclose(nt.sum(1), torch.ones(n, dtype=torch.float64)), key
         assert torch.allclose(corrected(t).sum(0), torch.ones(n, dtype=torch.float64))
-        assert torch.allclose(corrected(t, correction=False), nt)
+        assert torch.equal(corrected(t, correction=False), t)  # the original's flag off: T as solved
 
 
 def test_sinkhorn_plan_has_uniform_marginals_and_is_spread():
@@ -179,7 +179,17 @@ def test_correction_divides_by_the_actual_column_mass():
     t[0, 0] = 0.3  # column 0 now holds 0.6
     assert torch.allclose(corrected(t).sum(0), torch.ones(2, dtype=torch.float64))
     assert torch.allclose(corrected(t)[:, 0], t[:, 0] / 0.6)
-    assert torch.allclose(corrected(t, correction=False), 2 * t)
+    assert torch.equal(corrected(t, correction=False), t)
+
+
+def test_correction_off_shrinks_the_aligned_weights_by_the_width():
+    """Without correction the moved rows are T^T W: each 1/n of a neuron's weights (the
+    original code's behaviour with its flag off), so the fused net is not model 0's at s=0."""
+    f, g = make("mlp", 0), make("mlp", 1)
+    on = fuse([g, f], opts=FusionOptions(s=0.0), x=inputs()).model.state_dict()
+    off = fuse([g, f], opts=FusionOptions(s=0.0, correction=False), x=inputs()).model.state_dict()
+    n = on["1.weight"].shape[0]
+    assert torch.allclose(off["1.weight"], on["1.weight"] / n, atol=1e-7)
 
 
 def test_ground_costs():

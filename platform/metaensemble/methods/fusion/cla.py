@@ -431,10 +431,14 @@ def balance(shallow: nn.Module, alignment: Alignment) -> Balanced:
     for unit in inserted:
         _identity(model, unit, fam, new_layers[unit].bn if fam == "vgg" else None)
         if fam == "resnet":
+            # Its convs are all zero: the transport problem is degenerate. Convs as wide as the
+            # residual stream reuse the stream's map at the block input (the previous block's);
+            # a bottleneck's narrower inner convs get a uniform plan (any plan moves zeros alike).
             stage, j = unit.rsplit(".", 1)
-            for name, sub in model.get_submodule(unit).named_children():
-                if isinstance(sub, nn.Conv2d):
-                    degenerate[f"{unit}.{name}"] = f"{stage}.{int(j) - 1}"
+            convs = [(n, m) for n, m in model.get_submodule(unit).named_children() if isinstance(m, nn.Conv2d)]
+            width = convs[-1][1].out_channels
+            for name, sub in convs:
+                degenerate[f"{unit}.{name}"] = f"{stage}.{int(j) - 1}" if sub.out_channels == width else "uniform"
     return Balanced(model.train(shallow.training), inserted, degenerate)
 
 

@@ -1,7 +1,10 @@
 """The ``fusion`` section and the ``fusion`` method, declared to the schema (no torch).
 
 Every option of OT fusion (Singh & Jaggi 2020) and of cross-layer alignment (CLAFusion,
-Nguyen et al. 2023) is a key here, with the original's default.
+Nguyen et al. 2023) is a key here. Defaults follow the originals (activation ground
+metric, exact EMD, correction, past correction, s = 0.5, width cost) except
+``act_samples`` (200 here, the original 100) and ``sinkhorn_reg``, which is relative to
+each cost's maximum.
 """
 
 from __future__ import annotations
@@ -30,11 +33,16 @@ class FusionConfig(Section):
     """Match neurons by their pre-activation outputs on ``act_samples`` training examples,
     or by their (aligned) incoming weights."""
     distance: Literal["euclidean", "sqeuclidean", "cosine"] = "euclidean"
+    """Ground distance between two neurons' activation vectors (or weight rows)."""
     solver: Literal["emd", "sinkhorn"] = "emd"
     """Exact optimal transport (``ot.emd``) or entropic (``ot.sinkhorn``)."""
     sinkhorn_reg: float = Field(0.01, gt=0.0)
+    """Entropic regularisation of ``solver=sinkhorn``, relative to the cost divided by its
+    maximum (so one value suits every layer)."""
     correction: bool = True
-    """Divide each column of the map by its mass, so every anchor neuron is a barycentre."""
+    """Divide each column of the map by its mass, so every anchor neuron is a barycentre
+    of the other model's neurons; off: the plan as solved (its entries about 1/n, the
+    aligned weights shrink by the width), as the original with its flag off."""
     past_correction: bool = True
     """Align each layer's incoming side with the previous layer's map."""
     weight: float = Field(0.5, ge=0.0, le=1.0)
@@ -44,6 +52,7 @@ class FusionConfig(Section):
     """Training examples whose activations the ground metric (and activation-based
     alignment costs) use; the same examples for every parent."""
     act_seed: int = 0
+    """Seed of the choice of those examples: the fusion is deterministic for a fixed seed."""
     bn_samples: int | None = Field(None, ge=1)
     """Training examples the fused network's BatchNorm statistics are recomputed on
     (None: the whole train split)."""
@@ -53,9 +62,13 @@ class FusionConfig(Section):
     """Cost between a deep and a shallow layer: width difference, 1 - linear CKA, 1 - mean
     CCA, or the Wasserstein distance between their neuron sets."""
     pin_start: int = Field(2, ge=0)
-    """The first ``pin_start`` hidden layers of the shallow net map to the deep net's first."""
+    """The first ``pin_start`` alignment units of the shallow net map to the deep net's
+    first. Units are counted over the whole network: an MLP's hidden layers, a VGG's convs
+    (across pooling stages: a VGG-11 has one conv in each of its first two stages, so
+    pin_start 2 cannot hold there), a ResNet's residual blocks (each stage's first block
+    always maps to the deep stage's first)."""
     pin_end: int = Field(1, ge=0)
-    """The last ``pin_end`` map to the deep net's last; 0 leaves the end free."""
+    """The last ``pin_end`` units map to the deep net's last; 0 leaves the end free."""
 
     # ---- after fusion (the ``fusion`` engine method, and jobs/fuse.py's rows) ---------------
     finetune: Literal["ce", "kd"] = "ce"

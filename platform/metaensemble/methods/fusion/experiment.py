@@ -96,8 +96,8 @@ def validate(cfg: Config) -> list[Config]:
                           f"{f.experiment} experiment trains and scores on every label")
     engine.validate(cfg.with_overrides({"method": "supervised"}))  # data, model, optimiser
     if f.models:
-        if len(f.models) < 2 and f.experiment != "transfer":
-            raise ConfigError(f"fusion.models has {len(f.models)} parent(s); fusion needs two or more")
+        if len(f.models) < 2:
+            raise ConfigError(f"fusion.models has {len(f.models)} parent(s); {f.experiment} needs two or more")
         return []
     recipes = parent_recipes(cfg)
     ours = {k: getattr(cfg.data, k) for k in SPLIT_KEYS}
@@ -233,12 +233,16 @@ def _trained_config(cfg: Config, spec: dict, *, task: str, init_from: str | None
 
 # ---- the experiments -----------------------------------------------------------------------
 def run_key(cfg: Config, parents: list[Parent]) -> str:
-    """The job's MLflow run key: its config and its parents (``parent_configs`` does not
-    name a run by itself, the networks it resolved to do), so a rerun reopens its own
-    run and other parents get another."""
+    """The job's MLflow run key: its config, its fusion and distillation options (the
+    trained rows' method reads neither, so ``cfg.run_key`` alone leaves them out) and its
+    parents (``parent_configs`` does not name a run, the networks it resolved to do). A
+    rerun reopens its own run; any other fusion gets another, and with it other trained
+    rows (their ``model.init_from`` names this run)."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps([p.uri for p in parents]).encode()).hexdigest()[:8]
+    what = {"parents": [p.uri for p in parents], "fusion": cfg.fusion.model_dump(exclude={"models"}),
+            "distill": cfg.distill.model_dump()}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"fuse-{cfg.fusion.experiment}-{cfg.run_key()}-{digest}"
 
 
@@ -282,6 +286,14 @@ def prepare(cfg: Config, nets, splits):
     )
 
     f = cfg.fusion
+    info = splits.info
+    for p, n in zip(f.models or [f"parent {i}" for i in range(len(nets))], nets, strict=True):
+        kw = n.me_spec["kwargs"]
+        theirs = (kw.get("num_classes"), kw.get("in_chans"), kw.get("img_size"))
+        if theirs != (info.num_classes, info.in_chans, info.img_size):
+            raise ConfigError(f"{p} is a {n.me_spec['arch']} for {theirs[0]} classes of {theirs[1]}x{theirs[2]}px "
+                              f"images, but {info.name} has {info.num_classes} classes of {info.in_chans}x"
+                              f"{info.img_size}px: fuse networks trained on this job's data")
     if f.experiment != "transfer":
         return fuse_parents(nets, f, splits.train, splits.info)
     check_parents(nets)

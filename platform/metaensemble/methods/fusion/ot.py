@@ -118,13 +118,13 @@ def transport(cost: torch.Tensor, solver: str = "emd", reg: float = 0.01) -> tor
 
 
 def corrected(t: torch.Tensor, correction: bool = True) -> torch.Tensor:
-    """T_c [n0, n1]: each column divided by its mass (``correction``: every anchor neuron
-    a barycentre of model-0 neurons, columns sum to 1), or T * n1 (assumes the target
-    mass 1/n1 per column). The two agree for an exact plan; they differ where a Sinkhorn
-    plan's column masses are off their target."""
+    """T_c [n0, n1] that weights are multiplied with. ``correction``: each column divided
+    by its mass, so every anchor neuron is a barycentre of model-0 neurons (columns sum
+    to 1). Without it, T as solved (entries about 1/n: the aligned weights shrink by the
+    widths), as the original code does when its correction flag is off."""
     if correction:
         return t / t.sum(0, keepdim=True).clamp_min(1e-30)
-    return t * t.shape[1]
+    return t
 
 
 def align_inputs(weight: torch.Tensor, t_c: torch.Tensor) -> torch.Tensor:
@@ -219,6 +219,11 @@ def _check_compatible(models: list[nn.Module], structs: list[Structure], states:
             f"layers) differs from the anchor ({spec_of(models[a])['arch']}, {na} weight layers) at {where}. "
             "Depth-balance models of different depths with cross-layer alignment (CLAFusion) first")
     for layer in structs[a].layers():
+        has = [f"{layer.name}.bias" in st for st in states]
+        if len(set(has)) > 1:
+            i = has.index(not has[a])
+            raise ConfigError(f"model {i}'s {layer.name} {'has' if has[i] else 'has no'} bias and the anchor's "
+                              f"{'has' if has[a] else 'has none'}: fuse networks built alike (the bias option)")
         wa = states[a][f"{layer.name}.weight"].shape
         for i, st in enumerate(states):
             w = st[f"{layer.name}.weight"].shape
@@ -267,6 +272,10 @@ def _solve_maps(state: dict, anchor_state: dict, struct: Structure, opts: Fusion
             continue
         if st.name in degenerate:
             key = degenerate[st.name]
+            if key == "uniform":  # any plan moves all-zero neurons alike; spread evenly
+                n0, n1 = state[f"{st.name}.weight"].shape[0], anchor_state[f"{st.name}.weight"].shape[0]
+                plans[st.name] = torch.full((n0, n1), 1.0 / (n0 * n1), dtype=torch.float64)
+                continue
             if key not in plans:
                 raise ConfigError(f"degenerate layer {st.name} reuses the map {key!r}, which is not computed before it; "
                                   f"maps computed so far: {', '.join(plans) or '(none)'}")
@@ -325,8 +334,13 @@ def fuse(models: Sequence[nn.Module], anchor: int = -1, opts: FusionOptions | No
     mix = _mixing(weights, k, a, opts.s)
     struct = structs[a]
     hidden = [layer for layer in struct.layers() if not layer.classifier]
-    degenerate = dict(degenerate or {})
-    unknown = sorted(set(degenerate) - {layer.name for layer in hidden})
+    if degenerate is None or isinstance(degenerate, dict):
+        degenerate = [dict(degenerate or {})] * k
+    degenerate = [dict(d or {}) for d in degenerate]
+    if len(degenerate) != k:
+        raise ConfigError(f"degenerate must be one dict for every model or a list of {k} (one per model), "
+                          f"got {len(degenerate)}")
+    unknown = sorted(set().union(*degenerate) - {layer.name for layer in hidden})
     if unknown:
         raise ConfigError(f"degenerate names unknown layers {unknown}; hidden layers: "
                           f"{', '.join(layer.name for layer in hidden)}")
@@ -339,7 +353,8 @@ def fuse(models: Sequence[nn.Module], anchor: int = -1, opts: FusionOptions | No
     for i, state in enumerate(states):
         if i == a:
             continue
-        plans, cost = _solve_maps(state, states[a], struct, opts, acts[i], acts[a], degenerate)
+        # a layer inserted into either of the pair (model i or the anchor) is degenerate for the pair
+        plans, cost = _solve_maps(state, states[a], struct, opts, acts[i], acts[a], {**degenerate[i], **degenerate[a]})
         for key, v in _moved(state, struct, plans, opts).items():
             fused_tensors[key] += mix[i] * v
         for key, t in plans.items():

@@ -116,18 +116,19 @@ def fuse_parents(parents: list[nn.Module], fcfg, train_split, info, weights: lis
     anchor = pick(depths, fcfg.anchor)
     x = sample_inputs(train_split, info, fcfg.act_samples, fcfg.act_seed)
     names = _step_names(parents[deep])
-    balanced, alignments, inserted, degenerate = [], {}, {}, {}
+    balanced, alignments, inserted, degenerate = [], {}, {}, []
     for i, p in enumerate(parents):
         if i == deep or _step_names(p) == names:
             balanced.append(p)
+            degenerate.append({})
             continue
         al = cla.align_models(parents[deep], p, cost=fcfg.cla_cost, x=x, pin_start=fcfg.pin_start,
                               pin_end=fcfg.pin_end)
         b = cla.balance(p, al)
         balanced.append(b.model.eval())
         alignments[i], inserted[i] = al, list(b.inserted)
-        degenerate.update(b.degenerate)
-    res = ot.fuse(balanced, anchor=anchor, opts=options(fcfg), x=x, degenerate=degenerate or None, weights=weights)
+        degenerate.append(dict(b.degenerate))
+    res = ot.fuse(balanced, anchor=anchor, opts=options(fcfg), x=x, degenerate=degenerate, weights=weights)
     bn = bn_batches(train_split, info, fcfg.bn_samples, fcfg.act_seed)
     model = ot.recompute_bn_stats(res.model, bn)
     naive = None
