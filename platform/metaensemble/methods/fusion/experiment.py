@@ -217,6 +217,12 @@ def _save_model(client, run_id: str, model, path: str, dataset: str, **meta) -> 
     return f"runs:/{run_id}/{path}"
 
 
+def _groups(cfg: Config, keys: list[str]) -> list[list[str]]:
+    """Trained rows side by side on GPUs (one trial each); on CPUs one pack (one Ray Train
+    run trains them one after another: runs of seconds would pay the start-up twice)."""
+    return [[k] for k in keys] if cfg.scaling.use_gpu else [list(keys)]
+
+
 def _trained_config(cfg: Config, spec: dict, *, task: str, init_from: str | None, teachers: list[str] | None,
                     seed: int | None = None) -> Config:
     over: dict[str, Any] = {"task": task, "model.name": spec["arch"],
@@ -360,7 +366,7 @@ def _fusion(cfg, client, run_id, parents, nets, fused, splits, val, test) -> Fus
         runs["kd"] = _trained_config(cfg, spec, task="fusion_kd", init_from=None, teachers=uris)
     run_ids = {}
     if runs:
-        run_ids = train_configs(runs, [[k] for k in runs], experiment=cfg.experiment_name, parent_run_id=run_id,
+        run_ids = train_configs(runs, _groups(cfg, list(runs)), experiment=cfg.experiment_name, parent_run_id=run_id,
                                 storage=f"{cfg.resolved_storage_path()}/fuse", name=f"fuse-{cfg.config_hash()}")
         e = cfg.train.epochs
         labels = {"finetune": f"{name} + finetune {e} ep", "kd": f"KD, fused shape, {e} ep"}
@@ -408,7 +414,7 @@ def _transfer(cfg, client, run_id, parents, nets, prepared, splits, val, test) -
     rows.append(seed_row("balanced", "shallow, depth-balanced", [score_model(balanced.model, val, test).values]))
     runs = {"from_shallow": _trained_config(cfg, spec, task="transfer_init", init_from=init_uri, teachers=None),
             "scratch": _trained_config(cfg, spec, task="transfer_scratch", init_from=None, teachers=None)}
-    run_ids = train_configs(runs, [[k] for k in runs], experiment=cfg.experiment_name, parent_run_id=run_id,
+    run_ids = train_configs(runs, _groups(cfg, list(runs)), experiment=cfg.experiment_name, parent_run_id=run_id,
                             storage=f"{cfg.resolved_storage_path()}/fuse", name=f"transfer-{cfg.config_hash()}")
     e = cfg.train.epochs
     labels = {"from_shallow": f"from shallow + {e} ep", "scratch": f"from scratch, {e} ep"}
