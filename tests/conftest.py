@@ -151,3 +151,49 @@ class WorkerKiller:
 @pytest.fixture
 def worker_killer():
     return WorkerKiller
+
+
+class ScriptResult:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_script(args: list[str], env: dict[str, str] | None = None) -> ScriptResult:
+    """``python <args>`` from the repository root, run in this process (runpy, its own
+    argv, environment and captured streams): the script's own code path for input that
+    fails before any work, without a fresh interpreter's seconds of imports. Every job
+    also has a test in a real fresh process (tests/test_jobs.py and the job's tests)."""
+    import contextlib
+    import io
+    import runpy
+    import sys
+    import traceback
+
+    from metaensemble.config import REPO_ROOT
+
+    env = env or {}
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    os.environ.update(env)
+    os.chdir(REPO_ROOT)
+    sys.argv = list(args)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(REPO_ROOT / args[0]), run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # what a fresh process would print and exit 1 with
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return ScriptResult(code, out.getvalue(), err.getvalue())

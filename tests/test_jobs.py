@@ -25,11 +25,21 @@ def _run(args, env_extra, timeout=600):
     (["jobs/prepare_data.py", "--out", "x", "data.nme=digits"], "unknown config key 'data.nme'"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, args, match):
+    from conftest import run_script
+
     home = tmp_path / "mlflow-home"
-    r = _run(args, {"METAENSEMBLE_MLFLOW_HOME": str(home), "MLFLOW_TRACKING_URI": ""}, timeout=120)
+    r = run_script(args, {"METAENSEMBLE_MLFLOW_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: ") and match in r.stderr and "Traceback" not in r.stderr
     assert not home.exists()
+
+
+def test_bad_input_in_a_fresh_process_is_one_line_and_exit_2(tmp_path):
+    home = tmp_path / "mlflow-home"
+    r = _run(["jobs/train_teachers.py", "model.name=nope"], {"METAENSEMBLE_MLFLOW_HOME": str(home),
+                                                             "MLFLOW_TRACKING_URI": ""}, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.strip().count("\n") == 0
+    assert "Traceback" not in r.stderr and not home.exists()
 
 
 def test_train_teachers_job_end_to_end(mlflow_uri, tmp_path):

@@ -226,8 +226,12 @@ def _job(args, mlflow_uri, tmp_path):
 def test_bad_input_is_one_clear_error_before_any_work(args, message, mlflow_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from conftest import run_script
+
     experiment = f"test/bad-{uuid.uuid4().hex[:6]}"
-    proc = _job([f"storage_path={tmp_path / 'ray'}", f"experiment={experiment}", *args], mlflow_uri, tmp_path)
+    # in this process (the zoo test below runs the job in a fresh one)
+    proc = run_script([*JOB[1:], f"storage_path={tmp_path / 'ray'}", f"experiment={experiment}", *args],
+                      {"MLFLOW_TRACKING_URI": mlflow_uri})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert MlflowClient(mlflow_uri).get_experiment_by_name(experiment) is None

@@ -226,6 +226,12 @@ class SeedRow:
                 "train_s": self.train_s, "per_seed": self.per_seed}
 
 
+def train_seconds(client, run_id: str) -> float:
+    """A run's optimisation time: the sum of its epochs' ``train_time_s`` (no validation,
+    checkpointing or start-up)."""
+    return float(sum(x.value for x in client.get_metric_history(run_id, "train_time_s")))
+
+
 def seed_row(key: str, label: str, per: list[dict[str, float]], train_s: float = 0.0) -> SeedRow:
     """``per``: one ``calibrated_columns`` dict per seed."""
     cols = (*COLUMNS, "temperature")

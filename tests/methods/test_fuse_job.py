@@ -228,3 +228,21 @@ def test_other_parents_open_another_job_run(parents):
     a = experiment.run_key(cfg, [experiment.Parent(deep, "a"), experiment.Parent(shallow, "b")])
     b = experiment.run_key(cfg, [experiment.Parent(deep, "a"), experiment.Parent(deep, "b")])
     assert a != b and a == experiment.run_key(cfg, [experiment.Parent(deep, "x"), experiment.Parent(shallow, "y")])
+
+
+def test_the_trained_rows_finetune_the_fused_network_by_ce_or_by_kd_and_distil_a_fresh_one():
+    spec = {"arch": "mlp", "kwargs": {"num_classes": 10, "in_chans": 1, "img_size": 8, "hidden": [64, 64]}}
+    parents = ["models:/p/1", "models:/p/2"]
+    ce = experiment.trained_rows(load_config("configs/fusion/digits_mlp.yaml"), spec, "runs:/abc/fused", parents)
+    kd = experiment.trained_rows(load_config("configs/fusion/digits_mlp.yaml", ["fusion.finetune=kd"]), spec,
+                                 "runs:/abc/fused", parents)
+    assert ce["finetune"].method == "supervised" and kd["finetune"].method == "kd"
+    assert kd["finetune"].distill.teachers == parents
+    for runs in (ce, kd):
+        assert runs["finetune"].model.init_from == "runs:/abc/fused"
+        assert runs["finetune"].model.name == "mlp" and runs["finetune"].model.kwargs == {"hidden": [64, 64]}
+        assert runs["kd"].method == "kd" and runs["kd"].model.init_from is None
+        assert runs["kd"].distill.teachers == parents
+    only = experiment.trained_rows(load_config("configs/fusion/digits_mlp.yaml", ["fusion.rows=[kd]"]), spec,
+                                   "runs:/abc/fused", parents)
+    assert list(only) == ["kd"]

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from metaensemble.errors import ConfigError
-from metaensemble.methods.fusion.structure import family, generic_spec, spec_of, structure
+from metaensemble.methods.fusion.structure import capture, family, generic_spec, spec_of, structure
 
 COSTS = ("width", "cka", "cca", "wasserstein")
 
@@ -53,18 +53,8 @@ def _output_module(model: nn.Module, unit: str) -> nn.Module:
 def representations(model: nn.Module, x: torch.Tensor, units: list[str]) -> dict[str, torch.Tensor]:
     """Per unit its post-ReLU output on ``x`` (eval mode, forward hooks): [N, F] for a
     linear, [N, C, H, W] for a conv or a residual block; float64 on the CPU."""
-    out: dict[str, torch.Tensor] = {}
-    hooks = [_output_module(model, u).register_forward_hook(
-        lambda _m, _i, y, u=u: out.__setitem__(u, y.detach().to("cpu", torch.float64).clone())) for u in units]
-    was_training = model.training
-    try:
-        model.eval()
-        model(x.to(next(model.parameters()).device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return out
+    ys = capture(model, {u: _output_module(model, u) for u in units}, x)
+    return {u: y.to("cpu", torch.float64) for u, y in ys.items()}
 
 
 def as_samples(a: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,10 @@
   label (``data.label_split``: part a holds every example of one label and a fraction of
   the others, part b the rest), fused one-shot; accuracy on the special label, on the
   other labels and on all.
-- ``transfer``: the deepest parent's depth initialised from the shallowest parent through
-  cross-layer alignment and depth balancing, finetuned, against the same architecture
-  trained from scratch for the same epochs.
+- ``transfer``: a network of the deepest parent's depth at the shallowest parent's widths
+  (the deep architecture itself when the widths agree) initialised from the shallowest
+  parent through cross-layer alignment and depth balancing, finetuned, against the same
+  architecture trained from scratch for the same epochs.
 
 Parents are ``fusion.models`` (folders, ``models:/``, ``runs:/``) or one network from the
 zoo of each recipe in ``fusion.parent_configs`` (trained first if missing). Rows are
@@ -44,6 +45,7 @@ from metaensemble.evaluation import (
     calibrated_columns,
     format_seed_table,
     seed_row,
+    train_seconds,
 )
 from metaensemble.methods.base import predict_logp
 from metaensemble.teachers import zoo_teachers
@@ -159,11 +161,6 @@ def label_accuracies(s: Scored, special: int) -> dict[str, float]:
             "acc_all": float(right.float().mean())}
 
 
-def train_seconds(client, run_id: str) -> float:
-    """A run's optimisation time: the sum of its epochs' ``train_time_s``."""
-    return float(sum(x.value for x in client.get_metric_history(run_id, "train_time_s")))
-
-
 # ---- outcome -------------------------------------------------------------------------------
 @dataclass
 class FuseOutcome:
@@ -221,6 +218,19 @@ def _groups(cfg: Config, keys: list[str]) -> list[list[str]]:
     """Trained rows side by side on GPUs (one trial each); on CPUs one pack (one Ray Train
     run trains them one after another: runs of seconds would pay the start-up twice)."""
     return [[k] for k in keys] if cfg.scaling.use_gpu else [list(keys)]
+
+
+def trained_rows(cfg: Config, spec: dict, fused_uri: str, parents: list[str]) -> dict[str, Config]:
+    """The engine configs of the table's trained rows (``fusion.rows``): the fused network
+    finetuned from ``fused_uri`` (cross-entropy, or KD from the parents with
+    ``fusion.finetune=kd``), and KD from the parents into a fresh network of its shape."""
+    runs: dict[str, Config] = {}
+    if "finetune" in cfg.fusion.rows:
+        runs["finetune"] = _trained_config(cfg, spec, task="fusion_finetune", init_from=fused_uri,
+                                           teachers=parents if cfg.fusion.finetune == "kd" else None)
+    if "kd" in cfg.fusion.rows:
+        runs["kd"] = _trained_config(cfg, spec, task="fusion_kd", init_from=None, teachers=parents)
+    return runs
 
 
 def _trained_config(cfg: Config, spec: dict, *, task: str, init_from: str | None, teachers: list[str] | None,
@@ -357,19 +367,14 @@ def _fusion(cfg, client, run_id, parents, nets, fused, splits, val, test) -> Fus
     tags = {"parents": ", ".join(p.label for p in parents), "fuse_run": run_id, "method": shot}
     versions = {"one-shot": tracking.register_model(client, arch_name, run_id, "fused", tags={**tags, "stage": "one-shot"},
                                                     description="Fused networks (jobs/fuse.py).").version}
-    runs: dict[str, Config] = {}
-    uris = [p.uri for p in parents]
-    if "finetune" in cfg.fusion.rows:
-        runs["finetune"] = _trained_config(cfg, spec, task="fusion_finetune", init_from=fused_uri,
-                                           teachers=uris if cfg.fusion.finetune == "kd" else None)
-    if "kd" in cfg.fusion.rows:
-        runs["kd"] = _trained_config(cfg, spec, task="fusion_kd", init_from=None, teachers=uris)
+    runs = trained_rows(cfg, spec, fused_uri, [p.uri for p in parents])
     run_ids = {}
     if runs:
         run_ids = train_configs(runs, _groups(cfg, list(runs)), experiment=cfg.experiment_name, parent_run_id=run_id,
                                 storage=f"{cfg.resolved_storage_path()}/fuse", name=f"fuse-{cfg.config_hash()}")
         e = cfg.train.epochs
-        labels = {"finetune": f"{name} + finetune {e} ep", "kd": f"KD, fused shape, {e} ep"}
+        how = "KD finetune" if cfg.fusion.finetune == "kd" else "finetune"
+        labels = {"finetune": f"{name} + {how} {e} ep", "kd": f"KD, fused shape, {e} ep"}
         for k, rid in run_ids.items():
             rows.append(seed_row(f"{shot}_{k}" if k == "finetune" else k, labels[k],
                                  [score_model(load(f"runs:/{rid}/model"), val, test).values],

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from metaensemble.errors import ConfigError
-from metaensemble.methods.fusion.structure import Layer, Structure, Sum, spec_of, structure
+from metaensemble.methods.fusion.structure import Layer, Structure, Sum, capture, spec_of, structure
 from metaensemble.models import create_model
 
 METRICS = ("activation", "weight")
@@ -176,26 +176,8 @@ def layer_activations(model: nn.Module, layers: Sequence[Layer], x: torch.Tensor
     """Each layer's pre-activation outputs (its BatchNorm's output where it has one) on
     ``x`` in eval mode: per layer name [neurons, samples] (linear) or
     [channels, samples * positions] (conv)."""
-    out: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def record(_module, _inputs, y):
-            # clone: an in-place ReLU overwrites y right after this hook.
-            y = y.detach().clone()
-            out[name] = y.transpose(0, 1).reshape(y.shape[1], -1)
-        return record
-
-    handles = [model.get_submodule(layer.bn or layer.name).register_forward_hook(hook(layer.name))
-               for layer in layers]
-    was = model.training
-    try:
-        model.eval()
-        model(x.to(next(model.parameters()).device))
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    return out
+    ys = capture(model, {layer.name: model.get_submodule(layer.bn or layer.name) for layer in layers}, x)
+    return {k: y.transpose(0, 1).reshape(y.shape[1], -1) for k, y in ys.items()}
 
 
 # ---- fusion ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from metaensemble.errors import ConfigError
@@ -175,3 +176,22 @@ def _resnet(model: nn.Module) -> Structure:
         stages.append(names)
     steps.append(Layer("fc", "linear", None, stream, classifier=True))
     return Structure("resnet", steps, stages)
+
+
+@torch.no_grad()
+def capture(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The outputs of ``modules`` (key -> submodule of ``model``) on one eval-mode
+    forward of ``x``, detached copies (an in-place ReLU would overwrite them); the
+    model's train/eval mode is restored."""
+    out: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, y, k=k: out.__setitem__(k, y.detach().clone()))
+               for k, m in modules.items()]
+    was = model.training
+    try:
+        model.eval()
+        model(x.to(next(model.parameters()).device))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return out

@@ -36,6 +36,7 @@ from metaensemble.evaluation import (
     format_seed_table,
     reliability_diagram,
     seed_row,
+    train_seconds,
 )
 from metaensemble.methods.base import predict_logp
 from metaensemble.teachers import zoo_teachers
@@ -209,12 +210,6 @@ def evaluate(p: Plan, run_ids: dict[str, str]) -> tuple[list[SeedRow], dict[str,
         rows.append(seed_row(method, LABELS[method], per, float(np.mean(seconds))))
         curves[LABELS[method]] = (torch.cat(logps), torch.cat(ys))
     return rows, curves
-
-
-def train_seconds(client, run_id: str) -> float:
-    """A run's optimisation time: the sum of its epochs' ``train_time_s`` (no validation,
-    checkpointing or start-up)."""
-    return float(sum(x.value for x in client.get_metric_history(run_id, "train_time_s")))
 
 
 def register_students(client, p: Plan, run_ids: dict[str, str], parent_run_id: str) -> dict[str, str]:
