@@ -224,9 +224,8 @@ def _job(args, mlflow_uri, tmp_path):
      "the MLP generator takes exactly model.kwargs.ensemble_size=3 teachers, but meta.ensemble_size=2"),
 ])
 def test_bad_input_is_one_clear_error_before_any_work(args, message, mlflow_uri, tmp_path):
-    from mlflow.tracking import MlflowClient
-
     from conftest import run_script
+    from mlflow.tracking import MlflowClient
 
     experiment = f"test/bad-{uuid.uuid4().hex[:6]}"
     # in this process (the zoo test below runs the job in a fresh one)
