@@ -131,6 +131,21 @@ def train_subset(split, fraction: float, seed: int):
     return torch.utils.data.Subset(split, keep.tolist())
 
 
+def eval_loader(split, info, batch_size: int, device="cpu"):
+    """An unaugmented, unshuffled loader over ``split`` (in-memory arrays or a dataset)."""
+    if isinstance(split, ArraySplit):
+        return ArrayLoader(split, info, batch_size, device=device)
+    return DatasetLoader(split, batch_size, device=device)
+
+
+def eval_splits(cfg):
+    """``cfg`` (a DataConfig) loaded whole for scoring: every training example (no
+    ``train_fraction``, no ``label_split``), and val and test loaders."""
+    splits = load(cfg.model_copy(update={"train_fraction": 1.0, "label_split": None}))
+    return splits, eval_loader(splits.val, splits.info, cfg.eval_batch_size), \
+        eval_loader(splits.test, splits.info, cfg.eval_batch_size)
+
+
 def is_streaming(cfg) -> bool:
     return DATASETS.get(cfg.name).streaming
 
@@ -141,6 +156,7 @@ def names() -> list[str]:
 
 __all__ = [
     "ArrayLoader", "ArraySplit", "DATASETS", "DatasetInfo", "DatasetLoader", "DataSplits",
-    "RayShardLoader", "augment_batch", "check", "check_name", "is_streaming", "load", "names",
+    "RayShardLoader", "augment_batch", "check", "check_name", "eval_loader", "eval_splits", "is_streaming", "load",
+    "names",
     "normalise", "split_indices",
 ]

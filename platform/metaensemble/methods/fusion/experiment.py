@@ -103,7 +103,8 @@ def validate(cfg: Config) -> list[Config]:
         return []
     recipes = parent_recipes(cfg)
     ours = {k: getattr(cfg.data, k) for k in SPLIT_KEYS}
-    for path, r in zip(f.parent_configs * (2 if f.experiment == "skill_transfer" else 1), recipes, strict=False):
+    paths = f.parent_configs[:1] * 2 if f.experiment == "skill_transfer" else f.parent_configs  # one per recipe
+    for path, r in zip(paths, recipes, strict=True):
         theirs = {k: getattr(r.data, k) for k in SPLIT_KEYS}
         if theirs != ours:
             raise ConfigError(f"fusion.parent_configs {path} splits the data as {theirs}, this job as {ours}: set "
@@ -126,14 +127,6 @@ def resolve_parents(cfg: Config, *, train_missing: bool = True) -> list[Parent]:
 
 
 # ---- scoring -----------------------------------------------------------------------------
-def loaders(cfg: Config):
-    splits = data.load(cfg.data.model_copy(update={"train_fraction": 1.0, "label_split": None}))
-    from metaensemble.methods.weightformer.method import make_eval_loader
-
-    mk = lambda s: make_eval_loader(s, splits.info, cfg.data.eval_batch_size, "cpu")  # noqa: E731
-    return splits, mk(splits.val), mk(splits.test)
-
-
 @dataclass
 class Scored:
     val: tuple[torch.Tensor, torch.Tensor]
@@ -272,7 +265,7 @@ def run(cfg: Config, *, train_missing: bool = True) -> FuseOutcome:
     t_parents = time.perf_counter() - t0
     client = tracking.client(tracking.ensure_tracking())
     key = run_key(cfg, parents)
-    splits, val, test = loaders(cfg)
+    splits, val, test = data.eval_splits(cfg.data)
     nets = [load(p.uri) for p in parents]
     prepared = prepare(cfg, nets, splits)  # alignment and fusion: bad pins etc. fail before the run opens
     with tracking.job_run(client, cfg, key, "fuse") as parent_run:
@@ -294,6 +287,7 @@ def prepare(cfg: Config, nets, splits):
     the job's run opens so that parents that cannot be aligned leave nothing behind."""
     from metaensemble.methods.fusion import cla
     from metaensemble.methods.fusion.pipeline import (
+        check_fits,
         check_parents,
         depth,
         fuse_parents,
@@ -302,14 +296,7 @@ def prepare(cfg: Config, nets, splits):
     )
 
     f = cfg.fusion
-    info = splits.info
-    for p, n in zip(f.models or [f"parent {i}" for i in range(len(nets))], nets, strict=True):
-        kw = n.me_spec["kwargs"]
-        theirs = (kw.get("num_classes"), kw.get("in_chans"), kw.get("img_size"))
-        if theirs != (info.num_classes, info.in_chans, info.img_size):
-            raise ConfigError(f"{p} is a {n.me_spec['arch']} for {theirs[0]} classes of {theirs[1]}x{theirs[2]}px "
-                              f"images, but {info.name} has {info.num_classes} classes of {info.in_chans}x"
-                              f"{info.img_size}px: fuse networks trained on this job's data")
+    check_fits(nets, splits.info, list(f.models) or None)
     if f.experiment != "transfer":
         return fuse_parents(nets, f, splits.train, splits.info)
     check_parents(nets)

@@ -45,14 +45,11 @@ class FusionMethod(EnsembleKD):
         return list(self.cfg.fusion.models) if self.cfg.fusion.finetune == "kd" else []
 
     def build_model(self, info: DatasetInfo) -> nn.Module:
-        from metaensemble.methods.fusion.pipeline import fuse_parents
+        from metaensemble.methods.fusion.pipeline import check_fits, fuse_parents
         from metaensemble.models import load
 
         parents = [load(u) for u in self.cfg.fusion.models]
-        for u, p in zip(self.cfg.fusion.models, parents, strict=True):
-            if p.me_spec["kwargs"].get("num_classes") != info.num_classes:
-                raise ConfigError(f"parent {u} predicts {p.me_spec['kwargs'].get('num_classes')} classes, but "
-                                  f"{info.name} has {info.num_classes}")
+        check_fits(parents, info, list(self.cfg.fusion.models))
         splits = data.load(self.cfg.data)
         return fuse_parents(parents, self.cfg.fusion, splits.train, splits.info).model.train()
 

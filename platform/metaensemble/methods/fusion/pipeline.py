@@ -64,10 +64,8 @@ def pick(depths: list[int], how: str) -> int:
 
 
 def _subset_loader(split, info, idx: torch.Tensor, batch_size: int):
-    from metaensemble.methods.weightformer.method import make_eval_loader
-
     sub = split.subset(idx) if isinstance(split, data.ArraySplit) else torch.utils.data.Subset(split, idx.tolist())
-    return make_eval_loader(sub, info, batch_size, "cpu")
+    return data.eval_loader(sub, info, batch_size)
 
 
 def sample_inputs(split, info, n: int, seed: int) -> torch.Tensor:
@@ -98,6 +96,17 @@ def check_parents(parents: list[nn.Module]) -> None:
     if len(fams) > 1:
         raise ConfigError(f"the parents are of different families ({', '.join(sorted(fams))}): fusion aligns "
                           f"layers within one family (mlp, vgg or resnet)")
+
+
+def check_fits(parents: list[nn.Module], info, names: list[str] | None = None) -> None:
+    """Every parent takes ``info``'s images and predicts its classes (ConfigError if not)."""
+    for name, n in zip(names or [f"parent {i}" for i in range(len(parents))], parents, strict=True):
+        kw = spec_of(n)["kwargs"]
+        theirs = (kw.get("num_classes"), kw.get("in_chans"), kw.get("img_size"))
+        if theirs != (info.num_classes, info.in_chans, info.img_size):
+            raise ConfigError(f"{name} is a {spec_of(n)['arch']} for {theirs[0]} classes of {theirs[1]}x{theirs[2]}px "
+                              f"images, but {info.name} has {info.num_classes} classes of {info.in_chans}x"
+                              f"{info.img_size}px: fuse networks trained on this job's data")
 
 
 def _same_shapes(models: list[nn.Module]) -> bool:

@@ -170,21 +170,13 @@ def directions(rows: list[SeedRow]) -> dict[str, bool]:
     return out
 
 
-def _loaders(cfg: Config):
-    splits = data.load(cfg.data.model_copy(update={"train_fraction": 1.0}))
-    mk = lambda s: data.ArrayLoader(s, splits.info, cfg.data.eval_batch_size)  # noqa: E731
-    if not isinstance(splits.val, data.ArraySplit):
-        mk = lambda s: data.DatasetLoader(s, cfg.data.eval_batch_size)  # noqa: E731
-    return mk(splits.val), mk(splits.test)
-
-
 def evaluate(p: Plan, run_ids: dict[str, str]) -> tuple[list[SeedRow], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """The table's rows (teacher DE-M, mean single teacher, each method over seeds) and
     each row's pooled test predictions for the reliability diagrams."""
     from metaensemble.models import load
 
     cfg = p.cfg
-    val, test = _loaders(cfg)
+    _, val, test = data.eval_splits(cfg.data)
     client = tracking.client()
     t_val, t_test = [], []
     for t in p.teachers:

@@ -246,7 +246,4 @@ def check_disjoint(hashes: dict[str, list[str]]) -> None:
                                f"(sha256 {sorted(shared)[0][:12]}...); held-out teachers must never be trained on")
 
 
-def make_eval_loader(split, info, batch_size: int, device):
-    if isinstance(split, data.ArraySplit):
-        return data.ArrayLoader(split, info, batch_size, device=device)
-    return data.DatasetLoader(split, batch_size, device=device)
+make_eval_loader = data.eval_loader  # the name weightformer's callers know
