@@ -53,6 +53,10 @@ class DataConfig(_Strict):
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(512, gt=0)
     augment: bool = True
+    cutout: int = Field(0, ge=0)
+    """Cutout (DeVries & Taylor 2017) on array datasets' training batches: a square of
+    this side, centred on a random pixel and clipped at the border, set to the mean
+    (zero after normalisation); 0: none. The SuperWeight recipe uses 16 on CIFAR."""
     transform: Literal["standard", "deit"] = "standard"
     """Training augmentation of file datasets (imagefolder): ``standard`` is
     RandomResizedCrop + flip; ``deit`` is timm's transform factory with RandAugment
@@ -328,6 +332,8 @@ class Config(BaseModel):
             d["model"].pop("init_from", None)  # an unset init_from does not name a run
         if d["data"].get("label_split") is None:
             d["data"].pop("label_split", None)  # nor does an unset label split
+        if not d["data"].get("cutout"):
+            d["data"].pop("cutout", None)  # nor does cutout off
         d["scaling"] = {k: v for k, v in d["scaling"].items() if k in ("num_workers",)}
         if exclude_seed:
             d.pop("seed")

@@ -72,6 +72,11 @@ def check(cfg) -> None:
 
         raise ConfigError(f"data.transform={cfg.transform!r} applies to images read from files (data.name="
                           f"imagefolder); {cfg.name!r} augments its arrays itself: use data.transform=standard")
+    if cfg.cutout and cfg.name == "imagefolder":
+        from metaensemble.errors import ConfigError
+
+        raise ConfigError(f"data.cutout={cfg.cutout} applies to array and parquet datasets; for imagefolder use "
+                          f"data.transform=deit, whose random erasing (data.re_prob) plays its part")
     spec.check(cfg)
 
 

@@ -49,6 +49,22 @@ def augment_batch(x: torch.Tensor, family: str, gen: torch.Generator) -> torch.T
     return out.contiguous()
 
 
+def cutout_batch(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Cutout on a normalised batch [B, C, H, W]: per example a ``size`` x ``size`` square
+    centred on a uniformly drawn pixel (clipped at the border) set to 0, the mean."""
+    if size <= 0:
+        return x
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b, 1), generator=gen)
+    cx = torch.randint(0, w, (b, 1), generator=gen)
+    rows, cols = torch.arange(h).view(1, h), torch.arange(w).view(1, w)
+    lo = size // 2
+    in_y = (rows >= cy - lo) & (rows < cy - lo + size)  # [B, H]
+    in_x = (cols >= cx - lo) & (cols < cx - lo + size)  # [B, W]
+    keep = ~(in_y.view(b, 1, h, 1) & in_x.view(b, 1, 1, w))
+    return x * keep.to(x.device, x.dtype)
+
+
 class ArrayLoader:
     """Shuffled, sharded mini-batches over an in-memory ArraySplit."""
 
@@ -65,8 +81,10 @@ class ArrayLoader:
         seed: int = 0,
         device: torch.device | str = "cpu",
         drop_last: bool = False,
+        cutout: int = 0,
     ) -> None:
         self.split, self.info, self.batch_size = split, info, batch_size
+        self.cutout = cutout
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.augment, self.seed = shuffle, augment, seed
         self.device = torch.device(device)
@@ -101,8 +119,11 @@ class ArrayLoader:
             x = self._images[b.to(self.device)]
             if self.augment:
                 x = augment_batch(x, self.info.family, gen)
+            x = normalise(x, self.info)
+            if self.augment and self.cutout:
+                x = cutout_batch(x, self.cutout, gen)
             yield {
-                "x": normalise(x, self.info),
+                "x": x,
                 "y": self.split.labels[b].to(self.device),
                 "index": self.split.index[b],
             }
@@ -157,8 +178,9 @@ class RayShardLoader:
     ``image`` uint8 [C, H, W], ``label``, ``index`` (see ``data.parquet``)."""
 
     def __init__(self, shard, info: DatasetInfo, batch_size: int, *, shuffle=False, augment=False,
-                 seed=0, rank=0, device="cpu", length: int | None = None) -> None:
+                 seed=0, rank=0, device="cpu", length: int | None = None, cutout: int = 0) -> None:
         self.shard, self.info, self.batch_size = shard, info, batch_size
+        self.cutout = cutout
         self.shuffle, self.augment, self.seed, self.rank = shuffle, augment, seed, rank
         self.device = torch.device(device)
         self.epoch = 0
@@ -180,8 +202,11 @@ class RayShardLoader:
             x = batch["image"].to(self.device)
             if self.augment:
                 x = augment_batch(x, self.info.family, gen)
+            x = normalise(x, self.info)
+            if self.augment and self.cutout:
+                x = cutout_batch(x, self.cutout, gen)
             yield {
-                "x": normalise(x, self.info),
+                "x": x,
                 "y": batch["label"].long().to(self.device),
                 "index": batch["index"].long(),
             }

@@ -456,7 +456,7 @@ def _build_loaders(cfg, rank: int, world: int, device: torch.device):
         info = meta["info"]
         mk = lambda split, **kw: data.RayShardLoader(ray.train.get_dataset_shard(split), info, device=device, rank=rank, seed=cfg.seed, **kw)  # noqa: E731
         loaders = {
-            "train": mk("train", batch_size=d.batch_size, shuffle=True, augment=d.augment,
+            "train": mk("train", batch_size=d.batch_size, shuffle=True, augment=d.augment, cutout=d.cutout,
                         length=meta["sizes"]["train"] // world // d.batch_size),
             # val/test are not split over ranks by Ray Data: rank 0 reads them whole
             "val": mk("val", batch_size=d.eval_batch_size) if rank == 0 else None,
@@ -467,7 +467,7 @@ def _build_loaders(cfg, rank: int, world: int, device: torch.device):
     info = splits.info
     if isinstance(splits.train, data.ArraySplit):
         train = data.ArrayLoader(splits.train, info, d.batch_size, rank=rank, world_size=world, shuffle=True,
-                                 augment=d.augment, seed=cfg.seed, device=device, drop_last=True)
+                                 augment=d.augment, seed=cfg.seed, device=device, drop_last=True, cutout=d.cutout)
         ev = lambda s: data.ArrayLoader(s, info, d.eval_batch_size, rank=rank, world_size=world, device=device)  # noqa: E731
     else:
         train = data.DatasetLoader(splits.train, d.batch_size, rank=rank, world_size=world, shuffle=True,

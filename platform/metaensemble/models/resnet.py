@@ -151,9 +151,10 @@ class PreActBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """Pre-activation WRN-depth-k: widths 16, 16k, 32k, 64k (64/128/256 for WRN-28-4)."""
+    """Pre-activation WRN-depth-k: widths 16, 16k, 32k, 64k (64/128/256 for WRN-28-4); a
+    fractional k rounds each to the nearest channel count (scaled ensembles)."""
 
-    def __init__(self, depth: int, widen_factor: int, num_classes: int, in_chans: int,
+    def __init__(self, depth: int, widen_factor: float, num_classes: int, in_chans: int,
                  bn_momentum: float = 0.1) -> None:
         super().__init__()
         if (depth - 4) % 6:
@@ -161,7 +162,11 @@ class WideResNet(nn.Module):
 
             raise ConfigError(f"wrn depth must be 6n+4 (10, 16, 22, 28, ...), got {depth}")
         n = (depth - 4) // 6
-        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        if widen_factor <= 0 or round(16 * widen_factor) < 1:
+            from metaensemble.errors import ConfigError
+
+            raise ConfigError(f"wrn widen_factor must give at least one channel per stage, got {widen_factor}")
+        widths = [16] + [int(round(b * widen_factor)) for b in (16, 32, 64)]
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         blocks, cin = [], widths[0]
         for i, w in enumerate(widths[1:]):
@@ -180,6 +185,6 @@ class WideResNet(nn.Module):
 
 
 @register_model("wrn")
-def wrn(num_classes: int, in_chans: int, img_size: int, depth: int = 28, widen_factor: int = 4,
+def wrn(num_classes: int, in_chans: int, img_size: int, depth: int = 28, widen_factor: float = 4,
         bn_momentum: float = 0.1) -> nn.Module:
     return WideResNet(depth, widen_factor, num_classes, in_chans, bn_momentum)

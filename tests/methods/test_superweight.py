@@ -1,0 +1,359 @@
+"""SuperWeight ensembles without Ray: the spec's testable properties (design/methods/
+superweight.md, 1-9), the budget loop, the initialisation and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metaensemble.config import load_config
+from metaensemble.data import DatasetInfo
+from metaensemble.errors import ConfigError
+from metaensemble.methods.superweight import sharing as sh
+from metaensemble.methods.superweight.method import SuperWeight, clone_values
+from metaensemble.methods.superweight.model import (
+    depth_bins,
+    member_network,
+    slice_sizes,
+    superweight,
+    tier_boxes,
+    wrn_convs,
+)
+
+MEMBERS = [(16, 1.0), (16, 0.5), (10, 1.0)]
+INFO = DatasetInfo(name="digits", num_classes=10, in_chans=1, img_size=8, mean=(0.5,), std=(0.25,), family="digits")
+
+
+def _cfg(*overrides: str):
+    return load_config("configs/superweight/digits.yaml", [
+        "superweight.depths=[16,16,10]", "superweight.widths=[1.0,0.5,1.0]", "train.epochs=6",
+        "superweight.split_epochs=2", "superweight.unshare_epochs=2", *overrides])
+
+
+def _grads(model, seed: int = 0) -> dict[int, list[torch.Tensor]]:
+    """Per member of ``model``: random 'weight gradients' of its convs' shapes."""
+    g = torch.Generator().manual_seed(seed)
+    return {m: [torch.randn(c.cout, c.cin, c.k, c.k, generator=g) for c in mem.convs]
+            for m, mem in enumerate(model.members)}
+
+
+def _split_method(*overrides: str, seed: int = 0) -> tuple[SuperWeight, torch.nn.Module]:
+    """A method taken through its search phase with recorded random gradients and split."""
+    torch.manual_seed(0)
+    method = SuperWeight(_cfg(*overrides))
+    method.validate()
+    search = method.build_model(INFO)
+    rec = sh.Recorder(weights=True)
+    for j, gs in _grads(search, seed).items():
+        for i, g in enumerate(gs):
+            rec.grads[(j, i)] = g
+    method.recorder = rec
+    torch.manual_seed(1)
+    return method, method.rebuild(search, method.cfg.superweight.split_epochs)
+
+
+# ---- 2. initial bins --------------------------------------------------------------------
+def test_initial_bins_are_7_6_6_6_for_wrn28_and_4_3_3_3_for_wrn16_with_1x1_apart():
+    for depth, sizes in ((28, [7, 6, 6, 6]), (16, [4, 3, 3, 3])):
+        convs = wrn_convs(depth, 4, 3)
+        bins = depth_bins(convs, 4)
+        assert [sum(b == k for b in bins) for k in range(4)] == sizes
+        three = [b for c, b in zip(convs, bins, strict=True) if c.k == 3]
+        assert three == sorted(three), "bins are contiguous in layer order"
+        assert all(b == 4 for c, b in zip(convs, bins, strict=True) if c.k == 1), "1x1 convs in their own bin"
+    with pytest.raises(ConfigError, match="only 7 3x3 convs"):
+        depth_bins(wrn_convs(10, 1, 3), 8)
+
+
+# ---- 3, 4. banks, tiers, composition -------------------------------------------------------
+def test_banks_hold_k_templates_of_their_tier_slice_and_every_weight_has_its_convs_shape():
+    torch.manual_seed(0)
+    model = superweight(10, 1, 8, members=MEMBERS, templates=3)
+    for g, lay in model.layout.items():
+        for t, size in enumerate(lay["sizes"]):
+            assert model.bank(g, t).shape == (3, size)
+        boxes = lay["boxes"]
+        assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in itertools.pairwise(boxes)), "boxes nest"
+    for m, mem in enumerate(model.members):
+        for i, c in enumerate(mem.convs):
+            assert model.compose(m, i).shape == (c.cout, c.cin, c.k, c.k)
+    assert tier_boxes([(32, 16), (16, 16), (32, 32)]) == [(16, 16), (32, 16), (32, 32)]
+    assert slice_sizes([(16, 16), (32, 16), (32, 32)], 3) == [16 * 16 * 9, 16 * 16 * 9, 32 * 16 * 9]
+
+
+def test_a_tier_piece_is_the_coefficient_weighted_sum_of_its_bank_recomputed_by_hand():
+    torch.manual_seed(0)
+    model = superweight(10, 1, 8, members=MEMBERS, templates=3)
+    # a conv of the widest member that needs more than one tier
+    m, i = next((m, i) for m in range(3) for i in range(len(model.members[m].convs)) if model.sites[m][i][2] >= 1)
+    g, s, t, gain = model.sites[m][i]
+    c = model.members[m].convs[i]
+    boxes, k = model.layout[g]["boxes"], model.layout[g]["k"]
+    alpha = model.coefs[s].detach()
+    pieces = []
+    for j in range(t + 1):
+        a = alpha[j] * model.coef_scale[(g, j)]
+        pieces.append(sum(a[q] * model.bank(g, j).detach()[q] for q in range(3)))
+    full = torch.zeros(boxes[t][0], boxes[t][1], k, k)
+    full[: boxes[0][0], : boxes[0][1]] = pieces[0].view(boxes[0][0], boxes[0][1], k, k)
+    for j in range(1, t + 1):
+        (oa, ia), (ob, ib) = boxes[j - 1], boxes[j]
+        n = oa * (ib - ia) * k * k
+        full[:oa, ia:ib] = pieces[j][:n].view(oa, ib - ia, k, k)
+        full[oa:ob, :ib] = pieces[j][n:].view(ob - oa, ib, k, k)
+    assert torch.allclose(model.compose(m, i).detach(), gain * full[: c.cout, : c.cin], atol=1e-6)
+
+
+def test_every_assembled_weight_starts_at_hes_std_for_its_own_fan_in():
+    torch.manual_seed(0)
+    model = superweight(10, 3, 32, members=[(16, 4.0), (16, 2.0)], templates=8)
+    for m, mem in enumerate(model.members):
+        for i, c in enumerate(mem.convs):
+            w = model.compose(m, i).detach()
+            if w.numel() < 4000:
+                continue  # too few elements for a tight std
+            assert w.std().item() == pytest.approx(math.sqrt(2.0 / c.fan_in), rel=0.15), c.key
+
+
+def test_a_member_is_a_plain_wrn_with_its_weights_assembled():
+    torch.manual_seed(0)
+    model = superweight(10, 1, 8, members=MEMBERS, templates=2).eval()
+    x = torch.randn(5, 1, 8, 8)
+    for m in range(3):
+        net = member_network(model, m)
+        assert net.me_spec["arch"] == "wrn"
+        assert torch.allclose(net(x), model.forward_member(x, m), atol=1e-5)
+
+
+# ---- 1, 6. the budget, one tensor per bank, summed gradients ---------------------------------
+def test_banks_fit_the_budget_are_one_tensor_each_and_counted_once():
+    method, model = _split_method()
+    sw = method.cfg.superweight
+    assert model.bank_elements() <= sw.max_params
+    assert 1 <= model.templates <= 8 and model.templates == method.templates
+    counts = model.parameter_counts()
+    assert counts["total"] == sum(p.numel() for p in model.parameters())  # each tensor once
+    assert counts["total"] < sum(p.numel() for m in range(3) for p in member_network(model, m).parameters())
+    # every conv that names (group, tier) reads the same Parameter object
+    x = torch.randn(4, 1, 8, 8)
+    model(x).sum().backward()
+    users = {}
+    for m, row in enumerate(model.sites):
+        for g, _, t, _ in row:
+            for j in range(t + 1):
+                users.setdefault(model.bank_index[(g, j)], set()).add(m)
+    shared = [b for b, ms in users.items() if len(ms) > 1]
+    assert shared, "the learned groups share banks across members"
+    assert len({id(p) for p in model.banks}) == len(model.banks)
+
+
+def test_one_backward_of_the_summed_losses_gives_each_bank_the_sum_of_the_members_gradients():
+    torch.manual_seed(0)
+    model = superweight(10, 1, 8, members=MEMBERS, templates=2).train()
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    per = []
+    for m in range(3):
+        model.zero_grad()
+        F.cross_entropy(model.forward_member(x, m), y).backward()
+        per.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.banks])
+    model.zero_grad()
+    logits = model(x)
+    sum(F.cross_entropy(logits[m], y) for m in range(3)).backward()
+    for b, p in enumerate(model.banks):
+        assert torch.allclose(p.grad, per[0][b] + per[1][b] + per[2][b], atol=1e-5, rtol=1e-4)
+
+
+# ---- 5. coefficient sharing ----------------------------------------------------------------
+def test_layers_sharing_coefficients_have_identical_leading_blocks():
+    _, model = _split_method()
+    wide, narrow = model.members[0], model.members[1]  # WRN-16-1 and WRN-16-0.5 share slots by name
+    checked = 0
+    for i, c in enumerate(narrow.convs):
+        j = next((j for j, d in enumerate(wide.convs) if d.key == c.key), None)
+        if j is None or model.sites[1][i][1] != model.sites[0][j][1]:
+            continue
+        a = model.compose(0, j).detach() / model.sites[0][j][3]
+        b = model.compose(1, i).detach() / model.sites[1][i][3]
+        assert torch.allclose(a[: c.cout, : c.cin], b, atol=1e-6), c.key
+        checked += 1
+    assert checked >= len(narrow.convs) - 1
+
+
+# ---- 8. the split --------------------------------------------------------------------------
+def test_components_are_transitive_and_independent_of_the_order_layers_are_visited():
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(8, 8, 3, 3, generator=g) for _ in range(7)]
+    grads[3] = grads[0] + 0.3 * torch.randn(8, 8, 3, 3, generator=g)  # 0 ~ 3
+    grads[5] = grads[3] + 0.3 * torch.randn(8, 8, 3, 3, generator=g)  # 3 ~ 5: 0 and 5 only through 3
+    sim = sh.similarity(grads)
+    comps = sh.components(sim, 0.5)
+    assert [0, 3, 5] in comps and sim[0, 5] < sim[0, 3]
+    for perm in ([6, 5, 4, 3, 2, 1, 0], [2, 0, 6, 3, 1, 5, 4]):
+        p = torch.tensor(perm)
+        permuted = sh.components(sim[p][:, p], 0.5)
+        assert sorted(sorted(perm[i] for i in c) for c in permuted) == sorted(comps)
+
+
+def test_the_split_refines_the_bins_is_deterministic_and_lowers_its_threshold_until_the_budget_fits():
+    method, model = _split_method()
+    first = method.sharing
+    again, _ = _split_method()
+    assert again.sharing == first, "the same gradients give the same sharing map"
+    sw = method.cfg.superweight
+    bins = [depth_bins(wrn_convs(d, w, 1), sw.param_group_bins) for d, w in sw.members]
+    for gs, bs in zip(first["groups"], bins, strict=True):
+        for g in set(gs):
+            assert len({b for x, b in zip(gs, bs, strict=True) if x == g}) == 1, "a group lies in one bin"
+    tried = method.split["tried"]
+    assert tried[0][0] == sw.split_threshold and tried[-1][2] >= sw.min_templates
+    assert all(k < sw.min_templates for _, _, k in tried[:-1])
+    # a budget that only fits the bins: the loop goes down to the floor, then keeps the bins
+    tight, _ = _split_method("superweight.max_params=137728", "superweight.split_floor=0.05")
+    assert tight.split["threshold"] is None and tight.split["groups"] == sw.param_group_bins + 1
+
+
+def test_another_depth_joins_its_most_similar_layer_of_the_largest_member_in_the_same_bin():
+    ref = [torch.randn(4, 4, 3, 3) for _ in range(3)]
+    other = [ref[2] + 0.01 * torch.randn(4, 4, 3, 3), ref[0].clone()]
+    assert sh.join([7, 8, 9], ref, [0, 0, 0], other, [0, 0]) == [9, 7]
+    assert sh.join([7, 8, 9], ref, [0, 1, 1], other, [1, 0]) == [9, 7]
+
+
+# ---- 7. unsharing --------------------------------------------------------------------------
+def test_unsharing_keeps_the_outputs_and_every_clone_is_its_own_trained_parameter():
+    method, model = _split_method()
+    model.eval()
+    x = torch.randn(6, 1, 8, 8)
+    before = model(x).detach()
+    # coefficient gradients: members 0 and 1 disagree on every slot they share
+    rec = sh.Recorder(coefs=True)
+    g = torch.Generator().manual_seed(5)
+    for m, row in enumerate(model.sites):
+        for i, (_, _, t, _) in enumerate(row):
+            sign = -1.0 if m == 1 else 1.0
+            rec.grads[(m, i)] = sign * torch.ones(t + 1, model.templates) + 0.01 * torch.randn(
+                t + 1, model.templates, generator=g)
+    method.recorder = rec
+    sw = method.cfg.superweight
+    after = method.rebuild(model, sw.split_epochs + sw.unshare_epochs)
+    assert after is not None and method.split["clones"] > 0 and method.phase == "unshared"
+    assert len(after.coefs) == len(model.coefs) + method.split["clones"]
+    after.eval()
+    assert torch.allclose(after(x), before, atol=1e-5)
+    after.train()
+    optimizer, _ = method.configure_optimizer(after, 10)
+    in_optimizer = {id(p) for grp in optimizer.param_groups for p in grp["params"]}
+    assert all(id(p) in in_optimizer for p in after.coefs)
+    coef_groups = [grp for grp in optimizer.param_groups if any(p is after.coefs[0] for p in grp["params"])]
+    assert coef_groups[0]["weight_decay"] == 0.0, "no weight decay on coefficients"
+    after(x).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in after.coefs)
+    # the clones are distinct tensors: a step on one leaves its source where it was
+    new = {int(s) for row in method.sharing["slots"] for s in row} - set(range(len(model.coefs)))
+    assert new and all(after.coefs[s] is not after.coefs[0] for s in new)
+
+
+def test_clone_values_copies_the_source_slot_into_each_clone():
+    _, old = _split_method()
+    slots = [list(r) for r in old.sharing["slots"]]
+    i = len(slots[1]) - 1
+    src = slots[1][i]
+    slots[1][i] = len(old.coefs)  # member 1's last conv parts from member 0's
+    new = superweight(10, 1, 8, members=MEMBERS, sharing={"groups": old.sharing["groups"], "slots": slots},
+                      templates=old.templates)
+    clone_values(old, new, {len(old.coefs): src})
+    assert torch.equal(new.coefs[len(old.coefs)], old.coefs[src][: new.coefs[len(old.coefs)].shape[0]])
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(old.eval()(x), new.eval()(x), atol=1e-6)
+
+
+# ---- 9. save, load, resume -------------------------------------------------------------------
+def test_a_saved_ensemble_and_a_resumed_method_rebuild_the_same_sharing_map_and_outputs(tmp_path):
+    from metaensemble.models import load, save_model
+
+    method, model = _split_method()
+    x = torch.randn(4, 1, 8, 8)
+    model.eval()
+    save_model(model, tmp_path / "sw", dataset="digits")
+    loaded = load(tmp_path / "sw").eval()
+    assert loaded.sharing == model.sharing and loaded.templates == model.templates
+    assert torch.equal(loaded(x), model(x))
+    # what the engine does on resume: load_state_dict, then build_model, then the weights
+    resumed = SuperWeight(method.cfg)
+    resumed.load_state_dict(method.state_dict())
+    rebuilt = resumed.build_model(INFO)
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.sharing == model.sharing and resumed.phase == "shared"
+    assert torch.equal(rebuilt.eval()(x), model(x))
+
+
+# ---- the method's loss, predictions, recorder --------------------------------------------------
+def test_the_loss_is_the_sum_of_member_cross_entropies_and_predictions_are_named():
+    torch.manual_seed(0)
+    method = SuperWeight(_cfg("superweight.split_epochs=0", "superweight.unshare_epochs=0"))
+    model = method.build_model(INFO)
+    assert len(model.members) == 3, "no search phase: every member from the start"
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    loss, logs = method.training_step(model, {"x": x, "y": y})
+    logits = model(x)
+    assert loss.item() == pytest.approx(sum(F.cross_entropy(logits[m], y).item() for m in range(3)), rel=1e-5)
+    named, ys = method.predict(model, [{"x": x, "y": y}])
+    assert list(named) == ["ensemble", "member/0", "member/1", "member/2"] and torch.equal(ys, y)
+    assert torch.allclose(named["ensemble"].exp(), torch.stack([named[f"member/{m}"].exp() for m in range(3)]).mean(0),
+                          atol=1e-6)
+
+
+def test_the_search_phase_records_weight_gradients_in_its_last_epoch_only():
+    method = SuperWeight(_cfg())
+    model = method.build_model(INFO)
+    assert len(model.members) == 2, "search: the deepest-widest member and the first of the other depth"
+    batch = {"x": torch.randn(4, 1, 8, 8), "y": torch.randint(0, 10, (4,))}
+    method.training_step(model, batch)[0].backward()
+    assert method.recorder is None, "epoch 1 of a 2-epoch search records nothing"
+    method.on_epoch_end(model, 0, 0)
+    for _ in range(2):
+        method.training_step(model, batch)[0].backward()
+    rec = method.recorder
+    assert rec is not None and len(rec.grads) == sum(len(m.convs) for m in model.members)
+    assert rec.grads[(0, 0)].shape == (16, 1, 3, 3)
+    one = rec.grads[(0, 0)].clone()
+    method.training_step(model, batch)[0].backward()
+    assert not torch.equal(rec.grads[(0, 0)], one), "summed over every step of the epoch"
+
+
+# ---- bad input -----------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, message", [
+    (["superweight.depths=[10,16]", "superweight.widths=[1.0,1.0]"], "decreasing order"),
+    (["superweight.depths=[16,16]", "superweight.widths=[0.5,1.0]"], "strictly decreasing within one depth"),
+    (["superweight.depths=[18,10]", "superweight.widths=[1.0,1.0]"], "6n \\+ 4"),
+    (["superweight.depths=[16]", "superweight.widths=[1.0]"], "at least 2 members"),
+    (["superweight.max_params=1000"], "too small for even one template per bank"),
+    (["superweight.split_epochs=6"], "must be below train.epochs"),
+    (["superweight.param_group_bins=8", "superweight.depths=[16,10]", "superweight.widths=[1.0,1.0]"],
+     "has only 7 3x3 convs"),
+])
+def test_bad_input_is_one_clear_error_before_any_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        SuperWeight(_cfg(*overrides)).validate()
+
+
+def test_cutout_sets_one_clipped_square_per_example_to_the_mean():
+    from metaensemble.data.loaders import cutout_batch
+
+    x = torch.ones(64, 1, 8, 8)
+    out = cutout_batch(x, 3, torch.Generator().manual_seed(0))
+    zeros = (out == 0).flatten(1).sum(1)
+    assert zeros.max() == 9 and zeros.min() >= 4, "a 3x3 square, clipped at the border (at least 2x2)"
+    assert torch.equal(cutout_batch(x, 0, torch.Generator()), x)
+
+
+def test_wrn_takes_a_fractional_width_for_scaled_ensembles():
+    from metaensemble.models import create_model
+
+    net = create_model("wrn", num_classes=10, in_chans=1, img_size=8, depth=10, widen_factor=0.5)
+    assert net.fc.in_features == 32 and net.conv1.out_channels == 16
+    assert create_model("wrn", num_classes=10, in_chans=3, img_size=32, depth=16, widen_factor=4).fc.in_features == 256
