@@ -137,7 +137,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint_in_same_mlflow_run(ray_ru
 
 def test_parquet_shards_stream_through_ray_data_into_ddp_training(ray_local, digits_cfg, tmp_path):
     root = write_parquet(data.load(DataConfig()), tmp_path / "pq", rows_per_shard=300)
-    cfg = digits_cfg("data.name=parquet", f"data.root={root}", "scaling.num_workers=2", "train.epochs=4",
+    cfg = digits_cfg("data.name=parquet", f"data.root={root}", "scaling.num_workers=2", "train.epochs=2",
                      "model.kwargs.width=16", "data.batch_size=32")
     out = tmp_path / "rec"
     out.mkdir()

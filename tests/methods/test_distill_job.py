@@ -45,7 +45,8 @@ def _cfg(tmp: Path, *overrides: str, recipe: Path | None = None):
 @pytest.fixture(scope="module")
 def job(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distill")
-    cfg = _cfg(tmp)
+    # the zoo's missing teachers in one Ray Train run (a pack), not one run each
+    cfg = _cfg(tmp, recipe=_teacher_recipe(tmp, **{"zoo.pack_size": 2}))
     return cfg, experiment.run(cfg)
 
 

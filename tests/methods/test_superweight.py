@@ -31,7 +31,7 @@ INFO = DatasetInfo(name="digits", num_classes=10, in_chans=1, img_size=8, mean=(
 def _cfg(*overrides: str):
     return load_config("configs/superweight/digits.yaml", [
         "superweight.depths=[16,16,10]", "superweight.widths=[1.0,0.5,1.0]", "train.epochs=6",
-        "superweight.split_epochs=2", "superweight.unshare_epochs=2", *overrides])
+        "superweight.split_epochs=2", "superweight.unshare_epochs=2", "optim.decay_milestones=[2]", *overrides])
 
 
 def _grads(model, seed: int = 0) -> dict[int, list[torch.Tensor]]:
@@ -138,17 +138,18 @@ def test_banks_fit_the_budget_are_one_tensor_each_and_counted_once():
     counts = model.parameter_counts()
     assert counts["total"] == sum(p.numel() for p in model.parameters())  # each tensor once
     assert counts["total"] < sum(p.numel() for m in range(3) for p in member_network(model, m).parameters())
-    # every conv that names (group, tier) reads the same Parameter object
+    # a shared bank is one Parameter: each member's own loss alone reaches that tensor
     x = torch.randn(4, 1, 8, 8)
-    model(x).sum().backward()
-    users = {}
-    for m, row in enumerate(model.sites):
-        for g, _, t, _ in row:
-            for j in range(t + 1):
-                users.setdefault(model.bank_index[(g, j)], set()).add(m)
-    shared = [b for b, ms in users.items() if len(ms) > 1]
-    assert shared, "the learned groups share banks across members"
-    assert len({id(p) for p in model.banks}) == len(model.banks)
+    reached = {}
+    for m in range(3):
+        model.zero_grad()
+        model.forward_member(x, m).sum().backward()
+        for b, p in enumerate(model.banks):
+            if p.grad is not None and p.grad.abs().sum() > 0:
+                reached.setdefault(b, set()).add(m)
+    assert len(reached) == len(model.banks), "every bank is used"
+    assert any(ms >= {0, 2} for ms in reached.values()), "WRN-16 and WRN-10 members share a bank"
+    assert any(ms >= {0, 1} for ms in reached.values()), "the two widths of WRN-16 share a bank"
 
 
 def test_one_backward_of_the_summed_losses_gives_each_bank_the_sum_of_the_members_gradients():
@@ -186,15 +187,17 @@ def test_layers_sharing_coefficients_have_identical_leading_blocks():
 # ---- 8. the split --------------------------------------------------------------------------
 def test_components_are_transitive_and_independent_of_the_order_layers_are_visited():
     g = torch.Generator().manual_seed(3)
-    grads = [torch.randn(8, 8, 3, 3, generator=g) for _ in range(7)]
-    grads[3] = grads[0] + 0.3 * torch.randn(8, 8, 3, 3, generator=g)  # 0 ~ 3
-    grads[5] = grads[3] + 0.3 * torch.randn(8, 8, 3, 3, generator=g)  # 3 ~ 5: 0 and 5 only through 3
+    grads = [torch.randn(16, 16, 3, 3, generator=g) for _ in range(7)]
+    grads[3] = grads[0] + torch.randn(16, 16, 3, 3, generator=g)  # cosine(0, 3) about 0.71
+    grads[5] = grads[3] + torch.randn(16, 16, 3, 3, generator=g)  # cosine(3, 5) about 0.82, (0, 5) about 0.58
     sim = sh.similarity(grads)
-    comps = sh.components(sim, 0.5)
-    assert [0, 3, 5] in comps and sim[0, 5] < sim[0, 3]
+    t = 0.65
+    assert sim[0, 5] < t < min(sim[0, 3], sim[3, 5]), "0 and 5 are linked only through 3"
+    comps = sh.components(sim, t)
+    assert [0, 3, 5] in comps and len(comps) == 5
     for perm in ([6, 5, 4, 3, 2, 1, 0], [2, 0, 6, 3, 1, 5, 4]):
         p = torch.tensor(perm)
-        permuted = sh.components(sim[p][:, p], 0.5)
+        permuted = sh.components(sim[p][:, p], t)
         assert sorted(sorted(perm[i] for i in c) for c in permuted) == sorted(comps)
 
 
@@ -224,37 +227,55 @@ def test_another_depth_joins_its_most_similar_layer_of_the_largest_member_in_the
 
 
 # ---- 7. unsharing --------------------------------------------------------------------------
+def _unshare_epoch(method, model, threshold: float, x: torch.Tensor | None = None):
+    """The epoch before the unsharing point through the method (recorder attached by
+    training_step), then the rebuild at that point with ``threshold``; with ``x``, also
+    the eval-mode outputs on it just before the rebuild."""
+    sw = method.cfg.superweight
+    method.cfg = method.cfg.with_overrides({"superweight.unshare_threshold": threshold})
+    method.epochs_done = sw.split_epochs + sw.unshare_epochs - 1
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        batch = {"x": torch.randn(16, 1, 8, 8, generator=g), "y": torch.randint(0, 10, (16,), generator=g)}
+        method.training_step(model, batch)[0].backward()
+    rec = method.recorder
+    assert rec is not None and rec.coefs and not rec.weights
+    # each conv's gradient covers the tiers it uses
+    assert all(rec.grads[(m, i)].shape[0] == site[2] + 1 for m, row in enumerate(model.sites)
+               for i, site in enumerate(row))
+    method.on_epoch_end(model, method.epochs_done, 0)
+    before = None
+    if x is not None:
+        with torch.no_grad():
+            before = model.eval()(x)
+        model.train()
+    rebuilt = method.rebuild(model, sw.split_epochs + sw.unshare_epochs)
+    return rebuilt if x is None else (rebuilt, before)
+
+
+def test_unsharing_follows_the_coefficient_gradients_recorded_in_training():
+    method, model = _split_method()
+    assert _unshare_epoch(method, model, -1.0) is None, "a threshold no cosine is at or below parts nothing"
+    assert method.split["clones"] == 0 and method.phase == "unshared"
+
+
 def test_unsharing_keeps_the_outputs_and_every_clone_is_its_own_trained_parameter():
     method, model = _split_method()
-    model.eval()
     x = torch.randn(6, 1, 8, 8)
-    before = model(x).detach()
-    # coefficient gradients: members 0 and 1 disagree on every slot they share
-    rec = sh.Recorder(coefs=True)
-    g = torch.Generator().manual_seed(5)
-    for m, row in enumerate(model.sites):
-        for i, (_, _, t, _) in enumerate(row):
-            sign = -1.0 if m == 1 else 1.0
-            rec.grads[(m, i)] = sign * torch.ones(t + 1, model.templates) + 0.01 * torch.randn(
-                t + 1, model.templates, generator=g)
-    method.recorder = rec
-    sw = method.cfg.superweight
-    after = method.rebuild(model, sw.split_epochs + sw.unshare_epochs)
+    after, before = _unshare_epoch(method, model, 0.999, x)
     assert after is not None and method.split["clones"] > 0 and method.phase == "unshared"
     assert len(after.coefs) == len(model.coefs) + method.split["clones"]
     after.eval()
     assert torch.allclose(after(x), before, atol=1e-5)
     after.train()
     optimizer, _ = method.configure_optimizer(after, 10)
-    in_optimizer = {id(p) for grp in optimizer.param_groups for p in grp["params"]}
-    assert all(id(p) in in_optimizer for p in after.coefs)
+    in_optimizer = [p for grp in optimizer.param_groups for p in grp["params"]]
+    assert {id(p) for p in after.coefs} <= {id(p) for p in in_optimizer}
+    assert len({id(p) for p in in_optimizer}) == len(in_optimizer) == len(list(after.parameters()))
     coef_groups = [grp for grp in optimizer.param_groups if any(p is after.coefs[0] for p in grp["params"])]
     assert coef_groups[0]["weight_decay"] == 0.0, "no weight decay on coefficients"
     after(x).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in after.coefs)
-    # the clones are distinct tensors: a step on one leaves its source where it was
-    new = {int(s) for row in method.sharing["slots"] for s in row} - set(range(len(model.coefs)))
-    assert new and all(after.coefs[s] is not after.coefs[0] for s in new)
 
 
 def test_clone_values_copies_the_source_slot_into_each_clone():
@@ -289,6 +310,15 @@ def test_a_saved_ensemble_and_a_resumed_method_rebuild_the_same_sharing_map_and_
     rebuilt.load_state_dict(model.state_dict())
     assert rebuilt.sharing == model.sharing and resumed.phase == "shared"
     assert torch.equal(rebuilt.eval()(x), model(x))
+    # and after unsharing: more slots, the same map and outputs on resume
+    model.train()
+    unshared = _unshare_epoch(method, model, 0.999).eval()
+    again = SuperWeight(method.cfg)
+    again.load_state_dict(method.state_dict())
+    net = again.build_model(INFO)
+    net.load_state_dict(unshared.state_dict())
+    assert again.phase == "unshared" and net.sharing == unshared.sharing != model.sharing
+    assert torch.equal(net.eval()(x), unshared(x))
 
 
 # ---- the method's loss, predictions, recorder --------------------------------------------------
@@ -297,6 +327,8 @@ def test_the_loss_is_the_sum_of_member_cross_entropies_and_predictions_are_named
     method = SuperWeight(_cfg("superweight.split_epochs=0", "superweight.unshare_epochs=0"))
     model = method.build_model(INFO)
     assert len(model.members) == 3, "no search phase: every member from the start"
+    assert model.sharing["slots"][0] != model.sharing["groups"][0], "one coefficient slot per conv, not per bin"
+    assert not torch.equal(model.compose(0, 2), model.compose(0, 4)), "two convs of one bin are not one weight"
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     loss, logs = method.training_step(model, {"x": x, "y": y})
     logits = model(x)
@@ -305,6 +337,24 @@ def test_the_loss_is_the_sum_of_member_cross_entropies_and_predictions_are_named
     assert list(named) == ["ensemble", "member/0", "member/1", "member/2"] and torch.equal(ys, y)
     assert torch.allclose(named["ensemble"].exp(), torch.stack([named[f"member/{m}"].exp() for m in range(3)]).mean(0),
                           atol=1e-6)
+
+
+def test_the_schedule_runs_at_the_base_lr_in_the_search_and_restarts_after_the_split():
+    method, model = _split_method("optim.warmup_epochs=0")  # 6 epochs: 2 search, then 4 with a decay after 2
+    o = method.cfg.optim
+    spe = 10
+    search = SuperWeight(method.cfg)
+    opt, sched = search.configure_optimizer(search.build_model(INFO), spe)
+    for step in (0, 15):
+        sched.set_step(step)
+        assert opt.param_groups[0]["lr"] == pytest.approx(o.lr)
+    opt, sched = method.configure_optimizer(model, spe)
+    lrs = {}
+    for epoch in (2, 3, 4, 5):  # after the split: epochs 1-2 at lr, then x decay_rate
+        sched.set_step(epoch * spe + 1)
+        lrs[epoch] = opt.param_groups[0]["lr"]
+    assert lrs[2] == lrs[3] == pytest.approx(o.lr)
+    assert lrs[4] == lrs[5] == pytest.approx(o.lr * o.decay_rate)
 
 
 def test_the_search_phase_records_weight_gradients_in_its_last_epoch_only():
@@ -328,11 +378,14 @@ def test_the_search_phase_records_weight_gradients_in_its_last_epoch_only():
 # ---- bad input -----------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (["superweight.depths=[10,16]", "superweight.widths=[1.0,1.0]"], "decreasing order"),
-    (["superweight.depths=[16,16]", "superweight.widths=[0.5,1.0]"], "strictly decreasing within one depth"),
+    (["superweight.depths=[16,16,10]", "superweight.widths=[1.0,1.0,0.5]"], "strictly decreasing within one depth"),
+    (["superweight.depths=[16,10]", "superweight.widths=[0.5,1.0]"], "deepest and widest"),
+    (["superweight.depths=[16,10]", "superweight.widths=[1.0,0.01]"], "every stage a channel"),
     (["superweight.depths=[18,10]", "superweight.widths=[1.0,1.0]"], "6n \\+ 4"),
     (["superweight.depths=[16]", "superweight.widths=[1.0]"], "at least 2 members"),
     (["superweight.max_params=1000"], "too small for even one template per bank"),
     (["superweight.split_epochs=6"], "must be below train.epochs"),
+    (["optim.decay_milestones=[4]"], "fall after the run"),
     (["superweight.param_group_bins=8", "superweight.depths=[16,10]", "superweight.widths=[1.0,1.0]"],
      "has only 7 3x3 convs"),
 ])
@@ -357,3 +410,27 @@ def test_wrn_takes_a_fractional_width_for_scaled_ensembles():
     net = create_model("wrn", num_classes=10, in_chans=1, img_size=8, depth=10, widen_factor=0.5)
     assert net.fc.in_features == 32 and net.conv1.out_channels == 16
     assert create_model("wrn", num_classes=10, in_chans=3, img_size=32, depth=16, widen_factor=4).fc.in_features == 256
+
+
+def _reduce_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    rec = sh.Recorder(weights=True)
+    rec.grads = {(0, 0): torch.full((2, 2), float(rank + 1)), (0, 1): torch.full((3,), 10.0 * (rank + 1))}
+    torch.save(rec.reduced(), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_recorded_gradients_are_summed_over_ddp_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_reduce_worker, args=(port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for r in (r0, r1):
+        assert torch.equal(r[(0, 0)], torch.full((2, 2), 3.0)) and torch.equal(r[(0, 1)], torch.full((3,), 30.0))

@@ -35,7 +35,7 @@ class RecordingSuperWeight(SuperWeight):
         banks = torch.cat([p.detach().flatten().cpu() for p in net.banks])
         allp = torch.cat([p.detach().flatten().cpu() for p in unwrap(model).parameters()])
         with open(os.path.join(self.out_dir, f"rank{rank}-epoch{epoch}.json"), "w") as f:
-            json.dump({"phase": self.phase, "sharing": self.sharing, "banks": banks.tolist()[:2000],
+            json.dump({"phase": self.phase, "sharing": self.sharing, "split": self.split, "banks": banks.tolist()[:2000],
                        "params_sum": float(allp.double().sum()), "params": allp.tolist()[:5000]}, f)
         return rebuilt
 
@@ -54,7 +54,7 @@ def _cfg(tmp_path, *overrides: str):
         f"storage_path={tmp_path / 'ray'}", f"experiment=test/{uuid.uuid4().hex[:8]}",
         "superweight.depths=[10,10]", "superweight.widths=[1.0,0.5]", "superweight.max_params=90000",
         "train.epochs=3", "superweight.split_epochs=1", "superweight.unshare_epochs=1",
-        "optim.decay_milestones=[2]", "data.train_fraction=0.3", *overrides])
+        "optim.decay_milestones=[1]", "data.train_fraction=0.3", *overrides])
 
 
 def test_two_ddp_workers_keep_identical_banks_and_learn_one_sharing_map(ray_local, tmp_path):
@@ -71,7 +71,8 @@ def test_two_ddp_workers_keep_identical_banks_and_learn_one_sharing_map(ray_loca
         assert r0["params"] == r1["params"] and r0["params_sum"] == r1["params_sum"], f"epoch {e}"
         assert r0["sharing"] == r1["sharing"] and r0["banks"] == r1["banks"]
     assert recs["rank0-epoch1"]["phase"] == "shared" and recs["rank0-epoch1"]["sharing"] is not None
-    assert recs["rank0-epoch2"]["phase"] == "unshared"
+    assert recs["rank0-epoch2"]["phase"] == "unshared" and recs["rank0-epoch2"]["split"]["clones"] > 0
+    assert recs["rank1-epoch2"]["split"] == recs["rank0-epoch2"]["split"]
     # the exported run: the whole ensemble, its sharing map in model.json, named members
     m = outcome.metrics
     assert {"test_acc", "member/0/test_acc", "member/1/test_acc"} <= set(m)
@@ -87,7 +88,7 @@ def test_the_job_trains_the_three_ensembles_and_logs_them_side_by_side(ray_local
 
     name = f"test/{uuid.uuid4().hex[:8]}"
     cfg = _cfg(tmp_path, f"experiment={name}", "train.epochs=2", "superweight.unshare_epochs=0",
-               "optim.decay_milestones=[1]")  # unsharing: the DDP test
+               "optim.schedule=cosine")  # unsharing: the DDP test
     out = experiment.run(cfg)
     text = experiment.format_outcome(out)
     lines = text.splitlines()
@@ -131,7 +132,7 @@ def test_the_job_refuses_bad_input_before_any_work(mlflow_uri):
 
 
 def test_the_job_script_in_a_fresh_process_refuses_bad_input_with_one_line():
-    r = subprocess.run([sys.executable, "jobs/superweight.py", "superweight.widths=[1.0,2.0,1.0,0.5]"],
+    r = subprocess.run([sys.executable, "jobs/superweight.py", "superweight.widths=[1.0,1.0,1.0,0.5]"],
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "strictly decreasing" in r.stderr
     assert "Traceback" not in r.stderr

@@ -36,10 +36,12 @@ def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
 
 
 class StepSchedule:
-    """A timm scheduler stepped once per optimiser update."""
+    """A timm scheduler stepped once per optimiser update. ``offset``: the update at
+    which this schedule starts (a method that restarts its schedule at a rebuild, as
+    SuperWeight after its search phase); ``num_updates`` stays the run's count."""
 
-    def __init__(self, scheduler, step: int = 0) -> None:
-        self.scheduler, self.num_updates = scheduler, step
+    def __init__(self, scheduler, step: int = 0, offset: int = 0) -> None:
+        self.scheduler, self.num_updates, self.offset = scheduler, step, offset
         self.set_step(step)
 
     def step(self) -> None:
@@ -48,7 +50,7 @@ class StepSchedule:
     def set_step(self, step: int) -> None:
         self.num_updates = step
         if self.scheduler is not None:
-            self.scheduler.step_update(step)
+            self.scheduler.step_update(max(0, step - self.offset))
 
     def state_dict(self) -> dict[str, int]:
         return {"num_updates": self.num_updates}
@@ -58,10 +60,11 @@ class StepSchedule:
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int,
-                    step: int = 0) -> StepSchedule:
+                    step: int = 0, offset: int = 0) -> StepSchedule:
     """timm schedule over ``epochs * steps_per_epoch`` updates: linear warm-up from
     ``warmup_lr`` over ``warmup_epochs``, then cosine to ``min_lr``, step decay every
-    ``decay_epochs``, decay at ``decay_milestones``, or constant."""
+    ``decay_epochs``, decay at ``decay_milestones``, or constant; starting at update
+    ``offset`` of the run (its epochs and milestones count from there)."""
     from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
 
     spe = max(1, steps_per_epoch)
@@ -71,7 +74,8 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoc
         # (at m * steps - 1); here the first update of epoch m + 1 has the decayed lr.
         return StepSchedule(MultiStepLRScheduler(
             opt, decay_t=[m * spe + 1 for m in sorted(cfg.decay_milestones)], decay_rate=cfg.decay_rate,
-            warmup_t=cfg.warmup_epochs * spe, warmup_lr_init=warmup_lr, warmup_prefix=False, t_in_epochs=False), step)
+            warmup_t=cfg.warmup_epochs * spe, warmup_lr_init=warmup_lr, warmup_prefix=False, t_in_epochs=False), step,
+            offset)
     sched = {"constant": "step"}.get(cfg.schedule, cfg.schedule)
     kw: dict[str, Any] = {}
     if cfg.schedule == "constant":  # a step schedule that never decays (keeps lr_scale working)
@@ -85,4 +89,4 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoc
         opt, sched=sched, num_epochs=max(1, epochs - cfg.warmup_epochs) if prefix else epochs, min_lr=cfg.min_lr,
         warmup_lr=warmup_lr, warmup_epochs=cfg.warmup_epochs, warmup_prefix=prefix, step_on_epochs=False,
         updates_per_epoch=spe, **kw)
-    return StepSchedule(scheduler, step)
+    return StepSchedule(scheduler, step, offset)

@@ -73,8 +73,11 @@ class SuperWeightConfig(Section):
         if bad:
             raise ValueError(f"superweight.depths {bad} cannot be built: a WRN's depth is 6n + 4 with n >= 1 "
                              f"(10, 16, 22, 28, 40, ...)")
-        if any(x <= 0 for x in w):
-            raise ValueError(f"superweight.widths must be positive; got {w}")
+        if any(round(16 * x) < 1 for x in w):
+            raise ValueError(f"superweight.widths must give every stage a channel (16 x width >= 0.5); got {w}")
+        if w[0] != max(w):
+            raise ValueError(f"superweight.widths: the first member is the deepest and widest (the search trains it "
+                             f"and splits its layers); got widths {w}")
         if any(a < b for a, b in itertools.pairwise(d)):
             raise ValueError(f"superweight.depths must be in decreasing order (the first is the deepest, as the "
                              f"seed's --depth then --student_depths); got {d}")

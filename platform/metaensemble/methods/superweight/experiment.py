@@ -48,12 +48,14 @@ def validate(cfg: Config) -> None:
 
 
 def member_configs(cfg: Config, kind: str, scale: float) -> dict[str, Config]:
-    """One supervised WRN run per member, widths times ``scale``, seed ``seed + m``."""
+    """One supervised WRN run per member, widths times ``scale``, seed ``seed + m``, for
+    the epochs and schedule the SuperWeight members train after their search phase."""
     out = {}
     for m, (d, w) in enumerate(cfg.superweight.members):
         width = round(w * scale, 4)
         out[f"{kind}/{m}"] = cfg.with_overrides({
             "method": "supervised", "model.name": "wrn", "seed": cfg.seed + m,
+            "train.epochs": cfg.train.epochs - cfg.superweight.split_epochs,
             "model.kwargs": {"depth": d, "widen_factor": width, "bn_momentum": cfg.superweight.bn_momentum}})
     return out
 
@@ -69,7 +71,11 @@ def scale_to(members: list[tuple[int, float]], target: int, num_classes: int, in
     """The width factor c whose ensemble {WRN-d-(w c)} has the parameter count closest to
     ``target`` (bisection on c, then the better neighbour at 4 decimals)."""
     total = lambda c: sum(wrn_params(d, round(w * c, 4), num_classes, in_chans) for d, w in members)  # noqa: E731
-    lo, hi = 0.05, 1.0
+    lo, hi = max(1.0 / (16 * w) for _, w in members), 1.0  # the narrowest member's first stage: 1 channel
+    if total(lo) > target:
+        raise ConfigError(f"cannot scale {members} to {target:,} parameters: even at widths x {lo} they have "
+                          f"{total(lo):,}; drop 'scaled' from superweight.comparisons or raise superweight.max_params")
+    hi = max(hi, lo)
     while total(hi) < target:
         hi *= 2
     for _ in range(30):
@@ -322,8 +328,11 @@ def _split_state(client, run_id: str) -> dict[str, Any]:
     """What the split found, from the run's model: groups, slots, templates per bank."""
     kw = _meta(run_id)["kwargs"]
     sharing = kw["sharing"]
+    learned = sharing.get("learned") or {}
     return {"groups": len({g for r in sharing["groups"] for g in r}),
-            "slots": len({s for r in sharing["slots"] for s in r}), "templates": kw["templates"]}
+            "slots": len({s for r in sharing["slots"] for s in r}), "templates": kw["templates"],
+            "threshold": learned.get("threshold"), "tried": learned.get("tried", []),
+            "clones": learned.get("clones", 0)}
 
 
 def format_outcome(out: Outcome) -> str:
@@ -331,8 +340,11 @@ def format_outcome(out: Outcome) -> str:
     for key, ms in out.members.items():
         lines.append(f"  {LABELS[key]}: " + "; ".join(f"{m['member']} {100 * m['acc']:.2f}" for m in ms))
     s = out.split
-    lines.append(f"\nlearned sharing: {s['groups']} groups, {s['slots']} coefficient slots, {s['templates']} "
-                 f"templates per bank" + (f"; scaled widths x {out.scale:.3f}" if out.scale else ""))
+    how = (f"split at gradient cosine > {s['threshold']:g}" if s.get("threshold") is not None else
+           "no threshold fitted the budget: the depth bins")
+    lines.append(f"\nlearned sharing: {s['groups']} groups ({how}), {s['slots']} coefficient slots after "
+                 f"{s.get('clones', 0)} unsharing clones, {s['templates']} templates per bank"
+                 + (f"; scaled widths x {out.scale:.3f}" if out.scale else ""))
     lines += [f"  {k}: {'holds' if v else 'does not hold'}" for k, v in out.claims.items()]
     return "\n".join(lines)
 

@@ -33,6 +33,7 @@ from metaensemble.errors import ConfigError
 from metaensemble.methods.base import Method
 from metaensemble.methods.superweight.model import (
     SuperWeightEnsemble,
+    bins_sharing,
     initial_sharing,
     template_elements,
     templates_for,
@@ -68,8 +69,14 @@ def _names(members) -> str:
 
 
 def _in_chans(cfg) -> int:
-    """Input channels of ``cfg.data`` without loading it (the stem's fan-in)."""
-    return {"digits": 1, "synthetic": cfg.data.channels}.get(cfg.data.name, 3)
+    """Input channels of ``cfg.data`` (the stem's fan-in) without loading the images:
+    parquet shards say it in their metadata, image folders and CIFAR are RGB."""
+    d = cfg.data
+    if d.name == "parquet":
+        from metaensemble.data.parquet import read_meta
+
+        return int(read_meta(d)["info"]["in_chans"])
+    return {"digits": 1, "synthetic": d.channels}.get(d.name, 3)
 
 
 class SuperWeight(Method):
@@ -97,6 +104,11 @@ class SuperWeight(Method):
         if sw.split_epochs >= epochs:
             raise ConfigError(f"superweight.split_epochs={sw.split_epochs} must be below train.epochs={epochs}: the "
                               f"members are rebuilt with the learned groups after the search and trained after it")
+        late = [m for m in self.cfg.optim.decay_milestones if m >= epochs - sw.split_epochs]
+        if self.cfg.optim.schedule == "multistep" and late:
+            raise ConfigError(f"optim.decay_milestones {late} fall after the run: after the split the schedule "
+                              f"restarts over train.epochs - split_epochs = {epochs - sw.split_epochs} epochs and its "
+                              f"milestones count from there")
         if sw.unshare_epochs and sw.split_epochs + sw.unshare_epochs >= epochs:
             raise ConfigError(f"superweight.split_epochs + unshare_epochs = {sw.split_epochs + sw.unshare_epochs} "
                               f"must be below train.epochs={epochs} (unsharing happens then), or set "
@@ -115,10 +127,17 @@ class SuperWeight(Method):
 
         self.info = info
         sw, members = self.cfg.superweight, self.members_now()
-        sharing = self.sharing if self.phase != "search" else None
-        sharing = sharing or initial_sharing(members, info.in_chans, sw.param_group_bins)
+        if self.phase == "search":
+            sharing = initial_sharing(members, info.in_chans, sw.param_group_bins)
+        elif self.sharing is None:  # no search: the bins are the groups, one slot per depth and conv
+            self.sharing = sharing = bins_sharing(members, info.in_chans, sw.param_group_bins)
+        else:
+            sharing = self.sharing
         k = self.templates if self.phase != "search" and self.templates else templates_for(
             sw.max_params, template_elements(members, info.in_chans, sharing), sw.templates)
+        if self.phase != "search":
+            self.templates = k
+            sharing = {**sharing, "learned": self.split}  # what the split found, into model.json
         return create_model("superweight", num_classes=info.num_classes, in_chans=info.in_chans,
                             img_size=info.img_size, members=[list(m) for m in members], sharing=sharing,
                             templates=k, bins=sw.param_group_bins, bn_momentum=sw.bn_momentum)
@@ -134,6 +153,21 @@ class SuperWeight(Method):
             if params:
                 groups.append({**g, "params": params})
         return [*groups, {"params": coefs, "weight_decay": 0.0}]
+
+    def configure_optimizer(self, model: nn.Module, steps_per_epoch: int):
+        """The search phase at the base lr (constant, after any warm-up); after the split,
+        ``cfg.optim``'s schedule restarts and runs over the ``train.epochs -
+        split_epochs`` epochs left (its milestones count from the split), as the seed's
+        epoch counter restarts for the rebuilt ensemble (unsharing at its epoch 10)."""
+        from metaensemble.engine.optim import build_optimizer, build_scheduler
+
+        o, sw = self.cfg.optim, self.cfg.superweight
+        optimizer = build_optimizer(o, self.param_groups(model))
+        if self.phase == "search":
+            return optimizer, build_scheduler(optimizer, o.model_copy(update={"schedule": "constant"}),
+                                              steps_per_epoch, sw.split_epochs)
+        return optimizer, build_scheduler(optimizer, o, steps_per_epoch, self.cfg.train.epochs - sw.split_epochs,
+                                          offset=sw.split_epochs * steps_per_epoch)
 
     # ---- training ---------------------------------------------------------------------------
     def _recording(self) -> Recorder | None:

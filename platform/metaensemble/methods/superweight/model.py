@@ -126,6 +126,20 @@ def initial_sharing(members: list[tuple[int, float]], in_chans: int, bins: int) 
     return {"groups": groups, "slots": [list(g) for g in groups]}
 
 
+def depth_slots(members: list[tuple[int, float]], in_chans: int) -> list[list[int]]:
+    """Coefficient slots after the search: members of one depth share one slot per conv
+    name (a narrower member is the top-left block of a wider one); each depth its own."""
+    ids: dict[tuple[int, str], int] = {}
+    return [[ids.setdefault((d, c.key), len(ids)) for c in wrn_convs(d, w, in_chans)] for d, w in members]
+
+
+def bins_sharing(members: list[tuple[int, float]], in_chans: int, bins: int) -> dict[str, Any]:
+    """The depth bins as the groups, with the slots of ``depth_slots``: the sharing when
+    no split is learned (no search, or no threshold fits the budget)."""
+    groups = [depth_bins(wrn_convs(d, w, in_chans), bins) for d, w in members]
+    return {"groups": groups, "slots": depth_slots(members, in_chans)}
+
+
 def bank_layout(members: list[tuple[int, float]], in_chans: int, sharing: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Per group: its kernel size, tier boxes, slice sizes and largest fan-in."""
     convs = [wrn_convs(d, w, in_chans) for d, w in members]
@@ -265,7 +279,7 @@ class SuperWeightEnsemble(nn.Module):
         lay, k = self.layout[g], self.layout[g]["k"]
         alpha = self.coefs[s]
         if self.recorder is not None and self.recorder.coefs and torch.is_grad_enabled():
-            alpha = alpha.clone()  # this layer's own use of the slot: its gradient alone
+            alpha = alpha[: t + 1].clone()  # this layer's own use of the slot (its tiers): its gradient alone
             self.recorder.watch_coef(alpha, m, i)
         boxes, scale = lay["boxes"], self.coef_scale
         w = (alpha[0] * scale[(g, 0)] @ self.bank(g, 0)).view(boxes[0][0], boxes[0][1], k, k)
@@ -276,7 +290,7 @@ class SuperWeightEnsemble(nn.Module):
             right = piece[:split].view(oa, ib - ia, k, k)
             bottom = piece[split:].view(ob - oa, ib, k, k)
             w = torch.cat([torch.cat([w, right], 1), bottom], 0)
-        w = w[: conv.cout, : conv.cin] * gain
+        w = (w[: conv.cout, : conv.cin] * gain).contiguous()  # a strided weight is ~30x slower in mkldnn
         if self.recorder is not None and self.recorder.weights and w.requires_grad:
             self.recorder.watch_weight(w, m, i)
         return w

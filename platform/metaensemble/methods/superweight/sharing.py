@@ -23,7 +23,9 @@ from typing import Any
 import torch
 
 from metaensemble.methods.superweight.model import (
+    bins_sharing,
     depth_bins,
+    depth_slots,
     template_elements,
     templates_for,
     wrn_convs,
@@ -169,15 +171,12 @@ def sharing_from(members: list[tuple[int, float]], in_chans: int, bins: int, thr
         else:
             g = join(per_depth[members[big][0]][1], grads[big], bin_of[big], grads[s], bin_of[s])
         per_depth[members[s][0]] = (s, g)
-    groups, slots, slot_ids = [], [], {}
+    groups = []
     for m, (d, _) in enumerate(members):
         ref, g = per_depth[d]
-        gm = g if ref == m else _by_key(g, convs[ref], convs[m], bin_of[ref], bin_of[m])
-        groups.append(gm)
-        slots.append([slot_ids.setdefault((d, c.key), len(slot_ids)) for c in convs[m]])
-    # Slots of one conv name in one depth must be in one group: true when groups are
-    # copied by name; a conv only the narrower member has gets its own name, its own slot.
-    return {"groups": groups, "slots": slots}
+        groups.append(g if ref == m else _by_key(g, convs[ref], convs[m], bin_of[ref], bin_of[m]))
+    # A slot (one conv name in one depth) lies in one group: groups are copied by name.
+    return {"groups": groups, "slots": depth_slots(members, in_chans)}
 
 
 @dataclass
@@ -204,18 +203,15 @@ def learn_sharing(members: list[tuple[int, float]], in_chans: int, grads: dict[i
         if k >= min_templates:
             return Split(sharing, k, round(t, 6), tried)
         t -= step
-    groups = [depth_bins(wrn_convs(d, w, in_chans), bins) for d, w in members]
-    slot_ids: dict[tuple[int, str], int] = {}
-    slots = [[slot_ids.setdefault((d, c.key), len(slot_ids)) for c in wrn_convs(d, w, in_chans)] for d, w in members]
-    sharing = {"groups": groups, "slots": slots}
+    sharing = bins_sharing(members, in_chans, bins)
     k = templates_for(max_params, template_elements(members, in_chans, sharing), templates)
     return Split(sharing, k, None, tried)
 
 
 def unshare(sharing: dict[str, Any], grads: dict[tuple[int, int], torch.Tensor],
             threshold: float) -> tuple[dict[str, Any], dict[int, int]]:
-    """Convs sharing a slot whose coefficient gradients (on the tiers they share) have
-    cosine <= ``threshold`` are parted: each component of the similarity graph above the
+    """Convs sharing a slot whose coefficient gradients (each [its tiers, K]; compared on
+    the tiers they share) have cosine <= ``threshold`` are parted: each component of the similarity graph above the
     threshold beyond the first gets a new slot. Returns the new map and new slot ->
     the slot whose values it clones."""
     slots = [list(row) for row in sharing["slots"]]
