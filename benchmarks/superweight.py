@@ -3,6 +3,7 @@ paper's claim checked (met or not), and the step time of the shared ensemble.
 
     python benchmarks/superweight.py                 # one run of the default (about 7 min on 2 cores)
     python benchmarks/superweight.py --seeds 0 1 2   # more runs: mean +- std over seeds
+    python benchmarks/superweight.py --seeds 0 1 2 --set superweight.max_params=264000 --tag budget264k
 
 Per seed, in a fresh MLflow store and Ray storage under a temporary folder: the SuperWeight
 ensemble, the independent ensemble of the same WRNs and the one scaled to the same
@@ -12,7 +13,8 @@ bootstrap 95% interval over test examples of SuperWeight minus each comparison i
 the headroom (independent ensemble minus its mean member); and the optimisation step time
 of the SuperWeight ensemble (forward, backward, SGD step) against the four independent
 WRNs stepped one after another on the same batch, at the default's batch size, in this
-process with 2 torch threads. Writes benchmarks/results/superweight.json and .md.
+process with 2 torch threads. Writes benchmarks/results/superweight.json and .md
+(superweight_<tag>.* with --tag; --set overrides the config, k=v as on a job's command line).
 """
 
 from __future__ import annotations
@@ -86,13 +88,14 @@ def step_times(cfg, run_id: str, repeats: int = 30) -> dict[str, float]:
     return {"superweight_ms": a, "independent_ms": b, "ratio": a / b, "batch_size": cfg.data.batch_size}
 
 
-def one_seed(seed: int) -> dict:
+def one_seed(seed: int, overrides: list[str]) -> dict:
     from metaensemble.config import load_config
     from metaensemble.methods.superweight import experiment
 
     with tempfile.TemporaryDirectory() as d:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d}/mlflow.db"
-        cfg = load_config(CONFIG, [f"storage_path={d}/ray", f"seed={seed}", "experiment=bench/superweight"])
+        cfg = load_config(CONFIG, [f"storage_path={d}/ray", f"seed={seed}", "experiment=bench/superweight",
+                                   *overrides])
         t0 = time.perf_counter()
         out = experiment.run(cfg)
         wall = time.perf_counter() - t0
@@ -115,8 +118,9 @@ def markdown(payload: dict) -> str:
         return s + (f" +- {fmt.format(statistics.stdev(vals))}" if len(vals) > 1 else "")
 
     lines = [f"# SuperWeight ensembles on digits ({len(runs)} run{'s' * (len(runs) > 1)})", "",
-             f"`python benchmarks/superweight.py{' --seeds ' + ' '.join(str(r['seed']) for r in runs) if len(runs) > 1 else ''}`"
-             f" on {payload['machine']}; config `{CONFIG}`; test split (359 images); nothing selected on test.", "",
+             f"`{payload.get('command', 'python benchmarks/superweight.py')}` on {payload['machine']}; config `{CONFIG}`"
+             f"{' with ' + ' '.join(payload['overrides']) if payload.get('overrides') else ''}; test split (359 "
+             f"images); nothing selected on test.", "",
              "| ensemble | ACC | NLL | ECE | mean member ACC | unique params | MFLOPs/image | train s |",
              "|---|---|---|---|---|---|---|---|"]
     for k in keys:
@@ -151,17 +155,23 @@ def markdown(payload: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--render", action="store_true", help="rewrite superweight.md from superweight.json")
+    ap.add_argument("--set", nargs="*", default=[], metavar="K=V", help="config overrides")
+    ap.add_argument("--tag", default="", help="write superweight_<tag>.{json,md}")
+    ap.add_argument("--render", action="store_true", help="rewrite the .md from the .json")
     args = ap.parse_args()
+    name = f"superweight_{args.tag}" if args.tag else "superweight"
     if args.render:
-        (OUT / "superweight.md").write_text(markdown(json.loads((OUT / "superweight.json").read_text())))
+        (OUT / f"{name}.md").write_text(markdown(json.loads((OUT / f"{name}.json").read_text())))
         return 0
-    runs = [one_seed(s) for s in args.seeds]
-    payload = {"machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}", "runs": runs}
+    import sys
+
+    runs = [one_seed(s, args.set) for s in args.seeds]
+    payload = {"machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}", "runs": runs,
+               "overrides": args.set, "command": "python " + " ".join(["benchmarks/superweight.py", *sys.argv[1:]])}
     OUT.mkdir(exist_ok=True)
-    (OUT / "superweight.json").write_text(json.dumps(payload, indent=2))
-    (OUT / "superweight.md").write_text(markdown(payload))
-    print((OUT / "superweight.md").read_text())
+    (OUT / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (OUT / f"{name}.md").write_text(markdown(payload))
+    print((OUT / f"{name}.md").read_text())
     return 0
 
 

@@ -162,6 +162,18 @@ class Method:
         return self._teachers
 
 
+def without(groups: list[dict[str, Any]], params: list[nn.Parameter]) -> list[dict[str, Any]]:
+    """Optimiser groups with ``params`` taken out (empty groups dropped): a method that
+    gives some parameters a group of their own removes them from the default ones."""
+    ids = {id(p) for p in params}
+    out = []
+    for g in groups:
+        kept = [p for p in g["params"] if id(p) not in ids]
+        if kept:
+            out.append({**g, "params": kept})
+    return out
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode, no gradients."""
     model.eval()

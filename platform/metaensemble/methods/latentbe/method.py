@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from metaensemble.data import DatasetInfo
 from metaensemble.errors import CheckpointError, ConfigError
+from metaensemble.methods.base import without
 from metaensemble.methods.kd.method import EnsembleKD, teacher_logits
 from metaensemble.methods.latentbe.batchensemble import (
     check_convertible,
@@ -186,12 +187,7 @@ class LatentBE(EnsembleKD):
         """The default groups without the factors, plus one group for every r and s:
         no plain weight decay, but decay toward 1 and gradients x M (``factor_step_hook``)."""
         factors = factor_parameters(model)
-        ids = {id(p) for p in factors}
-        groups = []
-        for g in super().param_groups(model):
-            params = [p for p in g["params"] if id(p) not in ids]
-            if params:
-                groups.append({**g, "params": params})
+        groups = without(super().param_groups(model), factors)
         groups.append({"params": factors, "weight_decay": 0.0, "be_factors": True,
                        "be_grad_scale": float(self.members), "be_weight_decay": self.cfg.optim.weight_decay})
         return groups

@@ -128,44 +128,35 @@ def subsets(e: Ensemble) -> list[dict[str, Any]]:
     return out
 
 
-def superweight_ensemble(run_id: str, client, test) -> Ensemble:
+def _ensemble(key: str, nets: list[nn.Module], names: list[str], params: int, train_s: float, test, info,
+              counts: dict[str, int] | None = None) -> Ensemble:
+    """One procedure for every ensemble: each member network's test predictions and FLOPs."""
+    logps, y = [], None
+    for net in nets:
+        lp, y = predict_logp(net, test)
+        logps.append(lp)
+    return Ensemble(key, LABELS[key], names, logps, y, params, [flops(n, info) for n in nets], train_s, counts or {})
+
+
+def superweight_ensemble(run_id: str, client, test, info) -> Ensemble:
+    """The SuperWeight run's members, each as a plain WRN with its weights assembled."""
     from metaensemble.methods.superweight.model import member_network
     from metaensemble.models import load
 
-    model = load(f"runs:/{run_id}/model")
-    model.eval()
-    nets = [member_network(model, m) for m in range(len(model.members))]
-    logps, y = [], None
-    for net in nets:
-        lp, y = predict_logp(net, test)
-        logps.append(lp)
+    model = load(f"runs:/{run_id}/model").eval()
     counts = model.parameter_counts()
-    return Ensemble("superweight", LABELS["superweight"], [f"WRN-{d}-{w:g}" for d, w in model.member_specs], logps, y,
-                    counts["total"], [], train_seconds(client, run_id), counts)
+    return _ensemble("superweight", [member_network(model, m) for m in range(len(model.members))],
+                     [f"WRN-{d}-{w:g}" for d, w in model.member_specs], counts["total"],
+                     train_seconds(client, run_id), test, info, counts)
 
 
-def independent_ensemble(kind: str, run_ids: list[str], client, test) -> Ensemble:
+def independent_ensemble(kind: str, run_ids: list[str], client, test, info) -> Ensemble:
     from metaensemble.models import load
 
     nets = [load(f"runs:/{r}/model") for r in run_ids]
-    logps, y = [], None
-    for net in nets:
-        lp, y = predict_logp(net, test)
-        logps.append(lp)
     names = [f"WRN-{n.me_spec['kwargs']['depth']}-{n.me_spec['kwargs']['widen_factor']:g}" for n in nets]
-    return Ensemble(kind, LABELS[kind], names, logps, y, sum(sum(p.numel() for p in n.parameters()) for n in nets),
-                    [], sum(train_seconds(client, r) for r in run_ids))
-
-
-def member_nets(e: Ensemble, run_ids: list[str]) -> list[nn.Module]:
-    from metaensemble.models import load
-
-    if e.key == "superweight":
-        from metaensemble.methods.superweight.model import member_network
-
-        model = load(f"runs:/{run_ids[0]}/model")
-        return [member_network(model, m) for m in range(len(model.members))]
-    return [load(f"runs:/{r}/model") for r in run_ids]
+    return _ensemble(kind, nets, names, sum(sum(p.numel() for p in n.parameters()) for n in nets),
+                     sum(train_seconds(client, r) for r in run_ids), test, info)
 
 
 @dataclass
@@ -271,11 +262,11 @@ def run(cfg: Config) -> Outcome:
               f"bank budget {cfg.superweight.max_params:,}) and {len(runs) - 1} independent members", flush=True)
         run_ids = train_configs(runs, groups, experiment=cfg.experiment_name, parent_run_id=parent,
                                 storage=storage, name=key[:150])
-        sw = superweight_ensemble(run_ids["superweight"], client, test)
+        shape = _info(run_ids["superweight"])
+        sw = superweight_ensemble(run_ids["superweight"], client, test, shape)
         scale = None
         if "scaled" in cfg.superweight.comparisons:
-            nc, ic = sw.member_logp[0].shape[1], _in_chans(run_ids["superweight"])
-            scale = scale_to(cfg.superweight.members, sw.params, nc, ic)
+            scale = scale_to(cfg.superweight.members, sw.params, shape.num_classes, shape.in_chans)
             scaled = member_configs(cfg, "scaled", scale)
             print(f"training the independent ensemble scaled to {sw.params:,} parameters (widths x {scale:.3f})",
                   flush=True)
@@ -283,13 +274,8 @@ def run(cfg: Config) -> Outcome:
                                          parent_run_id=parent, storage=storage, name=f"{key[:140]}-scaled"))
         t_train = time.perf_counter()
         ensembles = [sw] + [independent_ensemble(k, [run_ids[f"{k}/{m}"] for m in range(len(cfg.superweight.members))],
-                                                  client, test)
+                                                  client, test, shape)
                             for k in ("independent", "scaled") if k in cfg.superweight.comparisons]
-        shape = _info(run_ids["superweight"])
-        for e in ensembles:
-            ids = [run_ids["superweight"]] if e.key == "superweight" else [
-                run_ids[f"{e.key}/{m}"] for m in range(len(cfg.superweight.members))]
-            e.member_flops = [flops(n, shape) for n in member_nets(e, ids)]
         rows = [row(e) for e in ensembles]
         subs = {e.key: subsets(e) for e in ensembles}
         members = {e.key: [{"member": n, **score(lp, e.labels), "mflops": f / 1e6}
@@ -306,10 +292,6 @@ def run(cfg: Config) -> Outcome:
         out.seconds = {"train_s": t_train - t0, "total_s": time.perf_counter() - t0}
         log_outcome(client, parent, out, f"{cfg.data.name}: SuperWeight ensemble vs independent ensembles")
     return out
-
-
-def _in_chans(run_id: str) -> int:
-    return int(_meta(run_id)["kwargs"]["in_chans"])
 
 
 def _meta(run_id: str) -> dict[str, Any]:

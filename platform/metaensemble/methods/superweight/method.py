@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from metaensemble import metrics
 from metaensemble.data import DatasetInfo
 from metaensemble.errors import ConfigError
-from metaensemble.methods.base import Method
+from metaensemble.methods.base import Method, without
 from metaensemble.methods.superweight.model import (
     SuperWeightEnsemble,
     bins_sharing,
@@ -146,13 +146,7 @@ class SuperWeight(Method):
         """The default groups (banks, BatchNorms, classifiers) without the coefficients,
         which get no weight decay."""
         coefs = list(model.coefs)
-        ids = {id(p) for p in coefs}
-        groups = []
-        for g in super().param_groups(model):
-            params = [p for p in g["params"] if id(p) not in ids]
-            if params:
-                groups.append({**g, "params": params})
-        return [*groups, {"params": coefs, "weight_decay": 0.0}]
+        return [*without(super().param_groups(model), coefs), {"params": coefs, "weight_decay": 0.0}]
 
     def configure_optimizer(self, model: nn.Module, steps_per_epoch: int):
         """The search phase at the base lr (constant, after any warm-up); after the split,
