@@ -146,7 +146,8 @@ def test_parquet_shards_stream_through_ray_data_into_ddp_training(ray_local, dig
     for epoch in range(cfg.train.epochs):
         s0, s1 = (set(next(r for r in recs if r["rank"] == k and r["epoch"] == epoch)["seen"].tolist()) for k in (0, 1))
         assert s0 and s1 and not (s0 & s1), "Ray Data shards must be disjoint"
-    assert outcome.metrics["test_acc"] > 0.85, outcome.metrics
+    # 2 epochs reach about 0.85-0.9; images paired with the wrong labels stay near 0.1
+    assert outcome.metrics["test_acc"] > 0.7, outcome.metrics
 
 
 def test_a_pack_trains_each_member_as_alone_and_skips_finished_members(ray_local, digits_cfg, tmp_path):

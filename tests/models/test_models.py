@@ -10,15 +10,17 @@ import torch
 from metaensemble import data, models
 from metaensemble.config import DataConfig
 from metaensemble.errors import CheckpointError, ConfigError
+from metaensemble.methods.superweight.model import ENSEMBLES  # whole ensembles: [M, B, C] outputs
 from metaensemble.methods.weightformer.generator import (
     GENERATORS,  # parameter generators, not image models
 )
 
-IMAGE_MODELS = [n for n in models.names() if n not in GENERATORS]
+IMAGE_MODELS = [n for n in models.names() if n not in GENERATORS and n not in ENSEMBLES]
 
 
 def test_generators_are_registered_next_to_the_image_models():
     assert set(GENERATORS) <= set(models.names())
+    assert set(ENSEMBLES) <= set(models.names())
 
 
 @pytest.mark.parametrize("name", IMAGE_MODELS)

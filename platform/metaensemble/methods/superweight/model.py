@@ -316,6 +316,10 @@ class SuperWeightEnsemble(nn.Module):
         return {"banks": banks, "coefficients": coefs, "member_own": own, "total": banks + coefs + own}
 
 
+ENSEMBLES = ("superweight",)
+"""Registered architectures that are whole ensembles (``forward``: [M, B, C] logits)."""
+
+
 @register_model("superweight")
 def superweight(num_classes: int, in_chans: int, img_size: int, members: list | None = None,
                 sharing: dict | None = None, templates: int = 8, bins: int = 4, bn_momentum: float = 0.1) -> nn.Module:
