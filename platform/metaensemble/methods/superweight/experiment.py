@@ -322,8 +322,12 @@ def format_outcome(out: Outcome) -> str:
     for key, ms in out.members.items():
         lines.append(f"  {LABELS[key]}: " + "; ".join(f"{m['member']} {100 * m['acc']:.2f}" for m in ms))
     s = out.split
-    how = (f"split at gradient cosine > {s['threshold']:g}" if s.get("threshold") is not None else
-           "no threshold fitted the budget: the depth bins")
+    if not s.get("tried"):
+        how = "no search: the depth bins"
+    elif s.get("threshold") is None:
+        how = "no threshold fitted the budget: the depth bins"
+    else:
+        how = f"split at gradient cosine > {s['threshold']:g}"
     lines.append(f"\nlearned sharing: {s['groups']} groups ({how}), {s['slots']} coefficient slots after "
                  f"{s.get('clones', 0)} unsharing clones, {s['templates']} templates per bank"
                  + (f"; scaled widths x {out.scale:.3f}" if out.scale else ""))
