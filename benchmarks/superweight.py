@@ -5,7 +5,7 @@ paper's claim checked (met or not), and the step time of the shared ensemble.
     python benchmarks/superweight.py --seeds 0 1 2   # more runs: mean +- std over seeds
     python benchmarks/superweight.py --seeds 0 1 2 --set superweight.max_params=264000 --tag budget264k
 
-Per seed, in a fresh MLflow store and Ray storage under a temporary folder: the SuperWeight
+Per seed, in one private MLflow store and Ray storage under a temporary folder: the SuperWeight
 ensemble, the independent ensemble of the same WRNs and the one scaled to the same
 parameter count (configs/superweight/digits.yaml, nothing chosen on test). Reported: test
 ACC, NLL, ECE of each ensemble and its mean member, unique parameters, FLOPs; a paired
@@ -88,21 +88,19 @@ def step_times(cfg, run_id: str, repeats: int = 30) -> dict[str, float]:
     return {"superweight_ms": a, "independent_ms": b, "ratio": a / b, "batch_size": cfg.data.batch_size}
 
 
-def one_seed(seed: int, overrides: list[str]) -> dict:
+def one_seed(seed: int, overrides: list[str], d: str) -> dict:
     from metaensemble.config import load_config
     from metaensemble.methods.superweight import experiment
 
-    with tempfile.TemporaryDirectory() as d:
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d}/mlflow.db"
-        cfg = load_config(CONFIG, [f"storage_path={d}/ray", f"seed={seed}", "experiment=bench/superweight",
-                                   *overrides])
-        t0 = time.perf_counter()
-        out = experiment.run(cfg)
-        wall = time.perf_counter() - t0
-        print(experiment.format_outcome(out), flush=True)
-        sw_logp, y = out.test["superweight"]
-        intervals = {k: bootstrap_diff(sw_logp, out.test[k][0], y) for k in out.test if k != "superweight"}
-        steps = step_times(cfg, out.run_ids["superweight"])
+    cfg = load_config(CONFIG, [f"storage_path={d}/ray", f"seed={seed}", "experiment=bench/superweight",
+                               *overrides])
+    t0 = time.perf_counter()
+    out = experiment.run(cfg)
+    wall = time.perf_counter() - t0
+    print(experiment.format_outcome(out), flush=True)
+    sw_logp, y = out.test["superweight"]
+    intervals = {k: bootstrap_diff(sw_logp, out.test[k][0], y) for k in out.test if k != "superweight"}
+    steps = step_times(cfg, out.run_ids["superweight"])
     return {"seed": seed, "rows": out.rows, "members": out.members, "split": out.split, "scale": out.scale,
             "claims": out.claims, "intervals": intervals, "step": steps, "wall_s": wall}
 
@@ -163,9 +161,17 @@ def main() -> int:
     if args.render:
         (OUT / f"{name}.md").write_text(markdown(json.loads((OUT / f"{name}.json").read_text())))
         return 0
+    import atexit
+    import shutil
     import sys
 
-    runs = [one_seed(s, args.set) for s in args.seeds]
+    # A private MLflow store (database and artifacts) and Ray storage, removed at exit
+    # after the store's server has stopped (atexit runs the last registered first).
+    d = tempfile.mkdtemp(prefix="bench-superweight-")
+    atexit.register(shutil.rmtree, d, True)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ["METAENSEMBLE_MLFLOW_HOME"] = f"{d}/mlflow"
+    runs = [one_seed(s, args.set, d) for s in args.seeds]
     payload = {"machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}", "runs": runs,
                "overrides": args.set, "command": "python " + " ".join(["benchmarks/superweight.py", *sys.argv[1:]])}
     OUT.mkdir(exist_ok=True)
