@@ -1,9 +1,9 @@
 """SuperWeight ensembles on the digits default: jobs/superweight.py's three ensembles, the
 paper's claim checked (met or not), and the step time of the shared ensemble.
 
-    python benchmarks/superweight.py                 # one run of the default (about 7 min on 2 cores)
+    python benchmarks/superweight.py                 # one run of the default (about 2 min on 2 cores)
     python benchmarks/superweight.py --seeds 0 1 2   # more runs: mean +- std over seeds
-    python benchmarks/superweight.py --seeds 0 1 2 --set superweight.max_params=264000 --tag budget264k
+    python benchmarks/superweight.py --seeds 0 1 2 --set superweight.max_params=260000 --tag budget260k
 
 Per seed, in one private MLflow store and Ray storage under a temporary folder: the SuperWeight
 ensemble, the independent ensemble of the same WRNs and the one scaled to the same

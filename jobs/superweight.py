@@ -1,7 +1,7 @@
 """Train a SuperWeight ensemble against independent ensembles of the same WRNs and of the same parameter count.
 
     python jobs/superweight.py                                    # the embedded default (digits)
-    python jobs/superweight.py superweight.max_params=120000 superweight.split_epochs=10
+    python jobs/superweight.py superweight.max_params=260000 superweight.split_threshold=0.2
     python jobs/superweight.py --config configs/superweight/cifar100_wrn28_16.yaml   # the seed's command (GPU cluster)
 
 Trains, as child runs of one parent MLflow run on the same data, recipe and epochs: the

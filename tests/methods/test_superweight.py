@@ -211,6 +211,28 @@ def test_the_split_refines_the_bins_is_deterministic_and_lowers_its_threshold_un
     for gs, bs in zip(first["groups"], bins, strict=True):
         for g in set(gs):
             assert len({b for x, b in zip(gs, bs, strict=True) if x == g}) == 1, "a group lies in one bin"
+    # gradients alike within each half of every bin: the accepted split refines the bins
+    sw_model = SuperWeight(method.cfg).build_model(INFO)
+    g = torch.Generator().manual_seed(0)
+    grads = {}
+    for j, mem in enumerate(sw_model.members):
+        bins_j = depth_bins(mem.convs, sw.param_group_bins)
+        base = {}
+        out = []
+        for i, (c, b) in enumerate(zip(mem.convs, bins_j, strict=True)):
+            half = [x for x, bb in enumerate(bins_j) if bb == b].index(i) % 2
+            base.setdefault((b, half), torch.randn(64, 64, 3, 3, generator=g))
+            out.append(base[(b, half)][: c.cout, : c.cin, : c.k, : c.k] + 0.1 * torch.randn(
+                c.cout, c.cin, c.k, c.k, generator=g))
+        grads[j] = out
+    searched = sh.search_members(sw.members)
+    found = sh.learn_sharing(sw.members, 1, {searched[j]: v for j, v in grads.items()}, bins=sw.param_group_bins,
+                             max_params=400_000, templates=8, min_templates=2, start=0.5, step=0.05, floor=-1.0)
+    groups0 = found.sharing["groups"][0]
+    assert found.threshold == 0.5 and len(set(groups0)) > len(set(bins[0])), "a split beyond the bins"
+    for gs, bs in zip(found.sharing["groups"], bins, strict=True):
+        for grp in set(gs):
+            assert len({b for x, b in zip(gs, bs, strict=True) if x == grp}) == 1, "a group lies in one bin"
     tried = method.split["tried"]
     assert tried[0][0] == sw.split_threshold and tried[-1][2] >= sw.min_templates
     assert all(k < sw.min_templates for _, _, k in tried[:-1])
@@ -357,6 +379,38 @@ def test_the_schedule_runs_at_the_base_lr_in_the_search_and_restarts_after_the_s
     assert lrs[4] == lrs[5] == pytest.approx(o.lr * o.decay_rate)
 
 
+def test_the_comparisons_train_the_post_split_epochs_on_the_same_schedule():
+    from metaensemble.engine.optim import build_optimizer, build_scheduler
+    from metaensemble.methods.superweight.experiment import member_configs
+    from metaensemble.models import create_model
+
+    method, model = _split_method("optim.schedule=cosine", "optim.warmup_epochs=1")
+    ind = member_configs(method.cfg, "independent", 1.0)["independent/0"]
+    assert ind.train.epochs == method.cfg.train.epochs - method.cfg.superweight.split_epochs
+    assert ind.optim == method.cfg.optim and ind.data == method.cfg.data
+    spe, split = 10, method.cfg.superweight.split_epochs
+    opt, sched = method.configure_optimizer(model, spe)
+    net = create_model(ind.model.name, num_classes=10, in_chans=1, img_size=8, **ind.model.kwargs)
+    opt2 = build_optimizer(ind.optim, net)
+    sched2 = build_scheduler(opt2, ind.optim, spe, ind.train.epochs)
+    for step in range(0, ind.train.epochs * spe, 3):
+        sched.set_step(split * spe + step)
+        sched2.set_step(step)
+        assert opt.param_groups[0]["lr"] == pytest.approx(opt2.param_groups[0]["lr"]), step
+
+
+def test_unsharing_compares_only_the_tiers_both_convs_read():
+    sharing = {"groups": [[0], [0]], "slots": [[0], [0]]}
+    agree = torch.tensor([[1.0, 2.0, -1.0]])
+    # member 0 reads tiers 0-1, member 1 tier 0 only: a disagreement in tier 1 is not theirs to compare
+    grads = {(0, 0): torch.cat([agree, torch.tensor([[5.0, -3.0, 1.0]])]), (1, 0): agree * 2}
+    assert sh.unshare(sharing, grads, 0.9)[1] == {}
+    # both read tiers 0-1 and disagree in tier 1: parted
+    grads[(1, 0)] = torch.cat([agree, torch.tensor([[-5.0, 3.0, -1.0]])])
+    new, clones = sh.unshare(sharing, grads, 0.9)
+    assert clones == {1: 0} and new["slots"] == [[0], [1]]
+
+
 def test_the_search_phase_records_weight_gradients_in_its_last_epoch_only():
     method = SuperWeight(_cfg())
     model = method.build_model(INFO)
@@ -394,6 +448,23 @@ def test_bad_input_is_one_clear_error_before_any_work(overrides, message):
         SuperWeight(_cfg(*overrides)).validate()
 
 
+def test_cutout_reaches_training_batches_only_and_leaves_existing_run_hashes_alone():
+    from metaensemble import data
+
+    cfg = _cfg()
+    assert cfg.data.cutout == 3
+    splits = data.load(cfg.data)
+    kw = {"shuffle": True, "augment": True, "drop_last": True}
+    with_cut = next(iter(data.ArrayLoader(splits.train, splits.info, 32, cutout=3, **kw)))["x"]
+    without = next(iter(data.ArrayLoader(splits.train, splits.info, 32, **kw)))["x"]
+    evaluation = next(iter(data.ArrayLoader(splits.val, splits.info, 32, cutout=3)))["x"]
+    assert ((with_cut == 0).flatten(1).sum(1) >= 4).all(), "a square per training example"
+    assert (without == 0).sum() == 0 and (evaluation == 0).sum() == 0
+    # a recipe written before data.cutout existed keeps its run hash (its zoo is found again)
+    assert load_config("configs/teachers/digits.yaml", []).config_hash() == "138fced6c6c1"
+    assert load_config("configs/teachers/digits.yaml", ["data.cutout=3"]).config_hash() != "138fced6c6c1"
+
+
 def test_cutout_sets_one_clipped_square_per_example_to_the_mean():
     from metaensemble.data.loaders import cutout_batch
 
@@ -410,6 +481,11 @@ def test_wrn_takes_a_fractional_width_for_scaled_ensembles():
     net = create_model("wrn", num_classes=10, in_chans=1, img_size=8, depth=10, widen_factor=0.5)
     assert net.fc.in_features == 32 and net.conv1.out_channels == 16
     assert create_model("wrn", num_classes=10, in_chans=3, img_size=32, depth=16, widen_factor=4).fc.in_features == 256
+    from metaensemble.methods.superweight.model import wrn_parameters
+
+    for d, w, c in ((10, 0.5, 1), (16, 1.0, 3), (28, 0.7, 3)):
+        net = create_model("wrn", num_classes=100, in_chans=c, img_size=32, depth=d, widen_factor=w)
+        assert wrn_parameters(d, w, 100, c) == sum(p.numel() for p in net.parameters())
 
 
 def _reduce_worker(rank: int, port: int, out: str) -> None:

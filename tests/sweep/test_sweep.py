@@ -191,6 +191,10 @@ def test_interrupted_sweep_is_restored_by_the_same_command(ray_local, mlflow_uri
             time.sleep(0.5)
         assert first_done is not None and proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
         time.sleep(3)  # let Tune write its experiment state after that trial
+        exp = c.get_experiment_by_name(exp_name)
+        finished = [r for r in c.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
+                    if "metaensemble.trial_id" in r.data.tags]
+        assert len(finished) < 2, "both trials finished before the kill: nothing left to restore"
         proc.kill()  # the sweep's driver dies with trials left to run
         proc.wait()
 

@@ -60,17 +60,12 @@ def member_configs(cfg: Config, kind: str, scale: float) -> dict[str, Config]:
     return out
 
 
-def wrn_params(depth: int, width: float, num_classes: int, in_chans: int) -> int:
-    from metaensemble.models import create_model
-
-    net = create_model("wrn", num_classes=num_classes, in_chans=in_chans, img_size=32, depth=depth, widen_factor=width)
-    return sum(p.numel() for p in net.parameters())
-
-
 def scale_to(members: list[tuple[int, float]], target: int, num_classes: int, in_chans: int) -> float:
     """The width factor c whose ensemble {WRN-d-(w c)} has the parameter count closest to
     ``target`` (bisection on c, then the better neighbour at 4 decimals)."""
-    total = lambda c: sum(wrn_params(d, round(w * c, 4), num_classes, in_chans) for d, w in members)  # noqa: E731
+    from metaensemble.methods.superweight.model import wrn_parameters
+
+    total = lambda c: sum(wrn_parameters(d, round(w * c, 4), num_classes, in_chans) for d, w in members)  # noqa: E731
     lo, hi = max(1.0 / (16 * w) for _, w in members), 1.0  # the narrowest member's first stage: 1 channel
     if total(lo) > target:
         raise ConfigError(f"cannot scale {members} to {target:,} parameters: even at widths x {lo} they have "

@@ -15,8 +15,11 @@ The phase, the sharing map and K are the method's state, saved in every checkpoi
 a worker killed after the split or after unsharing resumes with the same map; the map
 is also a constructor argument of the ``superweight`` model, so model.json carries it.
 
-Loss: the members' cross-entropies summed on the same batch. Predictions: the ensemble
-(mean of member softmaxes, selected on) and every member, named ``member/<i>``.
+Loss: the members' cross-entropies summed on the same batch (``train.label_smoothing``
+applies to each; ``train.grad_clip`` clips the joint gradient, banks being shared).
+Predictions: the ensemble (mean of member softmaxes, selected on) and every member,
+named ``member/<i>``. Model selection restarts at every rebuild (the engine's rule), so
+the selected epoch is one after unsharing.
 """
 
 from __future__ import annotations
@@ -185,7 +188,8 @@ class SuperWeight(Method):
         logits = model(batch["x"])  # [M, B, C]
         y = batch["y"]
         m = logits.shape[0]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.repeat(m), reduction="sum") / y.shape[0]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.repeat(m), reduction="sum",
+                               label_smoothing=self.cfg.train.label_smoothing) / y.shape[0]
         probs = F.softmax(logits.detach().float(), -1).mean(0)
         return loss, {"loss": loss.detach(), "correct": (probs.argmax(1) == y).sum()}
 

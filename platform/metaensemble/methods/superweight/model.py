@@ -77,6 +77,15 @@ def wrn_convs(depth: int, width: float, in_chans: int) -> list[Conv]:
     return convs
 
 
+def wrn_parameters(depth: int, width: float, num_classes: int, in_chans: int) -> int:
+    """Trainable parameters of a plain ``wrn`` (convs, BatchNorm affine, classifier),
+    counted without building it."""
+    convs = wrn_convs(depth, width, in_chans)
+    blocks = [c for c in convs if c.key.endswith(".conv1")]
+    bn = sum(2 * (c.cin + c.cout) for c in blocks) + 2 * blocks[-1].cout
+    return sum(c.cout * c.fan_in for c in convs) + bn + blocks[-1].cout * num_classes + num_classes
+
+
 def depth_bins(convs: list[Conv], bins: int) -> list[int]:
     """Initial bin of each conv: the 3x3 convs (stem included) in ``bins`` contiguous bins
     of near-equal size in layer order (WRN-28: 7/6/6/6, WRN-16: 4/3/3/3; bin b of every
