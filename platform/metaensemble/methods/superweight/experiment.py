@@ -30,7 +30,7 @@ import torch.nn as nn
 from metaensemble import data, engine, metrics, tracking
 from metaensemble.config import Config
 from metaensemble.errors import ConfigError
-from metaensemble.evaluation import train_seconds
+from metaensemble.evaluation import measure, train_seconds
 from metaensemble.methods.base import predict_logp
 
 LABELS = {"superweight": "SuperWeight ensemble", "independent": "Independent, same WRNs",
@@ -103,12 +103,11 @@ class Ensemble:
     params: int
     member_flops: list[int]
     train_s: float
-    counts: dict[str, int] = field(default_factory=dict)
 
 
 def score(logp: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    m = metrics.classification_metrics(logp, y, "")
-    return {"acc": float(m["acc"]), "nll": float(m["nll"]), "ece": float(m["ece"])}
+    """Test ACC, NLL, ECE: ``evaluation.measure`` without its time column."""
+    return {k: v for k, v in measure(logp, y).items() if k != "time_s"}
 
 
 def subsets(e: Ensemble) -> list[dict[str, Any]]:
@@ -123,14 +122,14 @@ def subsets(e: Ensemble) -> list[dict[str, Any]]:
     return out
 
 
-def _ensemble(key: str, nets: list[nn.Module], names: list[str], params: int, train_s: float, test, info,
-              counts: dict[str, int] | None = None) -> Ensemble:
+def _ensemble(key: str, nets: list[nn.Module], names: list[str], params: int, train_s: float, test,
+              info) -> Ensemble:
     """One procedure for every ensemble: each member network's test predictions and FLOPs."""
     logps, y = [], None
     for net in nets:
         lp, y = predict_logp(net, test)
         logps.append(lp)
-    return Ensemble(key, LABELS[key], names, logps, y, params, [flops(n, info) for n in nets], train_s, counts or {})
+    return Ensemble(key, LABELS[key], names, logps, y, params, [flops(n, info) for n in nets], train_s)
 
 
 def superweight_ensemble(run_id: str, client, test, info) -> Ensemble:
@@ -139,10 +138,9 @@ def superweight_ensemble(run_id: str, client, test, info) -> Ensemble:
     from metaensemble.models import load
 
     model = load(f"runs:/{run_id}/model").eval()
-    counts = model.parameter_counts()
     return _ensemble("superweight", [member_network(model, m) for m in range(len(model.members))],
-                     [f"WRN-{d}-{w:g}" for d, w in model.member_specs], counts["total"],
-                     train_seconds(client, run_id), test, info, counts)
+                     [f"WRN-{d}-{w:g}" for d, w in model.member_specs], model.parameter_counts()["total"],
+                     train_seconds(client, run_id), test, info)
 
 
 def independent_ensemble(kind: str, run_ids: list[str], client, test, info) -> Ensemble:
@@ -276,7 +274,7 @@ def run(cfg: Config) -> Outcome:
         members = {e.key: [{"member": n, **score(lp, e.labels), "mflops": f / 1e6}
                            for n, lp, f in zip(e.members, e.member_logp, e.member_flops, strict=True)]
                    for e in ensembles}
-        split = _split_state(client, run_ids["superweight"])
+        split = _split_state(run_ids["superweight"])
         out = Outcome(parent, rows, members, subs, run_ids, scale, split, claims(rows),
                       test={e.key: (metrics.ensemble_logp(torch.stack(e.member_logp)), e.labels) for e in ensembles})
         out.version = tracking.register_model(
@@ -301,7 +299,7 @@ def _info(run_id: str):
     return DatasetInfo(**_meta(run_id)["dataset_info"])
 
 
-def _split_state(client, run_id: str) -> dict[str, Any]:
+def _split_state(run_id: str) -> dict[str, Any]:
     """What the split found, from the run's model: groups, slots, templates per bank."""
     kw = _meta(run_id)["kwargs"]
     sharing = kw["sharing"]
