@@ -7,9 +7,9 @@ generator could reach at best, measured on the zoo the meta-train job uses.
 For random K-teacher ensembles (teachers of every side: this is an analysis, nothing is
 selected), on the val and test splits, mean over ensembles:
 
-- anchor (raw, and with BatchNorm statistics plainly recomputed on the meta-train subset);
-  every network built below has its statistics re-estimated on that subset relative to
-  the anchor's, as the pipeline does for generated students;
+- anchor (raw, and with BatchNorm statistics recomputed on the meta-train subset);
+  every network built below has its statistics recomputed on that subset
+  (``recompute_bn``, the meta-train table's one BN procedure);
 - the ensemble (probability average): the target;
 - naive weight average, and the average after permutation alignment of every member to
   the anchor (activation matching, Hungarian per layer; exact function-preserving
@@ -146,12 +146,10 @@ def main() -> int:
         m.load_state_dict(state)
         return m
 
-    def score(model, reference=None, recompute=True) -> dict[str, float]:
-        """Test/val metrics; BN statistics re-estimated on the subset first: relative to
-        ``reference``'s (the anchor: as the pipeline does for generated students), or
-        plainly without one."""
+    def score(model, recompute=True) -> dict[str, float]:
+        """Test/val metrics; BN statistics recomputed on the subset first."""
         if recompute:
-            model = recompute_bn(model, bn_loader, reference=reference)
+            model = recompute_bn(model, bn_loader)
         out = {}
         for s, ld in loaders.items():
             out.update(metrics.classification_metrics(*predict_logp(model, ld), f"{s}_"))
@@ -199,16 +197,16 @@ def main() -> int:
             lps = [predict_logp(m, ld) for m in models]
             ens_metrics.update(metrics.classification_metrics(metrics.ensemble_logp([lp for lp, _ in lps]), lps[0][1], f"{s}_"))
         add("ensemble", ens_metrics)
-        add("naive_average", score(build(weight_average([m.state_dict() for m in models])), models[0]))
+        add("naive_average", score(build(weight_average([m.state_dict() for m in models]))))
         ref = unit_activations(models[0], x_align)
         aligned = [align_to(ref, m, x_align) for m in models[1:]]
         mean = weight_average([anchor, *aligned])
         for a in (0.25, 0.5, 1.0):
             st = {n: (anchor[n].float() * (1 - a) + mean[n].float() * a).to(v.dtype) if v.is_floating_point() else v
                   for n, v in anchor.items()}
-            add(f"aligned_interp_{a}", score(build(st), models[0]))
+            add(f"aligned_interp_{a}", score(build(st)))
         for name, (x, y) in fit_data.items():
-            add(f"span_fit_{name}", score(build(fit_mix(anchor, aligned, models, x, y, rng)), models[0]))
+            add(f"span_fit_{name}", score(build(fit_mix(anchor, aligned, models, x, y, rng))))
         print(f"ensemble {e + 1}/{args.ensembles} done ({time.perf_counter() - t_start:.0f}s)", flush=True)
 
     labels = {

@@ -20,15 +20,13 @@ def main() -> int:
 
     cfg = load_config(args.config, args.overrides)  # validated before Ray or MLflow start
     from metaensemble import tracking
-    from metaensemble.evaluation import format_table
     from metaensemble.methods.weightformer import experiment
 
     experiment.validate(cfg)
     out = experiment.run(cfg, train_missing=not args.no_train_zoo)
     work_done()
     print()
-    print(f"held-out ensembles: {cfg.meta.test_ensembles} of K={cfg.meta.ensemble_size} meta-test teachers, test split")
-    print(format_table(out.rows))
+    print(experiment.format_evaluation(cfg, out.evaluation))
     print(f"\nwall time: {out.seconds['total_s']:.0f}s (zoo {out.seconds['plan_s']:.0f}s, training "
           f"{out.seconds['train_s']:.0f}s, evaluation {out.seconds['eval_s']:.0f}s)")
     print(f"MLflow: {tracking.describe_store()}; experiment {cfg.experiment_name}, run {out.parent_run_id}; "

@@ -37,8 +37,9 @@ def _tiny(tmp: Path, experiment: str, zoo_seed0: int) -> list[str]:
                        .replace("num_teachers: 4", f"num_teachers: 6\n  first_seed: {zoo_seed0}"))
     return [f"storage_path={tmp / 'ray'}", f"experiment={experiment}", f"meta.teacher_config={teacher}",
             "model.kwargs.student_kwargs={width: 4}", "model.kwargs.d_model=16", "model.kwargs.heads=2",
-            "meta.ensemble_size=2", "meta.zoo_size=6", "meta.num_val_teachers=2", "meta.num_test_teachers=2",
-            "meta.val_ensembles=2", "meta.test_ensembles=2", "meta.ablations=[]",
+            "meta.ensemble_size=2", "meta.train_k=[]", "meta.zoo_size=6", "meta.num_val_teachers=2",
+            "meta.num_test_teachers=2", "meta.val_ensembles=2", "meta.test_ensembles=2", "meta.ablations=[]",
+            "meta.report_k=[2]", "meta.report_k_ensembles=1", "meta.bootstrap=200",
             "meta.kd_ensembles=1", "meta.kd_epochs=1", "train.epochs=1", "train.steps_per_epoch=5",
             "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
             "data.batch_size=32"]  # the ~100-image subset split over 2 workers
@@ -148,9 +149,11 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
         time.sleep(3)
     assert proc.returncode == 0, out[-4000:]
     assert "succeeded" in out
-    for label in ("mean single teacher", "anchor teacher, BN recomputed", "ensemble (prob. average)",
+    for label in ("mean single teacher", "anchor teacher", "ensemble (prob. average)",
                   "naive weight average", "KD student (subset)", "KD student (full train)", "WeightFormer zero-shot",
-                  "WeightFormer + finetune"):
+                  "WeightFormer + finetune", "paired bootstrap 95% intervals", "WeightFormer zero-shot - anchor teacher",
+                  "gap closed by zero-shot", "pays for itself after", "relative L2 distance",
+                  "zero-shot at other ensemble sizes", "BatchNorm: every network scored here"):
         assert label in out, label
     assert "training the rest" not in out  # the registered zoo was found and used
 
@@ -160,12 +163,19 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"eval_table.md", "eval_table.json", "eval_bars.png", "teachers.json", "eval_table_mlflow.json"} <= arts
+    assert {"eval_table.md", "eval_table.json", "eval_bars.png", "teachers.json", "eval_table_mlflow.json",
+            "evaluation.json", "evaluation.txt"} <= arts
+    evaluation = json.loads(Path(client.download_artifacts(parent.info.run_id, "evaluation.json", str(tmp_path))).read_text())
+    diffs = {d["label"]: d for d in evaluation["differences"]}
+    d = diffs["WeightFormer zero-shot - anchor teacher"]
+    assert d["n"] == 2 and d["lo"] <= d["mean"] <= d["hi"]
+    assert evaluation["cost"]["kd_full_s"] > 0 and evaluation["cost"]["generate_s"] > 0
+    assert len(evaluation["distances"]["rel_l2_to_anchor"]) == 2 and [r["k"] for r in evaluation["by_k"]] == [2]
     png = Path(client.download_artifacts(parent.info.run_id, "eval_bars.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "eval_table.json", str(tmp_path))).read_text())
     keys = {r["key"] for r in table}
-    assert {"mean_teacher", "anchor", "anchor_bn", "ensemble", "weight_average", "kd_subset", "kd_full", "weightformer",
+    assert {"mean_teacher", "anchor", "ensemble", "weight_average", "kd_subset", "kd_full", "weightformer",
             "weightformer_ft"} == keys
     for r in table:
         assert 0.0 <= r["acc"] <= 1.0 and r["nll"] > 0 and r["n"] >= 1
@@ -208,6 +218,27 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
     gen = load(f"models:/weightformer.digits.convnet/{mine[0].version}")
     assert gen.student_spec["arch"] == "convnet" and gen.student_spec["kwargs"]["width"] == 4
 
+    # using it: jobs/generate.py on the two held-out teachers (zoo versions), registered as a student
+    test_versions = [t["version"] for t in teachers if t["side"] == "test"]
+    gen_uri = f"models:/weightformer.digits.convnet/{mine[0].version}"
+    env_g = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    proc = subprocess.run([sys.executable, "jobs/generate.py", "--generator", gen_uri, "--teachers",
+                           *map(str, test_versions)], cwd=REPO_ROOT, env=env_g, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "generated student: test ACC" in proc.stdout and "registered as version" in proc.stdout
+    students = client.search_model_versions("name='student.digits.convnet.weightformer'")
+    made = [v for v in students if v.tags.get("generator") == gen_uri]
+    assert len(made) == 1
+    assert made[0].tags["teachers"] == ",".join(f"models:/teacher.digits.convnet/{v}" for v in test_versions)
+    student = load(f"models:/student.digits.convnet.weightformer/{made[0].version}")
+    assert student.me_spec["kwargs"]["width"] == 4
+    # bad input: one clear line, nothing registered
+    proc = subprocess.run([sys.executable, "jobs/generate.py", "--generator", gen_uri, "--teachers",
+                           str(test_versions[0])], cwd=REPO_ROOT, env=env_g, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "this generator takes 2..8 teachers; got 1" in proc.stderr, proc.stderr[-2000:]
+    assert len(client.search_model_versions("name='student.digits.convnet.weightformer'")) == len(students)
+
 
 def _job(args, mlflow_uri, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
@@ -216,11 +247,14 @@ def _job(args, mlflow_uri, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["meta.ensemble_size=9"], "meta.ensemble_size=9 exceeds the generator's max_teachers=8; valid ensemble sizes: 2..8"),
-    (["meta.zoo_size=14"], "meta.zoo_size=14 leaves 2 meta-train teachers"),
-    (["scaling.num_workers=2"], "data.batch_size=64 exceeds each worker's share of the training subset"),
+    (["meta.zoo_size=18"], "meta.zoo_size=18 leaves 2 meta-train teachers"),
+    (["meta.zoo_size=22"], "leaves 6 meta-train teachers after 8 val + 8 test; meta.train_k=[2, 8] needs at least 8"),
+    (["scaling.num_workers=2", "data.batch_size=128"],
+     "data.batch_size=128 exceeds each worker's share of the training subset"),
     (["model.kwargs.student_kwargs={width: 8}"], "teachers must have the student's architecture"),
     (["data.val_fraction=0.1"], "set data.val_fraction/test_fraction/split_seed to the teachers' values"),
-    (["meta.ensemble_size=2", "model.name=mlp_generator", "model.kwargs={student: convnet, ensemble_size: 3}"],
+    (["meta.ensemble_size=2", "meta.train_k=[]", "model.name=mlp_generator",
+      "model.kwargs={student: convnet, ensemble_size: 3}"],
      "the MLP generator takes exactly model.kwargs.ensemble_size=3 teachers, but meta.ensemble_size=2"),
 ])
 def test_bad_input_is_one_clear_error_before_any_work(args, message, mlflow_uri, tmp_path):

@@ -13,7 +13,7 @@ from metaensemble.config import load_config
 from metaensemble.errors import ConfigError, ZooError
 from metaensemble.methods.weightformer import WeightFormerMethod
 from metaensemble.methods.weightformer.generator import student_skeleton
-from metaensemble.methods.weightformer.method import check_disjoint, shift_consistency
+from metaensemble.methods.weightformer.method import check_disjoint
 from metaensemble.methods.weightformer.student import (
     assemble,
     ensemble_input,
@@ -135,11 +135,12 @@ def test_loss_through_functional_call_reaches_every_generator_parameter_and_no_t
     rows, states = pool(teachers, g.layout)
     skel, _ = student_skeleton("convnet", {"width": 4}, **SHAPE)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    out = g(ensemble_input(rows, [[0, 1, 2, 3], [1, 2, 3, 0]]))
+    # the KD loss alone (no shift term, no mask L1) must reach every parameter
+    out = g(ensemble_input(rows, [[0, 1, 2, 3]]))
     z = student_logits(skel.train(), assemble(out["rows"], g.layout, states[0]), x)
     with torch.no_grad():
         tz = torch.stack([t(x) for t in teachers])
-    loss = ensemble_kd_loss(z, tz, y, 0.5, 4.0) + out["mask_l1"] + shift_consistency(out["rows"], ensemble_input(rows, [[0, 1, 2, 3]]), g.layout)
+    loss = ensemble_kd_loss(z, tz, y, 0.5, 4.0)
     loss.backward()
     for n, p in g.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, n
@@ -159,9 +160,10 @@ def test_sparsity_is_zero_for_a_zero_mask_and_l1_otherwise():
 
 
 # ---- 5: residual on the base -------------------------------------------------------------
-@pytest.mark.parametrize("name", ["weightformer", "mlp_generator"])
-@pytest.mark.parametrize("base", ["anchor", "mean"])
+@pytest.mark.parametrize("name,base", [("weightformer", "anchor"), ("weightformer", "mean"), ("weightformer", "mix"),
+                                       ("mlp_generator", "anchor"), ("mlp_generator", "mean")])
 def test_zeroed_residual_outputs_the_anchor_or_the_mean_exactly(name, base):
+    """(base=mix with its scorer zeroed is the uniform mix: the mean.)"""
     g = gen(name, base=base)
     g.zero_residual_()
     teachers = nets(n=4, width=4)
@@ -175,7 +177,7 @@ def test_zeroed_residual_outputs_the_anchor_or_the_mean_exactly(name, base):
             expect = torch.stack([states[i][k] for i in order]).mean(0)
         else:
             expect = states[order[0]][k]
-        assert torch.allclose(state[k], expect, rtol=0, atol=1e-6 if base == "mean" else 0), k
+        assert torch.allclose(state[k], expect, rtol=0, atol=0 if base == "anchor" else 1e-6), k
 
 
 # ---- 6: order ----------------------------------------------------------------------------
@@ -189,6 +191,28 @@ def test_identical_teachers_make_the_output_order_invariant_exactly():
 
 
 # ---- 7: cross-layer flow -----------------------------------------------------------------
+@pytest.mark.parametrize("cross", [True, False])
+def test_changing_layer_l_teachers_moves_the_next_layers_generated_rows_only_with_the_flow(cross):
+    """At initialisation (no training), so the flow is there from the start and not
+    buried under a near-zero output head: layer 1's teachers move layer 2's generated
+    correction (its rows minus the base, the teachers' mean at init) by more than 0.1% of
+    its size with the flow, and by exactly nothing without it."""
+    g = gen(cross_layer=cross).eval()
+    rows, _ = pool(nets(n=4, width=4), g.layout)
+    xs = ensemble_input(rows, [[0, 1, 2, 3]])
+    ys = [x.clone() for x in xs]
+    ys[1] = ys[1] + torch.randn_like(ys[1])
+    with torch.no_grad():
+        ra, rb = g(xs)["rows"], g(ys)["rows"]
+    assert torch.equal(ra[0], rb[0])
+    correction = ra[2] - xs[2].mean(dim=1)
+    change = float((ra[2] - rb[2]).norm() / correction.norm())
+    if cross:
+        assert change > 1e-3, change
+    else:
+        assert change == 0.0
+
+
 @pytest.mark.parametrize("cross", [True, False])
 def test_changing_layer_l_teachers_changes_the_next_cross_input_only_with_the_flow(cross):
     g = gen(cross_layer=cross)
@@ -236,26 +260,104 @@ def write_teachers(root, n, **kw):
 def meta_cfg(paths, *extra, k=2):
     return load_config("configs/meta/digits.yaml", [
         "model.kwargs.student_kwargs={width: 4}", "model.kwargs.d_model=16", "model.kwargs.heads=2",
-        f"meta.ensemble_size={k}", f"meta.train_teachers={paths[:4]}", f"meta.val_teachers={paths[4:6]}",
-        f"meta.test_teachers={paths[6:8]}", "meta.val_ensembles=2", "meta.test_ensembles=2", *extra])
+        f"meta.ensemble_size={k}", "meta.train_k=[2, 4]", f"meta.train_teachers={paths[:4]}",
+        f"meta.val_teachers={paths[4:6]}", f"meta.test_teachers={paths[6:8]}", "meta.val_ensembles=2",
+        "meta.test_ensembles=2", "meta.report_k=[2]", *extra])
 
 
 def test_training_samples_only_meta_train_teachers(tmp_path):
     paths = write_teachers(tmp_path, 8)
-    m = WeightFormerMethod(meta_cfg(paths))
+    m = WeightFormerMethod(meta_cfg(paths, "meta.lambda_shift=1000"))  # weight enough to see the term
     m.validate()
     g = m.build_model(__import__("metaensemble.data", fromlist=["load"]).load(m.cfg.data).info)
     train_hashes = set(m.pools["train"].hashes)
     assert train_hashes.isdisjoint(m.pools["test"].hashes) and train_hashes.isdisjoint(m.pools["val"].hashes)
     used = set()
     orig = m.pools["train"].rows
-    for _ in range(30):
-        for order in m.sample_orders():
+    sizes = set()
+    for _ in range(60):
+        orders, cut = m.sample_orders()
+        sizes.add(len(orders[0]))
+        assert len(orders) == 3 and cut == [0.0, 0.0, m.cfg.meta.cutoff] and orders[2] == orders[0]
+        assert sorted(orders[1]) == sorted(orders[0]) and orders[1] != orders[0]  # shifted, same teachers
+        for order in orders:
             used.update(m.pools["train"].hashes[i] for i in order)
     assert used <= train_hashes and m.pools["train"].rows is orig
+    assert sizes == {2, 3, 4}  # K drawn from meta.train_k
     batch = {"x": torch.randn(8, 1, 8, 8), "y": torch.randint(0, 10, (8,))}
+    with torch.no_grad():  # a correction as large as the base: the views' disagreement is not negligible
+        g.codec.log_scale.fill_(0.0)
     loss, logs = m.training_step(g, batch)
-    assert torch.isfinite(loss) and logs["shift"] > 0
+    loss = loss.detach()
+    assert torch.isfinite(loss) and logs["shift"] > 0 and logs["mask_l1"] > 0
+    # the loss is exactly KD + lambda_mask * |mask| + lambda_shift * consistency: dropping
+    # either term (or its weight) from the sum breaks this
+    lm, ls = m.cfg.meta.lambda_mask, m.cfg.meta.lambda_shift
+    assert float(loss) == pytest.approx(float(logs["kd"] + lm * logs["mask_l1"] + ls * logs["shift"]), rel=1e-6)
+    assert float(ls * logs["shift"]) > 1e-4 * float(loss) and float(lm * logs["mask_l1"]) > 1e-7
+
+
+def _order_sensitivity(lambda_shift, paths, steps=60):
+    """Train a generator ``steps`` Adam steps through the method's own loss, then measure
+    on 4 distinct held-out teachers how much a cyclic shift of their order moves the
+    generated rows, relative to the generated correction."""
+    m = WeightFormerMethod(meta_cfg(paths, f"meta.lambda_shift={lambda_shift}", "meta.cutoff=0.0",
+                                    "model.kwargs.residual_scale=0.5"))
+    torch.manual_seed(0)
+    g = m.build_model(__import__("metaensemble.data", fromlist=["load"]).load(m.cfg.data).info)
+    opt = torch.optim.Adam(g.parameters(), lr=3e-3)
+    gen_ = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        batch = {"x": torch.randn(16, 1, 8, 8, generator=gen_), "y": torch.randint(0, 10, (16,), generator=gen_)}
+        loss, _ = m.training_step(g, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    g.eval()
+    pool_ = m.pools["train"]
+    with torch.no_grad():
+        xs = ensemble_input(pool_.rows, [[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1]])
+        rows = g(xs)["rows"]
+    moved = sum(float((r[0] - r[v]).norm()) for r in rows for v in (1, 2))
+    size = sum(float((r[0] - x[0].mean(dim=0)).norm()) for r, x in zip(rows, xs, strict=True))
+    return moved / (2 * size)
+
+
+def test_shift_consistency_makes_the_trained_generator_order_invariant_on_distinct_teachers(tmp_path):
+    """Trained with the shift term, a generator's output on 4 distinct teachers moves under
+    a reordering far less than one trained without it (remove the term from the loss and
+    the two are the same)."""
+    paths = write_teachers(tmp_path, 8)
+    with_shift, without = _order_sensitivity(10.0, paths), _order_sensitivity(0.0, paths)
+    assert with_shift < 0.5 * without, (with_shift, without)
+
+
+def test_the_mask_moves_when_trained_and_its_l1_pulls_it_to_zero(tmp_path):
+    """The mask bias has its own initialisation and learning rate (meta.mask_lr_scale), so
+    a few steps move it measurably; a large lambda_mask (the L1 term) shrinks it."""
+    paths = write_teachers(tmp_path, 8)
+
+    def trained_mask(lambda_mask):
+        m = WeightFormerMethod(meta_cfg(paths, f"meta.lambda_mask={lambda_mask}", "meta.mask_lr_scale=10"))
+        torch.manual_seed(0)
+        g = m.build_model(__import__("metaensemble.data", fromlist=["load"]).load(m.cfg.data).info)
+        start = g.mask_bias.detach().clone()
+        groups = m.param_groups(g)
+        assert [gr.get("lr_scale", 1.0) for gr in groups if any(p is g.mask_bias for p in gr["params"])] == [10]
+        opt = torch.optim.Adam([{"params": gr["params"], "lr": 1e-3 * gr.get("lr_scale", 1.0)} for gr in groups])
+        for i in range(20):
+            torch.manual_seed(i)
+            loss, _ = m.training_step(g, {"x": torch.randn(8, 1, 8, 8), "y": torch.randint(0, 10, (8,))})
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return start, g.mask_bias.detach()
+
+    start, plain = trained_mask(0.0)
+    assert float(start.abs().mean()) > 0  # its own (non-zero) initialisation
+    assert float((plain - start).abs().max()) > 0.05  # 20 steps at 10x lr move the entries K <= 4 uses
+    _, shrunk = trained_mask(1e3)
+    assert float(shrunk.abs().mean()) < 0.5 * float(plain.abs().mean())
 
 
 def test_a_checkpoint_on_two_sides_is_refused(tmp_path):
@@ -269,9 +371,18 @@ def test_a_checkpoint_on_two_sides_is_refused(tmp_path):
 def test_bad_teacher_inputs_are_refused_with_clear_errors(tmp_path):
     paths = write_teachers(tmp_path, 8)
     with pytest.raises(ConfigError, match="exceeds the generator's max_teachers=8; valid ensemble sizes: 2..8"):
-        WeightFormerMethod(meta_cfg(paths, k=9)).validate()
+        WeightFormerMethod(meta_cfg(paths, "meta.train_k=[]", k=9)).validate()
+    with pytest.raises(ConfigError, match="reaches 9 teachers, more than the generator's max_teachers=8"):
+        WeightFormerMethod(meta_cfg(paths, "meta.train_k=[2, 9]")).validate()
+    with pytest.raises(ConfigError, match=r"meta.train_k must be \[lo, hi\]"):
+        meta_cfg(paths, "meta.train_k=[3, 2]")
+    with pytest.raises(ConfigError, match="base must be one of anchor, mean, mix"):
+        gen(base="median")
+    with pytest.raises(ConfigError, match="sequential student"):
+        WeightFormerMethod(meta_cfg(paths, "meta.align=permutation", "model.kwargs.student=resnet18",
+                                    "model.kwargs.student_kwargs={width: 4, stem: cifar}")).validate_generator()
     with pytest.raises(ZooError, match="fewer than the ensemble size K=3"):
-        WeightFormerMethod(meta_cfg(paths, k=3)).validate()
+        WeightFormerMethod(meta_cfg(paths, "meta.train_k=[]", k=3)).validate()
     # a teacher of another width than the student
     wide = str(save_model(nets(n=1, width=8)[0], tmp_path / "wide", dataset="digits"))
     m = WeightFormerMethod(meta_cfg([wide] + paths[1:]))
@@ -292,34 +403,50 @@ def test_make_ensembles_are_distinct_and_in_range():
     assert make_ensembles(8, 3, 20, 1) == e
 
 
-def test_bn_reestimation_relative_to_the_anchor():
-    """recompute_bn with a reference: a copy of the reference keeps the reference's running
-    statistics exactly (the subset's sampling error cancels); a changed network gets the
-    reference's statistics moved by the shift measured on the subset; without a reference
-    the statistics are the subset's own."""
-    import copy
-
-    from metaensemble.methods.weightformer.student import _subset_stats, recompute_bn
+def test_bn_recompute_is_the_exact_statistics_of_the_loader():
+    """The one BN procedure of the table: the mean over every image of the loader and the
+    mean of its batches' unbiased variances, whatever the running statistics were."""
+    from metaensemble.methods.weightformer.student import recompute_bn
 
     torch.manual_seed(0)
-    ref = create_model("convnet", num_classes=10, in_chans=1, img_size=8, width=4)
-    for m in ref.modules():
+    net = create_model("convnet", num_classes=10, in_chans=1, img_size=8, width=4)
+    for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
     loader = [{"x": torch.randn(16, 1, 8, 8)} for _ in range(3)]
-    same = recompute_bn(copy.deepcopy(ref), loader, reference=ref)
-    for a, b in zip(same.buffers(), ref.buffers(), strict=True):
-        assert torch.equal(a, b)
-    moved = copy.deepcopy(ref)
+    recompute_bn(net, loader)
+    bn0 = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
     with torch.no_grad():
-        moved[0].weight.mul_(1.5)
-    want_new, ref_sub = _subset_stats(moved, loader), _subset_stats(ref, loader)
-    recompute_bn(moved, loader, reference=ref)
-    bn0, rbn0 = [[m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)][0] for net in (moved, ref)]
-    assert torch.allclose(bn0.running_mean, rbn0.running_mean + want_new[0][0] - ref_sub[0][0])
-    assert torch.allclose(bn0.running_var, rbn0.running_var * (want_new[0][1] / ref_sub[0][1]))
-    assert not torch.allclose(bn0.running_var, rbn0.running_var)
-    plain = recompute_bn(copy.deepcopy(ref), loader)
-    pbn0 = [m for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
-    assert torch.allclose(pbn0.running_mean, ref_sub[0][0]) and torch.allclose(pbn0.running_var, ref_sub[0][1])
+        hs = [net[0](b["x"]).transpose(0, 1).flatten(1) for b in loader]  # the first conv's outputs
+    assert torch.allclose(bn0.running_mean, torch.cat(hs, 1).mean(dim=1), atol=1e-5)
+    assert torch.allclose(bn0.running_var, torch.stack([h.var(dim=1) for h in hs]).mean(0), rtol=1e-4)
+    assert not net.training
+
+
+def test_relative_l2_distance():
+    from metaensemble.methods.weightformer.student import relative_l2
+
+    a = {"w": torch.ones(4), "bn.running_mean": torch.ones(2), "n": torch.tensor(3)}
+    b = {"w": torch.full((4,), 1.5), "bn.running_mean": torch.zeros(2), "n": torch.tensor(1)}
+    assert relative_l2(b, a) == pytest.approx(0.5)  # running statistics and integers left out
+    assert relative_l2(a, a) == 0.0
+
+
+def test_cutoff_view_zeroes_a_span_of_tokens_and_only_that_view_changes():
+    g = gen().eval()
+    rows, _ = pool(nets(n=4, width=4), g.layout)
+    xs = ensemble_input(rows, [[0, 1, 2, 3], [0, 1, 2, 3]])
+    with torch.no_grad():
+        full = g(xs)["rows"]
+        cut = g(xs, cutoff=[0.0, 0.5])["rows"]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full, cut, strict=True))
+    assert all(torch.equal(a[0], a[1]) for a in full)
+    assert any(not torch.equal(b[0], b[1]) for b in cut)
+    from metaensemble.methods.weightformer.generator import cutoff_keep
+
+    keep = cutoff_keep(2, 4, 8, [0.0, 0.25], "cpu")
+    assert keep[0].all() and int((keep[1] == 0).sum()) == 8
+    dropped = (keep[1].flatten() == 0).nonzero().flatten()
+    assert int(dropped.max() - dropped.min()) == 7  # one contiguous span
+    assert cutoff_keep(2, 4, 8, [0.0, 0.0], "cpu") is None

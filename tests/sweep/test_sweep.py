@@ -36,8 +36,9 @@ def test_shipped_teacher_space_is_valid():
 def test_shipped_generator_space_is_valid_and_scores_meta_validation_ensembles():
     space = load_space("search_spaces/generator.yaml")
     assert space.metric == "val_acc" and space.scheduler.name == "asha"
-    assert {"model.kwargs.d_model", "model.kwargs.depth", "model.kwargs.heads", "optim.lr", "distill.alpha",
-            "distill.temperature", "meta.lambda_mask", "meta.lambda_shift", "data.train_fraction"} == set(space.params)
+    assert {"model.kwargs.d_model", "model.kwargs.depth", "model.kwargs.heads", "model.kwargs.base",
+            "model.kwargs.residual_scale", "optim.lr", "distill.alpha", "distill.temperature", "meta.lambda_mask",
+            "meta.lambda_shift", "meta.cutoff", "meta.mask_lr_scale", "data.train_fraction"} == set(space.params)
     base = space.base_config([])
     assert base.method == "weightformer" and base.meta.ablations == []
     # val_acc of a weightformer run is measured on students generated for meta-val

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,19 @@ import torch
 from metaensemble import data, engine, metrics, tracking
 from metaensemble.config import Config, load_config
 from metaensemble.errors import ConfigError, ZooError
-from metaensemble.evaluation import Row, log_table, mean_metrics, mean_row, measure
+from metaensemble.evaluation import (
+    Difference,
+    Row,
+    format_differences,
+    format_table,
+    gap_closed,
+    log_table,
+    mean_metrics,
+    mean_row,
+    measure,
+    paired_bootstrap,
+    train_seconds,
+)
 from metaensemble.methods.base import predict_logp
 from metaensemble.methods.kd import load_teachers
 from metaensemble.methods.weightformer.method import (
@@ -39,9 +52,10 @@ from metaensemble.methods.weightformer.student import (
     generate_student,
     make_ensembles,
     recompute_bn,
+    relative_l2,
     weight_average,
 )
-from metaensemble.methods.weightformer.tokens import tokenise
+from metaensemble.methods.weightformer.use import prepare
 from metaensemble.models import load, save_model
 
 VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -50,23 +64,27 @@ VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
     "no_shift": {"meta.lambda_shift": 0.0},
     "no_cross": {"model.kwargs.cross_layer": False},
     "base_mean": {"model.kwargs.base": "mean"},
+    "base_anchor": {"model.kwargs.base": "anchor"},
 }
 LABELS = {
     "mean_teacher": "mean single teacher",
-    "anchor": "anchor teacher (zero correction)",
-    "anchor_bn": "anchor teacher, BN recomputed",
+    "anchor": "anchor teacher",
     "ensemble": "ensemble (prob. average)",
     "weight_average": "naive weight average",
+    "aligned_average": "aligned weight average",
     "kd_subset": "KD student (subset)",
     "kd_full": "KD student (full train)",
     "mlp": "MLP generator",
     "weightformer": "WeightFormer zero-shot",
     "weightformer_ft": "WeightFormer + finetune",
     "no_mask": "  ablation: no mask",
-    "no_shift": "  ablation: no shift consistency",
+    "no_shift": "  ablation: no consistency views",
     "no_cross": "  ablation: no cross-layer flow",
     "base_mean": "  ablation: base=mean",
+    "base_anchor": "  ablation: base=anchor",
 }
+BN_LABEL = ("every network scored here (teachers, baselines, generated, KD and finetuned students) has its "
+            "BatchNorm statistics recomputed exactly on the same images before scoring")
 ORDER = list(LABELS)
 """The table's row order (LABELS is written in it)."""
 HIGHLIGHT = ("weightformer", "weightformer_ft")
@@ -116,6 +134,12 @@ def validate(cfg: Config) -> Config:
             f"meta.zoo_size={m.zoo_size} leaves {n_train} meta-train teachers after "
             f"{m.num_val_teachers} val + {m.num_test_teachers} test; K={m.ensemble_size} needs at "
             f"least {m.ensemble_size}"
+        )
+    if n_train < m.train_sizes()[1]:
+        raise ZooError(
+            f"meta.zoo_size={m.zoo_size} leaves {n_train} meta-train teachers after "
+            f"{m.num_val_teachers} val + {m.num_test_teachers} test; meta.train_k={m.train_k} needs at "
+            f"least {m.train_sizes()[1]}"
         )
     for side, n in (("val", m.num_val_teachers), ("test", m.num_test_teachers)):
         if n < m.ensemble_size:
@@ -248,9 +272,12 @@ def variant_configs(p: Plan) -> dict[str, Config]:
                         **{
                             k: v
                             for k, v in cfg.model.kwargs.items()
-                            if k in ("chunk", "base", "residual_scale")
+                            if k in ("chunk", "residual_scale")
                         },
+                        # the MLP reads a fixed K in a fixed order: no learned mix
+                        "base": "anchor" if cfg.model.kwargs.get("base") == "anchor" else "mean",
                     },
+                    "meta.train_k": [],
                 }
             )
         else:
@@ -375,7 +402,7 @@ def finetune(
 ) -> list[tuple[torch.nn.Module, float]]:
     """KD-finetune the generated students as engine runs packed into one Ray Train run;
     returns each selected model, its BN statistics recomputed on ``bn_loader``, and the
-    seconds it cost (the run's epoch times + the BN pass)."""
+    seconds it cost (the run's training time + the BN pass)."""
     client = tracking.client()
     uris = save_students(client, parent_run_id, students, p.cfg.data.name)
     cfgs = finetune_configs(p, uris, ensembles)
@@ -391,30 +418,23 @@ def finetune(
     for o in outcomes:
         t0 = time.perf_counter()
         model = recompute_bn(load(o.model_uri), bn_loader)
-        out.append((model, epoch_seconds(client, o.run_id) + time.perf_counter() - t0))
+        out.append((model, train_seconds(client, o.run_id) + time.perf_counter() - t0))
     return out
-
-
-def epoch_seconds(client, run_id: str) -> float:
-    """A run's training cost: the sum of its logged epoch times (no Ray start-up)."""
-    return float(sum(m.value for m in client.get_metric_history(run_id, "epoch_time_s")))
 
 
 @dataclass
 class _EvalData:
     test: Any
     """Test split loader: everything in the table is measured on it."""
-    subset: Any
-    """The training subset, unaugmented: BN re-estimation of generated students."""
-    full_train: Any
-    """The whole train split, unaugmented: BN re-estimation after finetuning."""
+    bn: Any
+    """Where every scored network's BN statistics are recomputed (``meta.bn_data``)."""
 
 
 def _eval_data(cfg: Config) -> _EvalData:
     full = data.load(cfg.data.model_copy(update={"train_fraction": 1.0}))
-    sub = data.load(cfg.data)
+    bn = full if cfg.meta.bn_data == "train" else data.load(cfg.data)
     mk = lambda split: make_eval_loader(split, full.info, cfg.data.eval_batch_size, "cpu")  # noqa: E731
-    return _EvalData(mk(full.test), mk(sub.train), mk(full.train))
+    return _EvalData(mk(full.test), mk(bn.train))
 
 
 def _timed(fn) -> tuple[Any, float]:
@@ -423,31 +443,60 @@ def _timed(fn) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def evaluate(p: Plan, run_ids: dict[str, str], parent_run_id: str) -> list[Row]:
+@dataclass
+class Evaluation:
+    rows: list[Row]
+    differences: list[Difference]
+    cost: dict[str, float]
+    distances: dict[str, list[float]]
+    by_k: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        cost = {k: (v if math.isfinite(v) else None) for k, v in self.cost.items()}  # JSON has no inf
+        return {"rows": [r.to_dict() for r in self.rows], "differences": [d.to_dict() for d in self.differences],
+                "cost": cost, "distances": self.distances, "by_k": self.by_k}
+
+
+def evaluate(p: Plan, run_ids: dict[str, str], parent_run_id: str) -> Evaluation:
     """The table on meta-test ensembles, test split: baselines built from the teachers,
     every generator's zero-shot students, WeightFormer's finetuned students and the KD
-    students; one row each, the mean over the ensembles (see the module docstring)."""
-    cfg = p.cfg
+    students, one row each (the mean over the ensembles); paired bootstrap intervals of
+    the differences that matter; cost and break-even; distances; zero-shot at other K.
+    Every scored network's BN statistics are recomputed on the same images (BN_LABEL)."""
+    cfg, m = p.cfg, p.cfg.meta
     torch.manual_seed(cfg.seed)
     ev = _eval_data(cfg)
-    models = [t.model for t in load_teachers(list(cfg.meta.test_teachers), p.student_spec)]
-    states = [{k: v.clone() for k, v in m_.state_dict().items()} for m_ in models]
     gens = {k: load(f"runs:/{rid}/model") for k, rid in run_ids.items() if not k.startswith("kd_")}
-    rows_pool = [tokenise(s, gens["weightformer"].layout) for s in states]
-    scores = [predict_logp(m_, ev.test) for m_ in models]
+    wf = gens["weightformer"]
+    reference = None
+    if m.align != "none":
+        reference = prepare([m.train_teachers[0]], wf).states[0]
+    raw = prepare(list(m.test_teachers), wf)  # as trained (the naive average's input)
+    pool = prepare(list(m.test_teachers), wf, m.align, reference)
+    teachers = [recompute_bn(build_student(p.student_spec, s), ev.bn) for s in raw.states]
+    scores = [predict_logp(t, ev.test) for t in teachers]
     per: dict[str, list[dict[str, float]]] = {}
+    dist: dict[str, list[float]] = {"rel_l2_to_anchor": [], "rel_l2_to_mean": []}
+    split_s: dict[str, list[float]] = {"load_s": [], "generate_bn_s": []}
     to_finetune: list[tuple[torch.nn.Module, float]] = []
     ensembles = test_ensembles(cfg)
     for ens in ensembles:
-        for key, m in _baselines(p, ens, states, scores, ev).items():
-            per.setdefault(key, []).append(m)
+        # what a user pays before generating: loading, aligning and tokenising this ensemble
+        load_s = prepare([m.test_teachers[j] for j in ens], wf, m.align, reference).seconds
+        for key, row in _baselines(p, ens, raw.states, pool.states, scores, ev).items():
+            per.setdefault(key, []).append(row)
         for key, gen in gens.items():
-            student, dt = generate_student(gen, rows_pool, states, ens, ev.subset)
-            per.setdefault(key, []).append(measure(*predict_logp(student, ev.test), dt))
+            student, dt = generate_student(gen, pool.rows, pool.states, ens, ev.bn)
+            per.setdefault(key, []).append(measure(*predict_logp(student, ev.test), load_s + dt))
             if key == "weightformer":
-                to_finetune.append((student, dt))
-    if cfg.meta.finetune_epochs:
-        tuned = finetune(p, [s for s, _ in to_finetune], ensembles, parent_run_id, ev.full_train)
+                to_finetune.append((student, load_s + dt))
+                split_s["load_s"].append(load_s)
+                split_s["generate_bn_s"].append(dt)
+                st = student.state_dict()
+                dist["rel_l2_to_anchor"].append(relative_l2(st, pool.states[ens[0]]))
+                dist["rel_l2_to_mean"].append(relative_l2(st, weight_average([pool.states[j] for j in ens])))
+    if m.finetune_epochs:
+        tuned = finetune(p, [s for s, _ in to_finetune], ensembles, parent_run_id, ev.bn)
         per["weightformer_ft"] = [
             measure(*predict_logp(model, ev.test), dt + seconds)
             for (_, dt), (model, seconds) in zip(to_finetune, tuned, strict=True)
@@ -457,38 +506,122 @@ def evaluate(p: Plan, run_ids: dict[str, str], parent_run_id: str) -> list[Row]:
         for i in range(len(ensembles)):
             rid = run_ids.get(f"{kind}/{i}")
             if rid is not None:
+                model, t_bn = _timed(lambda rid=rid: recompute_bn(load(f"runs:/{rid}/model"), ev.bn))
                 per.setdefault(kind, []).append(
-                    measure(
-                        *predict_logp(load(f"runs:/{rid}/model"), ev.test),
-                        epoch_seconds(client, rid),
-                    )
-                )
-    return [mean_row(k, LABELS[k], per[k]) for k in ORDER if k in per]
+                    measure(*predict_logp(model, ev.test), train_seconds(client, rid) + t_bn))
+    rows = [mean_row(k, LABELS[k], per[k]) for k in ORDER if k in per]
+    by_k = [_at_k(p, wf, pool, raw, scores, ev, k) for k in m.report_k]
+    meta_s = train_seconds(client, run_ids["weightformer"])
+    spent = {k: float(np.mean(v)) for k, v in split_s.items() if v}
+    return Evaluation(rows, differences(rows, m.bootstrap, cfg.seed), {**cost(rows, meta_s), **spent}, dist, by_k)
 
 
-def _baselines(
-    p: Plan, ens: list[int], states, scores, ev: _EvalData
-) -> dict[str, dict[str, float]]:
-    """One ensemble's rows that need no training: its members, its anchor (as is, and
-    with BN plainly recomputed on the subset), the ensemble, the naive weight average."""
-    anchor_bn, t_anchor = _timed(
-        lambda: recompute_bn(build_student(p.student_spec, states[ens[0]]), ev.subset)
-    )
-    avg, t_avg = _timed(
-        lambda: recompute_bn(
-            build_student(p.student_spec, weight_average([states[j] for j in ens])), ev.subset
-        )
-    )
+def differences(rows: list[Row], resamples: int, seed: int) -> list[Difference]:
+    """Paired bootstrap intervals over the held-out ensembles: WeightFormer zero-shot
+    against the anchor, the naive average, KD, the MLP generator; its finetune against
+    KD; every ablation against the full model; and the share of the mean-member to
+    ensemble gap zero-shot closes."""
+    by = {r.key: r for r in rows}
+    out = []
+    pairs = [("weightformer", "anchor"), ("weightformer", "weight_average"), ("weightformer", "aligned_average"),
+             ("weightformer", "mean_teacher"), ("weightformer", "kd_full"), ("weightformer", "kd_subset"),
+             ("weightformer_ft", "kd_full"), ("weightformer", "mlp")]
+    pairs += [(k, "weightformer") for k in VARIANT_OVERRIDES if k != "weightformer"]
+    for a, b in pairs:
+        if a in by and b in by:
+            out.append(paired_bootstrap(by[a].accs, by[b].accs, f"{LABELS[a].strip()} - {LABELS[b].strip()}",
+                                        resamples, seed))
+    if {"weightformer", "mean_teacher", "ensemble"} <= set(by):
+        out.append(gap_closed(by["weightformer"].accs, by["mean_teacher"].accs, by["ensemble"].accs,
+                              "gap closed by zero-shot (fraction of ensemble - mean member)", resamples, seed))
+    return out
+
+
+def cost(rows: list[Row], meta_train_s: float) -> dict[str, float]:
+    """Seconds per network (KD: its training epochs alone; WeightFormer: load + align +
+    tokenise + generate + BN) and after how many ensembles meta-training has paid for
+    itself against full-data KD (inf when KD is not slower)."""
+    by = {r.key: r for r in rows}
+    out = {"meta_train_s": meta_train_s}
+    if "weightformer" in by:
+        out["generate_s"] = by["weightformer"].time_s
+    if "kd_full" in by:
+        out["kd_full_s"] = by["kd_full"].time_s
+        if "weightformer" in by:
+            saving = by["kd_full"].time_s - by["weightformer"].time_s
+            out["speedup"] = by["kd_full"].time_s / max(by["weightformer"].time_s, 1e-9)
+            out["break_even_ensembles"] = math.ceil(meta_train_s / saving) if saving > 0 else math.inf
+    return out
+
+
+def _at_k(p: Plan, gen, pool, raw, scores, ev: _EvalData, k: int) -> dict[str, Any]:
+    """Zero-shot WeightFormer on ``meta.report_k_ensembles`` held-out ensembles of ``k``."""
+    m = p.cfg.meta
+    accs: dict[str, list[float]] = {"mean_teacher": [], "ensemble": [], "weight_average": [], "weightformer": []}
+    for ens in make_ensembles(len(m.test_teachers), k, m.report_k_ensembles, p.cfg.seed + 7 * k):
+        y = scores[ens[0]][1]
+        accs["mean_teacher"].append(float(np.mean([measure(*scores[j])["acc"] for j in ens])))
+        accs["ensemble"].append(measure(metrics.ensemble_logp(torch.stack([scores[j][0] for j in ens])), y)["acc"])
+        avg = recompute_bn(build_student(p.student_spec, weight_average([pool.states[j] for j in ens])), ev.bn)
+        accs["weight_average"].append(measure(*predict_logp(avg, ev.test))["acc"])
+        student, _ = generate_student(gen, pool.rows, pool.states, ens, ev.bn)
+        accs["weightformer"].append(measure(*predict_logp(student, ev.test))["acc"])
+    return {"k": k, "n": len(accs["weightformer"]), **{key: float(np.mean(v)) for key, v in accs.items()}}
+
+
+def _baselines(p: Plan, ens: list[int], raw_states, states, scores, ev: _EvalData) -> dict[str, dict[str, float]]:
+    """One ensemble's rows that need no training: its members, its anchor, the ensemble,
+    the naive weight average (and, with alignment, the average of the aligned teachers)."""
+    def average(sts):
+        return _timed(lambda: recompute_bn(build_student(p.student_spec, weight_average([sts[j] for j in ens])), ev.bn))
+
     y = scores[ens[0]][1]
-    return {
+    avg, t_avg = average(raw_states)
+    out = {
         "mean_teacher": mean_metrics([measure(*scores[j]) for j in ens]),
-        # the anchor as it is: what a generator with a zero correction outputs (generated
-        # students' statistics are re-estimated relative to the anchor's, see recompute_bn)
         "anchor": measure(*scores[ens[0]]),
         "ensemble": measure(metrics.ensemble_logp(torch.stack([scores[j][0] for j in ens])), y),
-        "anchor_bn": measure(*predict_logp(anchor_bn, ev.test), t_anchor),
         "weight_average": measure(*predict_logp(avg, ev.test), t_avg),
     }
+    if p.cfg.meta.align != "none":
+        aligned, t_al = average(states)
+        out["aligned_average"] = measure(*predict_logp(aligned, ev.test), t_al)
+    return out
+
+
+def format_evaluation(cfg: Config, ev: Evaluation) -> str:
+    """What the job prints after training: the table, its legend, the intervals, cost,
+    distances and the other ensemble sizes."""
+    m = cfg.meta
+    bn = "the train split" if m.bn_data == "train" else "the meta-training subset"
+    lines = [f"held-out ensembles: {m.test_ensembles} of K={m.ensemble_size} meta-test teachers "
+             f"({m.num_test_teachers} teachers meta-training never saw), test split; "
+             f"align={m.align}",
+             f"BatchNorm: {BN_LABEL} ({bn}, unaugmented)", "", format_table(ev.rows), "",
+             f"paired bootstrap 95% intervals over held-out ensembles (accuracy points; {m.bootstrap} resamples):"]
+    pts = [d for d in ev.differences if not d.label.startswith("gap")]
+    lines.append(format_differences(pts))
+    lines += [format_differences([d for d in ev.differences if d.label.startswith("gap")], unit="fraction")]
+    c = ev.cost
+    if "kd_full_s" in c:
+        be = c["break_even_ensembles"]
+        lines += ["", f"cost per network: WeightFormer {c['generate_s']:.3f} s (load + align + tokenise "
+                      f"{c.get('load_s', float('nan')):.3f}, generate + BN {c.get('generate_bn_s', float('nan')):.3f}), "
+                      f"KD (full train) {c['kd_full_s']:.2f} s of training: {c['speedup']:.0f}x; "
+                      f"meta-training {c['meta_train_s']:.0f} s pays for itself after "
+                      f"{be if be != math.inf else 'no number of'} ensembles"]
+    if ev.distances["rel_l2_to_anchor"]:
+        a, mn = (np.asarray(ev.distances[k]) for k in ("rel_l2_to_anchor", "rel_l2_to_mean"))
+        lines.append(f"generated students' relative L2 distance (weights, biases, BN affine): to their anchor "
+                     f"{a.mean():.4f} ({a.min():.4f}-{a.max():.4f}), to their teachers' mean {mn.mean():.4f} "
+                     f"({mn.min():.4f}-{mn.max():.4f})")
+    if ev.by_k:
+        lines += ["", "zero-shot at other ensemble sizes (test accuracy %, mean over held-out ensembles):",
+                  f"{'K':>3} {'n':>3} {'mean member':>12} {'ensemble':>9} {'avg':>7} {'WeightFormer':>13}"]
+        for r in ev.by_k:
+            lines.append(f"{r['k']:>3} {r['n']:>3} {100 * r['mean_teacher']:>12.2f} {100 * r['ensemble']:>9.2f} "
+                         f"{100 * r['weight_average']:>7.2f} {100 * r['weightformer']:>13.2f}")
+    return "\n".join(lines)
 
 
 # ---- the whole job ---------------------------------------------------------------------
@@ -500,6 +633,7 @@ class MetaOutcome:
     teachers: list[TeacherRecord]
     generator_version: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    evaluation: Evaluation | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -509,6 +643,7 @@ class MetaOutcome:
             "teachers": [asdict(t) for t in self.teachers],
             "generator_version": self.generator_version,
             "seconds": self.seconds,
+            "evaluation": self.evaluation.to_dict() if self.evaluation else None,
         }
 
 
@@ -538,16 +673,19 @@ def run(cfg: Config, *, train_missing: bool = True) -> MetaOutcome:
             runs, cfg.experiment_name, parent, f"{cfg.resolved_storage_path()}/meta", key[:150]
         )
         t_train = time.perf_counter()
-        rows = evaluate(pl, run_ids, parent)
+        ev = evaluate(pl, run_ids, parent)
         t_eval = time.perf_counter()
         version = register_generator(client, cfg, run_ids["weightformer"], parent)
         log_table(
             client,
             parent,
-            rows,
+            ev.rows,
             f"{cfg.data.name}: meta-test ensembles of K={cfg.meta.ensemble_size}",
             highlight=HIGHLIGHT,
         )
+        client.log_dict(parent, ev.to_dict(), "evaluation.json")
+        client.log_text(parent, format_evaluation(cfg, ev), "evaluation.txt")
+        tracking.log_metrics(client, parent, {k: v for k, v in ev.cost.items() if math.isfinite(v)})
         seconds = {
             "plan_s": t_plan - t_start,
             "train_s": t_train - t_plan,
@@ -555,7 +693,7 @@ def run(cfg: Config, *, train_missing: bool = True) -> MetaOutcome:
             "total_s": time.perf_counter() - t_start,
         }
         tracking.log_metrics(client, parent, seconds)
-    return MetaOutcome(parent, rows, run_ids, pl.teachers, version, seconds)
+    return MetaOutcome(parent, ev.rows, run_ids, pl.teachers, version, seconds, ev)
 
 
 def _split_summary(pl: Plan) -> str:

@@ -8,8 +8,16 @@ Both map an ensemble's per-layer rows to the student's rows::
     out["mask_l1"]                       # scalar, mean |attention-mask bias|
 
 The residual is predicted in units of each segment's RMS over the ensemble (weights,
-bias, BN scale, BN statistics differ in scale by orders of magnitude) and added to the
-base row: teacher 1's (``base="anchor"``) or the teachers' mean (``base="mean"``).
+bias, BN scale, BN statistics differ in scale by orders of magnitude), multiplied by a
+learned per-layer scale (``residual_scale`` at initialisation) and added to the base
+row: teacher 1's (``base="anchor"``), the teachers' mean (``base="mean"``), or a learned
+per-row mix of the teachers' rows (``base="mix"``: softmax weights scored from each
+teacher token's output, uniform at initialisation). ``mean`` and ``mix`` do not depend on
+the teachers' order, so an order-invariant generator can return its base exactly.
+
+``generator(xs, cutoff=[0.0, 0.25])``: view v's token embeddings of a random contiguous
+``cutoff[v]`` fraction of each layer's teacher tokens are zeroed (span cutoff, a view the
+consistency loss compares with the full one); the base always sees every row.
 Rows longer than ``chunk`` are cut into chunks, embedded by one per-layer projection and
 pooled, so no layer needs a projection as wide as its rows.
 """
@@ -63,9 +71,14 @@ def distance_bucket(d: torch.Tensor, buckets: int) -> torch.Tensor:
 class _RowCodec(nn.Module):
     """Per-layer chunked row <-> d_model maps, in segment-RMS units."""
 
-    def __init__(self, layout: Layout, d_model: int, chunk: int, in_mult: int = 1, residual_scale: float = 0.05) -> None:
+    def __init__(self, layout: Layout, d_model: int, chunk: int, in_mult: int = 1, residual_scale: float = 0.05,
+                 out_init: float = 0.02) -> None:
         super().__init__()
-        self.chunk, self.residual_scale = chunk, residual_scale
+        if not residual_scale > 0:
+            raise ConfigError(f"residual_scale must be positive (the correction's initial scale), got {residual_scale}")
+        self.chunk = chunk
+        # the correction's scale, learned per layer (log-parametrised, so it stays positive)
+        self.log_scale = nn.Parameter(torch.full((len(layout.layers),), math.log(residual_scale)))
         self.inp = nn.ModuleList(nn.Linear(chunk * in_mult, d_model) for _ in layout.layers)
         self.out = nn.ModuleList(nn.Linear(d_model, chunk) for _ in layout.layers)
         self.chunk_in = nn.ParameterList(nn.Parameter(torch.randn(num_chunks(ly, chunk), d_model) * 0.02) for ly in layout.layers)
@@ -77,7 +90,13 @@ class _RowCodec(nn.Module):
         for li, ly in enumerate(layout.layers):
             self.register_buffer(f"seg{li}", segment_ids(ly), persistent=False)
         self.n_seg = [len(ly.segments) for ly in layout.layers]
-        for lin in [*self.out, *self.gain]:  # small residual at start: the generator begins near its base
+        # The additive head starts at a transformer's usual std (a correction of about 1% of
+        # each segment's RMS, so every input, the previous layers' included, visibly moves
+        # the output); the multiplicative gain, one very sensitive direction, near zero.
+        for lin in self.out:
+            nn.init.normal_(lin.weight, std=out_init)
+            nn.init.zeros_(lin.bias)
+        for lin in self.gain:
             nn.init.normal_(lin.weight, std=1e-3 / math.sqrt(d_model))
             nn.init.zeros_(lin.bias)
 
@@ -96,11 +115,12 @@ class _RowCodec(nn.Module):
     def decode(self, li: int, h: torch.Tensor, base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Hidden rows h [V, R, d] -> the residual [V, R, L] on ``base`` [V, R, L]:
         base * gain(h) per segment + an additive row in units of the segment RMS ``scale`` [V, L],
-        both damped by ``residual_scale``: a layer-wide gain is one very sensitive direction
-        (it rescales every neuron at once), and undamped it makes SGD diverge in tens of steps."""
+        both times the layer's learned scale (``residual_scale`` at initialisation): a
+        layer-wide gain is one very sensitive direction (it rescales every neuron at once),
+        and undamped it makes SGD diverge in tens of steps."""
         y = self.out[li](h.unsqueeze(-2) + self.chunk_out[li]).flatten(-2)[..., :base.shape[-1]]
         g = self.gain[li](h)[..., self.seg(li)]  # [V, R, L]
-        return self.residual_scale * (base * g + y * scale[:, None, :])
+        return self.log_scale[li].exp() * (base * g + y * scale[:, None, :])
 
     def zero_residual_(self) -> None:
         with torch.no_grad():
@@ -129,32 +149,60 @@ class _Block(nn.Module):
         return h + self.ff(self.ln2(h))
 
 
-def _base(x: torch.Tensor, base: str) -> torch.Tensor:
-    return x[:, 0] if base == "anchor" else x.mean(dim=1)
+BASES = ("anchor", "mean", "mix")
+
+
+def _base(x: torch.Tensor, base: str, mix: torch.Tensor | None = None) -> torch.Tensor:
+    """[V, K, R, L] teachers' rows -> [V, R, L]; ``mix`` [V, K, R]: softmax weights over K."""
+    if base == "anchor":
+        return x[:, 0]
+    if base == "mix" and mix is not None:
+        return (x * mix.unsqueeze(-1)).sum(dim=1)
+    return x.mean(dim=1)
+
+
+def cutoff_keep(v: int, k: int, r: int, cutoff: list[float] | None, device) -> torch.Tensor | None:
+    """[V, K, R] 0/1: per view, a random contiguous span of ``cutoff[v]`` of the K*R
+    teacher tokens zeroed (at least one token when the fraction is positive)."""
+    if not cutoff or not any(c > 0 for c in cutoff):
+        return None
+    keep = torch.ones(v, k * r, device=device)
+    for i, c in enumerate(cutoff):
+        if c > 0:
+            n = max(1, min(k * r - 1, round(c * k * r)))
+            start = int(torch.randint(0, k * r - n + 1, (1,)))
+            keep[i, start:start + n] = 0.0
+    return keep.view(v, k, r)
 
 
 class WeightFormer(nn.Module):
     """The transformer generator (see the module docstring). Switches for ablations:
     ``mask`` (learnable attention-mask bias), ``cross_layer`` ([cross] flow between
-    layers), ``base`` (anchor or mean); shift consistency is a loss (the method's)."""
+    layers), ``base`` (anchor, mean or mix); shift consistency is a loss (the method's).
+    ``mask_init``: std of the mask bias at initialisation (0: all zero)."""
 
     def __init__(self, layout: Layout, *, d_model: int = 64, depth: int = 2, heads: int = 4, max_teachers: int = 8,
                  chunk: int = 256, mask: bool = True, cross_layer: bool = True,
-                 base: Literal["anchor", "mean"] = "anchor", ff_mult: int = 2, dist_buckets: int = 8,
-                 residual_scale: float = 0.05) -> None:
+                 base: Literal["anchor", "mean", "mix"] = "mix", ff_mult: int = 2, dist_buckets: int = 8,
+                 residual_scale: float = 0.05, mask_init: float = 0.0, out_init: float = 0.02) -> None:
         super().__init__()
-        if base not in ("anchor", "mean"):
-            raise ConfigError(f"base must be 'anchor' or 'mean', got {base!r}")
+        if base not in BASES:
+            raise ConfigError(f"base must be one of {', '.join(BASES)}, got {base!r}")
         self.layout, self.max_teachers, self.base = layout, max_teachers, base
         self.use_mask, self.cross_layer, self.dist_buckets = mask, cross_layer, dist_buckets
-        self.codec = _RowCodec(layout, d_model, chunk, residual_scale=residual_scale)
+        self.codec = _RowCodec(layout, d_model, chunk, residual_scale=residual_scale, out_init=out_init)
+        self.mix_score = nn.Linear(d_model, 1) if base == "mix" else None
+        if self.mix_score is not None:  # uniform weights (the mean) at initialisation
+            nn.init.zeros_(self.mix_score.weight)
+            nn.init.zeros_(self.mix_score.bias)
         self.model_id = nn.Embedding(max_teachers + 1, d_model)
         self.pos = nn.Linear(POS_FEATURES, d_model)
         self.layer_emb = nn.Embedding(len(layout.layers), d_model)
         self.cross0 = nn.Parameter(torch.randn(d_model) * 0.02)
         self.cross_proj = nn.Linear(d_model, d_model) if cross_layer else None
         self.blocks = nn.ModuleList(_Block(d_model, heads, ff_mult) for _ in range(depth))
-        self.mask_bias = nn.Parameter(torch.zeros(heads, max_teachers + 1, max_teachers + 1, dist_buckets)) if mask else None
+        self.mask_bias = nn.Parameter(torch.randn(heads, max_teachers + 1, max_teachers + 1, dist_buckets) * mask_init
+                                      ) if mask else None
         self.norm = nn.LayerNorm(d_model)
         self._index_cache: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -174,7 +222,7 @@ class WeightFormer(nn.Module):
             return None
         return self.mask_bias[:, ids[:, None], ids[None, :], buckets]  # [H, N, N]
 
-    def forward(self, xs: list[torch.Tensor]) -> dict[str, Any]:
+    def forward(self, xs: list[torch.Tensor], cutoff: list[float] | None = None) -> dict[str, Any]:
         v, k = xs[0].shape[:2]
         if not 2 <= k <= self.max_teachers:
             raise ConfigError(f"ensemble of {k} teachers; this generator takes 2 to max_teachers={self.max_teachers}")
@@ -185,23 +233,37 @@ class WeightFormer(nn.Module):
             scale = segment_scale(x, self.codec.seg(li), self.codec.n_seg[li])  # [V, L]
             xn = self.codec.chunks(x / scale[:, None, None, :])  # [V, K, R, nc, chunk]
             tok = self.codec.encode(li, xn)  # [V, K, R, d]
+            keep = cutoff_keep(v, k, r, cutoff, x.device)
+            if keep is not None:
+                tok = tok * keep.unsqueeze(-1)
             ids, pos, buckets = self.token_ids(k, r, x.device)
-            tok = (tok + self.model_id(ids[1:]).view(k, r, -1) + self.pos(sinusoid(pos[1:1 + r])) + self.layer_emb.weight[li])
+            # every token also reads the previous layer's [cross] output directly, besides
+            # through attention to the [cross] token: generated layers condition on earlier ones
+            tok = (tok + self.model_id(ids[1:]).view(k, r, -1) + self.pos(sinusoid(pos[1:1 + r])) + self.layer_emb.weight[li]
+                   + cross_in[:, None, None, :])
             h = torch.cat([cross_in.unsqueeze(1), tok.reshape(v, k * r, -1)], dim=1)
             cross_inputs.append(cross_in)
             bias = self.attention_bias(ids, buckets)
             for blk in self.blocks:
                 h = blk(h, bias)
             h = self.norm(h)
-            pooled = h[:, 1:].reshape(v, k, r, -1).mean(dim=1)  # [V, R, d]
-            base = _base(x, self.base)
+            th = h[:, 1:].reshape(v, k, r, -1)
+            pooled = th.mean(dim=1)  # [V, R, d]
+            mix = self.mix_score(th).squeeze(-1).softmax(dim=1) if self.mix_score is not None else None
+            base = _base(x, self.base, mix)
             rows_out.append(base + self.codec.decode(li, pooled, base, scale))
             cross_in = self.cross_proj(h[:, 0]) if self.cross_proj is not None else self.cross0.expand(v, -1)
         mask_l1 = self.mask_bias.abs().mean() if self.mask_bias is not None else xs[0].new_zeros(())
         return {"rows": rows_out, "cross": cross_inputs, "mask_l1": mask_l1}
 
     def zero_residual_(self) -> None:
+        """Zero correction and, for ``base="mix"``, uniform weights: the output is the base
+        (anchor or mean) exactly."""
         self.codec.zero_residual_()
+        if self.mix_score is not None:
+            with torch.no_grad():
+                self.mix_score.weight.zero_()
+                self.mix_score.bias.zero_()
 
 
 class MLPGenerator(nn.Module):
@@ -209,13 +271,15 @@ class MLPGenerator(nn.Module):
     chunk by chunk) to the student's row r; no attention, no cross-layer flow."""
 
     def __init__(self, layout: Layout, *, ensemble_size: int = 4, hidden: int = 256, chunk: int = 256,
-                 base: Literal["anchor", "mean"] = "anchor", residual_scale: float = 0.05) -> None:
+                 base: Literal["anchor", "mean"] = "mean", residual_scale: float = 0.05) -> None:
         super().__init__()
+        if base not in ("anchor", "mean"):
+            raise ConfigError(f"the MLP generator's base must be 'anchor' or 'mean', got {base!r}")
         self.layout, self.k, self.base = layout, ensemble_size, base
         self.codec = _RowCodec(layout, hidden, chunk, in_mult=ensemble_size, residual_scale=residual_scale)
         self.act = nn.GELU()
 
-    def forward(self, xs: list[torch.Tensor]) -> dict[str, Any]:
+    def forward(self, xs: list[torch.Tensor], cutoff: list[float] | None = None) -> dict[str, Any]:
         v, k = xs[0].shape[:2]
         if k != self.k:
             raise ConfigError(f"ensemble of {k} teachers; this MLP generator was built for exactly {self.k}")
@@ -244,20 +308,20 @@ def _attach_student(gen: nn.Module, student: str, student_kwargs: dict[str, Any]
 def weightformer(num_classes: int, in_chans: int, img_size: int, student: str = "convnet",
                  student_kwargs: dict[str, Any] | None = None, d_model: int = 64, depth: int = 2, heads: int = 4,
                  max_teachers: int = 8, chunk: int = 256, mask: bool = True, cross_layer: bool = True,
-                 base: str = "anchor", ff_mult: int = 2, dist_buckets: int = 8,
-                 residual_scale: float = 0.05) -> WeightFormer:
+                 base: str = "mix", ff_mult: int = 2, dist_buckets: int = 8,
+                 residual_scale: float = 0.05, mask_init: float = 0.0, out_init: float = 0.02) -> WeightFormer:
     """WeightFormer for students ``student(**student_kwargs)`` on this dataset shape."""
     _, layout = student_skeleton(student, student_kwargs, num_classes, in_chans, img_size)
     gen = WeightFormer(layout, d_model=d_model, depth=depth, heads=heads, max_teachers=max_teachers, chunk=chunk,
                        mask=mask, cross_layer=cross_layer, base=base, ff_mult=ff_mult, dist_buckets=dist_buckets,
-                       residual_scale=residual_scale)  # type: ignore[arg-type]
+                       residual_scale=residual_scale, mask_init=mask_init, out_init=out_init)  # type: ignore[arg-type]
     return _attach_student(gen, student, student_kwargs, num_classes, in_chans, img_size)
 
 
 @register_model("mlp_generator")
 def mlp_generator(num_classes: int, in_chans: int, img_size: int, student: str = "convnet",
                   student_kwargs: dict[str, Any] | None = None, ensemble_size: int = 4, hidden: int = 256,
-                  chunk: int = 256, base: str = "anchor", residual_scale: float = 0.05) -> MLPGenerator:
+                  chunk: int = 256, base: str = "mean", residual_scale: float = 0.05) -> MLPGenerator:
     """The MLP generator baseline for the same students (exactly ``ensemble_size`` teachers)."""
     _, layout = student_skeleton(student, student_kwargs, num_classes, in_chans, img_size)
     gen = MLPGenerator(layout, ensemble_size=ensemble_size, hidden=hidden, chunk=chunk, base=base,

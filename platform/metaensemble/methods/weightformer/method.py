@@ -1,13 +1,16 @@
 """WeightFormer meta-training as an engine method.
 
 The engine's "model" is the generator; each training step samples an ensemble of K
-meta-train teachers and a minibatch, generates the student (two views when shift
-consistency is on), runs it with ``functional_call`` and back-propagates
+meta-train teachers (K drawn from ``meta.train_k``) and a minibatch, generates the
+student (with consistency on, also from the teachers cyclically shifted and, with
+``meta.cutoff``, from a view with a span of tokens cut off), runs it with
+``functional_call`` and back-propagates
 
     alpha * T^2 * KL(p_bar || softmax(z_s / T)) + (1 - alpha) * CE
-    + lambda_mask * mean|mask bias| + lambda_shift * MSE(view 1, view 2)
+    + lambda_mask * mean|mask bias| + lambda_shift * mean_v MSE(view 1, view v)
 
-into the generator. Validation (and the engine's final test report) generates a student
+into the generator. With ``meta.align=permutation`` every teacher's hidden units are
+first permuted to match the reference (the first meta-train teacher). Validation (and the engine's final test report) generates a student
 for each meta-validation (meta-test) ensemble, recomputes its BatchNorm statistics on
 the training subset and predicts: the metrics are means over those students.
 """
@@ -28,6 +31,7 @@ from metaensemble.data import DatasetInfo
 from metaensemble.errors import ConfigError, ZooError
 from metaensemble.methods.base import Method
 from metaensemble.methods.kd import LoadedTeacher, ensemble_kd_loss, load_teachers, teacher_logits
+from metaensemble.methods.weightformer.align import align_states
 from metaensemble.methods.weightformer.generator import GENERATORS, segment_scale
 from metaensemble.methods.weightformer.student import (
     assemble,
@@ -56,13 +60,16 @@ def generator_max_teachers(cfg: Config) -> int:
 
 
 class TeacherPool:
-    """One side's teachers: frozen modules, their state dicts and their token rows."""
+    """One side's teachers: frozen modules, their state dicts (aligned to ``reference``
+    when ``align`` is ``permutation``: the same functions) and their token rows."""
 
-    def __init__(self, loaded: list[LoadedTeacher], layout) -> None:
+    def __init__(self, loaded: list[LoadedTeacher], layout, align: str = "none",
+                 reference: dict[str, torch.Tensor] | None = None) -> None:
         self.uris = [t.uri for t in loaded]
         self.hashes = [t.sha256 for t in loaded]
         self.models = [t.model for t in loaded]
-        self.states = [{k: v.detach().clone() for k, v in t.model.state_dict().items()} for t in loaded]
+        states = [{k: v.detach().clone() for k, v in t.model.state_dict().items()} for t in loaded]
+        self.states = align_states(states, reference if reference is not None else states[0], layout, align)
         self.rows = [tokenise(s, layout) for s in self.states]
 
     def __len__(self) -> int:
@@ -106,6 +113,19 @@ class WeightFormerMethod(Method):
         if "student" not in cfg.model.kwargs:
             raise ConfigError("model.kwargs.student must name the student architecture (e.g. convnet)")
         kmax = generator_max_teachers(cfg)
+        lo, hi = m.train_sizes()
+        if cfg.model.name == "mlp_generator" and lo != hi:
+            raise ConfigError(f"the MLP generator takes one ensemble size; meta.train_k={m.train_k} asks for "
+                              f"{lo}..{hi} (leave train_k empty)")
+        if m.train_k and hi > kmax:
+            raise ConfigError(f"meta.train_k={m.train_k} reaches {hi} teachers, more than the generator's "
+                              f"max_teachers={kmax}")
+        if m.align == "permutation":
+            from metaensemble.methods.weightformer.align import chain
+            from metaensemble.methods.weightformer.generator import student_skeleton
+
+            chain(student_skeleton(cfg.model.kwargs["student"], cfg.model.kwargs.get("student_kwargs"),
+                                   10, 1, 8)[1])
         if m.ensemble_size > kmax:
             what = "ensemble_size" if cfg.model.name == "mlp_generator" else "max_teachers"
             raise ConfigError(f"meta.ensemble_size={m.ensemble_size} exceeds the generator's {what}={kmax}; "
@@ -123,9 +143,10 @@ class WeightFormerMethod(Method):
         m = self.cfg.meta
         for side in SIDES:
             n = len(getattr(m, f"{side}_teachers"))
-            if n < m.ensemble_size:
+            need = max(m.ensemble_size, m.train_sizes()[1]) if side == "train" else m.ensemble_size
+            if n < need:
                 raise ZooError(f"meta.{side}_teachers has {n} teachers, fewer than the ensemble size "
-                               f"K={m.ensemble_size}; the zoo needs more teachers (or a smaller K)")
+                               f"K={need}; the zoo needs more teachers (or a smaller K)")
         seen: dict[str, str] = {}
         for side in SIDES:
             for uri in getattr(m, f"{side}_teachers"):
@@ -147,9 +168,11 @@ class WeightFormerMethod(Method):
         m = self.cfg.meta
         self.layout, self.student_spec = gen.layout, gen.student_spec
         self.skeleton = create_model(self.student_spec["arch"], **self.student_spec["kwargs"]).train()
-        for side in SIDES:
+        reference = None
+        for side in SIDES:  # "train" first: its first teacher is the alignment's reference
             self.pools[side] = TeacherPool(load_teachers(list(getattr(m, f"{side}_teachers")), self.student_spec),
-                                           self.layout)
+                                           self.layout, m.align, reference)
+            reference = self.pools["train"].states[0]
         check_disjoint({s: p.hashes for s, p in self.pools.items()})
         self.ensembles = {
             "val": make_ensembles(len(self.pools["val"]), m.ensemble_size, m.val_ensembles, self.cfg.seed),
@@ -162,15 +185,35 @@ class WeightFormerMethod(Method):
         if getattr(self, "_sampler_state", None):
             self.rng.bit_generator.state = self._sampler_state
 
-    def sample_orders(self) -> list[list[int]]:
-        """This step's ensemble (random K meta-train teachers, random order) and, with
-        shift consistency on, the same teachers cyclically shifted by 1..K-1."""
-        k = self.cfg.meta.ensemble_size
+    def sample_orders(self) -> tuple[list[list[int]], list[float]]:
+        """This step's views: the ensemble (K from ``meta.train_k``, random meta-train
+        teachers in random order) and, with consistency on, the same teachers cyclically
+        shifted by 1..K-1 and (with ``meta.cutoff``) the first order again with a span of
+        tokens cut off. Returns the orders and each view's cutoff fraction."""
+        m = self.cfg.meta
+        lo, hi = m.train_sizes()
+        k = int(self.rng.integers(lo, hi + 1))
         order = self.rng.choice(len(self.pools["train"]), size=k, replace=False).tolist()
-        if self.cfg.meta.lambda_shift <= 0:
-            return [order]
+        if m.lambda_shift <= 0:
+            return [order], [0.0]
         s = int(self.rng.integers(1, k))
-        return [order, order[s:] + order[:s]]
+        orders, cut = [order, order[s:] + order[:s]], [0.0, 0.0]
+        if m.cutoff > 0:
+            orders.append(order)
+            cut.append(m.cutoff)
+        return orders, cut
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The default groups, with the attention-mask bias in its own group at
+        ``meta.mask_lr_scale`` times the learning rate (no weight decay: it has its L1)."""
+        groups = super().param_groups(model)
+        mask = getattr(model, "mask_bias", None)
+        if mask is None:
+            return groups
+        from metaensemble.methods.base import without
+
+        return [*without(groups, [mask]),
+                {"params": [mask], "weight_decay": 0.0, "lr_scale": self.cfg.meta.mask_lr_scale}]
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         x, y = batch["x"], batch["y"]
@@ -178,9 +221,9 @@ class WeightFormerMethod(Method):
         if self.skeleton_device() != x.device:
             self.skeleton = self.skeleton.to(x.device)
             pool.models = [t.to(x.device) for t in pool.models]
-        orders = self.sample_orders()
+        orders, cut = self.sample_orders()
         xs = ensemble_input(pool.rows, orders, device=x.device)
-        out = model(xs)
+        out = model(xs, cutoff=cut if any(cut) else None)
         t_logits = teacher_logits([pool.models[i] for i in orders[0]], x)
         anchor = {k: v.to(x.device) for k, v in pool.states[orders[0][0]].items()}
         kd, logits0 = 0.0, None
@@ -190,7 +233,7 @@ class WeightFormerMethod(Method):
             logits0 = z if logits0 is None else logits0
         loss = kd + m.lambda_mask * out["mask_l1"]
         shift = torch.zeros((), device=x.device)
-        if len(orders) == 2:
+        if len(orders) > 1:
             shift = shift_consistency(out["rows"], xs, self.layout)
             loss = loss + m.lambda_shift * shift
         return loss, {"loss": loss.detach(), "correct": (logits0.argmax(1) == y).sum(), "kd": kd.detach(),
@@ -201,9 +244,13 @@ class WeightFormerMethod(Method):
 
     # ---- evaluation ------------------------------------------------------------------
     def bn_loader(self, device):
-        """The training subset, unaugmented, for recomputing generated students' BN stats."""
+        """Where generated students' BN statistics are recomputed (``meta.bn_data``: the
+        train split or the meta-training subset), unaugmented."""
         if self._bn_loader is None or self._bn_loader.device != torch.device(device):
-            splits = data.load(self.cfg.data)
+            dcfg = self.cfg.data
+            if self.cfg.meta.bn_data == "train":
+                dcfg = dcfg.model_copy(update={"train_fraction": 1.0})
+            splits = data.load(dcfg)
             self._bn_loader = make_eval_loader(splits.train, splits.info, self.cfg.data.eval_batch_size, device)
         return self._bn_loader
 
@@ -223,15 +270,15 @@ class WeightFormerMethod(Method):
 
 
 def shift_consistency(rows: list[torch.Tensor], xs: list[torch.Tensor], layout) -> torch.Tensor:
-    """Mean over layers of the MSE between the two views' generated rows, in units of
-    each segment's RMS (so weights and BN statistics count alike)."""
+    """Mean over layers and over views 2..V of the MSE between view 1's generated rows
+    and view v's, in units of each segment's RMS (so weights and BN statistics count alike)."""
     from metaensemble.methods.weightformer.tokens import segment_ids
 
     terms = []
     for r, x, layer in zip(rows, xs, layout.layers, strict=True):
         seg = segment_ids(layer).to(x.device)
         scale = segment_scale(x[:1], seg, len(layer.segments))[0]
-        terms.append(F.mse_loss(r[0] / scale, r[1] / scale))
+        terms += [F.mse_loss(r[0] / scale, r[v] / scale) for v in range(1, r.shape[0])]
     return torch.stack(terms).mean()
 
 

@@ -78,34 +78,17 @@ def _subset_stats(model: nn.Module, loader) -> list[tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def recompute_bn(model: nn.Module, loader, reference: nn.Module | None = None) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics on ``loader``; returns ``model`` in
-    eval mode.
-
-    Without ``reference``: the exact mean/variance over the loader's batches. With
-    ``reference`` (the same architecture, with statistics accumulated over its full
-    training data: the anchor teacher), the loader only measures how far ``model``'s
-    statistics moved from the reference's on the same images, and that shift is applied to
-    the reference's statistics: mean = ref + (m - m_ref), var = ref * v / v_ref. On a
-    subset of ~100 images the plain estimate's sampling error costs a trained digits
-    convnet about 0.3 points; here it cancels, and a network equal to the reference keeps
-    the reference's statistics."""
+def recompute_bn(model: nn.Module, loader) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics over all of ``loader``'s batches
+    with no momentum (PyTorch's cumulative average: the exact mean, and the mean of the
+    batches' unbiased variances); returns ``model`` in eval mode. The one BN procedure of
+    the meta-train table: every network it scores goes through it."""
     bns = _bn_layers(model)
     if not bns:
         return model.eval()
-    new = _subset_stats(model, loader)
-    if reference is None:
-        for m, (mean, var) in zip(bns, new, strict=True):
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-        return model.eval()
-    ref_bns = _bn_layers(reference)
-    if len(ref_bns) != len(bns):
-        raise ValueError(f"reference has {len(ref_bns)} BatchNorm layers, the model {len(bns)}")
-    ref_new = _subset_stats(reference, loader)
-    for m, r, (mean, var), (r_mean, r_var) in zip(bns, ref_bns, new, ref_new, strict=True):
-        m.running_mean.copy_(r.running_mean + (mean - r_mean))
-        m.running_var.copy_(r.running_var * (var / r_var.clamp_min(1e-12)))
+    for m, (mean, var) in zip(bns, _subset_stats(model, loader), strict=True):
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
     return model.eval()
 
 
@@ -113,10 +96,9 @@ def recompute_bn(model: nn.Module, loader, reference: nn.Module | None = None) -
 def generate_student(gen: nn.Module, pool_rows: list[list[torch.Tensor]], pool_states: list[dict[str, torch.Tensor]],
                      order: list[int], bn_loader=None) -> tuple[nn.Module, float]:
     """One eval-mode generation for the ensemble ``order`` (indices into the pool; the
-    first is the anchor), BN statistics re-estimated on ``bn_loader`` relative to the
-    anchor's (``recompute_bn`` with the anchor as reference: a zero correction gives the
-    anchor itself). Returns the student and the wall time in seconds (generation +
-    assembly + BN re-estimation)."""
+    first is the anchor, whose integer buffers the student takes), BN statistics
+    recomputed on ``bn_loader``. Returns the student and the wall time in seconds
+    (generation + assembly + BN pass)."""
     t0 = time.perf_counter()
     dev = next(gen.parameters()).device
     was = gen.training
@@ -128,9 +110,18 @@ def generate_student(gen: nn.Module, pool_rows: list[list[torch.Tensor]], pool_s
     anchor = {k: v.to(dev) for k, v in pool_states[order[0]].items()}
     student = build_student(gen.student_spec, assemble(out["rows"], gen.layout, anchor)).to(dev)
     if bn_loader is not None:
-        recompute_bn(student, bn_loader, reference=build_student(gen.student_spec, pool_states[order[0]]).to(dev))
+        recompute_bn(student, bn_loader)
     student.eval()
     return student, time.perf_counter() - t0
+
+
+def relative_l2(state: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """||state - ref|| / ||ref|| over the learned tensors (weights, biases, BN affine;
+    not BN running statistics or integer buffers)."""
+    keys = [k for k, v in ref.items() if v.is_floating_point() and "running_" not in k]
+    num = sum(float((state[k].float() - ref[k].float()).pow(2).sum()) for k in keys)
+    den = sum(float(ref[k].float().pow(2).sum()) for k in keys)
+    return (num / max(den, 1e-30)) ** 0.5
 
 
 def weight_average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,214 @@
+"""Using a meta-trained generator: one student for a given ensemble, in one call.
+
+    out = generate("models:/weightformer.digits.convnet/3",
+                   ["models:/teacher.digits.convnet/40", ...])   # 2..max_teachers teachers
+    out.student, out.seconds, out.metrics          # the network, what it cost, test scores
+    out.version                                    # student.digits.convnet.weightformer/<v>
+
+The generator's own run config says how its inputs were prepared (``meta.align`` and the
+alignment's reference, its first meta-train teacher), where BatchNorm statistics are
+recomputed (``meta.bn_data``) and on which data split; the student is registered as
+``student.<dataset>.<arch>.weightformer``, tagged with the ensemble's teachers and the
+generator.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from metaensemble import data, tracking
+from metaensemble.config import Config, load_config
+from metaensemble.errors import ConfigError
+from metaensemble.methods.kd import load_teachers
+from metaensemble.methods.weightformer.align import align_states
+from metaensemble.methods.weightformer.student import (
+    build_student,
+    generate_student,
+    recompute_bn,
+    relative_l2,
+)
+from metaensemble.methods.weightformer.tokens import tokenise
+
+
+@dataclass
+class Prepared:
+    """An ensemble ready for a generator: the aligned state dicts and their token rows."""
+
+    uris: list[str]
+    states: list[dict[str, torch.Tensor]]
+    rows: list[list[torch.Tensor]]
+    seconds: float
+    """Loading the checkpoints, aligning and tokenising."""
+
+
+def prepare(uris: list[str], gen: nn.Module, align: str = "none",
+            reference: dict[str, torch.Tensor] | None = None) -> Prepared:
+    """Load ``uris`` (checked against the generator's student architecture), align them
+    to ``reference`` when ``align`` is ``permutation``, and tokenise them."""
+    t0 = time.perf_counter()
+    loaded = load_teachers(list(uris), gen.student_spec)
+    states = [{k: v.detach().clone() for k, v in t.model.state_dict().items()} for t in loaded]
+    states = align_states(states, reference if reference is not None else states[0], gen.layout, align)
+    rows = [tokenise(s, gen.layout) for s in states]
+    return Prepared(list(uris), states, rows, time.perf_counter() - t0)
+
+
+def run_id_of(uri: str, client) -> str:
+    """The MLflow run behind a ``runs:/<id>/...`` or ``models:/<name>/<version>`` URI."""
+    if uri.startswith("runs:/"):
+        return uri[len("runs:/"):].split("/")[0]
+    if uri.startswith("models:/"):
+        name, _, version = uri[len("models:/"):].rpartition("/")
+        if not name or not version.isdigit():
+            raise ConfigError(f"generator URI {uri!r}: expected models:/<name>/<version>")
+        return client.get_model_version(name, version).run_id
+    raise ConfigError(f"generator {uri!r}: give a registered version (models:/weightformer.<dataset>.<arch>/<v>) "
+                      f"or a run's model (runs:/<run id>/model); the generator's run config is needed")
+
+
+def generator_config(uri: str, client) -> Config:
+    """The run config the generator was meta-trained with."""
+    run_id = run_id_of(uri, client)
+    with tempfile.TemporaryDirectory() as d:
+        path = client.download_artifacts(run_id, "config.yaml", d)
+        return load_config(path)
+
+
+@dataclass
+class Generated:
+    student: nn.Module
+    seconds: dict[str, float]
+    """load_tokenise_s, generate_bn_s (generation + assembly + BN pass), total_s."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    distances: dict[str, float] = field(default_factory=dict)
+    """Relative L2 of the student to its anchor and to the teachers' mean."""
+    run_id: str | None = None
+    version: str | None = None
+
+
+def generate(generator: str, teachers: list[str], *, evaluate: bool = True, register: bool = True,
+             experiment: str | None = None) -> Generated:
+    """Generate the student of the ensemble ``teachers`` (teacher URIs; the first is the
+    anchor) with the generator at ``generator``; BN statistics recomputed as the
+    generator's config says; scored on the test split (``evaluate``) and registered as
+    ``student.<dataset>.<arch>.weightformer`` (``register``, in experiment
+    ``<dataset>/generate``). Bad input fails before anything is written."""
+    from metaensemble.evaluation import measure
+    from metaensemble.methods.base import predict_logp
+    from metaensemble.methods.weightformer.experiment import BN_LABEL
+    from metaensemble.models import load
+
+    client = tracking.client(tracking.ensure_tracking())
+    cfg = generator_config(generator, client)
+    gen = load(generator).eval()
+    kmax = getattr(gen, "max_teachers", getattr(gen, "k", None))
+    if len(set(teachers)) != len(teachers):
+        raise ConfigError(f"the ensemble lists a teacher twice: {teachers}")
+    lo = 2 if hasattr(gen, "max_teachers") else kmax
+    if not lo <= len(teachers) <= kmax:
+        raise ConfigError(f"this generator takes {lo}..{kmax} teachers; got {len(teachers)}")
+    reference = None
+    if cfg.meta.align != "none":
+        reference = prepare([cfg.meta.train_teachers[0]], gen).states[0]
+    prep = prepare(teachers, gen, cfg.meta.align, reference)  # checks every checkpoint's architecture
+    bn_cfg = cfg.data.model_copy(update={"train_fraction": 1.0}) if cfg.meta.bn_data == "train" else cfg.data
+    splits = data.load(bn_cfg)
+    bn = data.eval_loader(splits.train, splits.info, cfg.data.eval_batch_size, "cpu")
+    order = list(range(len(teachers)))
+    student, t_gen = generate_student(gen, prep.rows, prep.states, order, bn)
+    out = Generated(student, {"load_tokenise_s": prep.seconds, "generate_bn_s": t_gen,
+                              "total_s": prep.seconds + t_gen})
+    from metaensemble.methods.weightformer.student import weight_average
+
+    st = student.state_dict()
+    out.distances = {"rel_l2_to_anchor": relative_l2(st, prep.states[0]),
+                     "rel_l2_to_mean": relative_l2(st, weight_average(prep.states))}
+    if evaluate:
+        full = data.load(cfg.data.model_copy(update={"train_fraction": 1.0}))
+        test = data.eval_loader(full.test, full.info, cfg.data.eval_batch_size, "cpu")
+        out.metrics = measure(*predict_logp(student, test), out.seconds["total_s"])
+        members = [measure(*predict_logp(recompute_bn(build_student(gen.student_spec, s), bn), test))
+                   for s in prep.states]
+        out.metrics["mean_member_acc"] = sum(m["acc"] for m in members) / len(members)
+    if register:
+        out.run_id, out.version = _register(client, cfg, generator, teachers, student, out, experiment, BN_LABEL)
+    return out
+
+
+def _register(client, cfg: Config, generator: str, teachers: list[str], student: nn.Module, out: Generated,
+              experiment: str | None, bn_label: str) -> tuple[str, str]:
+    from metaensemble.models import save_model
+
+    arch = student.me_spec["arch"] if hasattr(student, "me_spec") else cfg.model.kwargs["student"]
+    exp = experiment or f"{cfg.data.name}/generate"
+    exp_id = tracking.experiment_id(client, exp)
+    run = client.create_run(exp_id, run_name=f"generate-{len(teachers)}", tags={
+        "metaensemble.generator": generator, "metaensemble.teachers": ",".join(teachers)})
+    rid = run.info.run_id
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            save_model(student, Path(d) / "model", dataset=cfg.data.name)
+            client.log_artifacts(rid, str(Path(d) / "model"), "model")
+        tracking.log_metrics(client, rid, {**{f"test_{k}": v for k, v in out.metrics.items()}, **out.seconds,
+                                           **out.distances})
+        client.set_tag(rid, "bn_procedure", bn_label)
+        mv = tracking.register_model(
+            client, f"student.{cfg.data.name}.{arch}.weightformer", rid,
+            tags={"generator": generator, "teachers": ",".join(teachers), "ensemble_size": len(teachers),
+                  **({"test_acc": round(out.metrics["acc"], 6)} if out.metrics else {})},
+            description=f"Students generated by WeightFormer for {cfg.data.name} / {arch} ensembles.")
+        client.set_terminated(rid)
+    except BaseException:
+        client.set_terminated(rid, "FAILED")
+        raise
+    return rid, str(mv.version)
+
+
+def describe(out: Generated, teachers: list[str]) -> str:
+    lines = [f"ensemble of {len(teachers)}: {', '.join(teachers)}"]
+    if out.metrics:
+        lines.append(f"generated student: test ACC {100 * out.metrics['acc']:.2f}, NLL {out.metrics['nll']:.4f}, "
+                     f"ECE {out.metrics['ece']:.4f} (its teachers' mean {100 * out.metrics['mean_member_acc']:.2f})")
+    lines.append(f"cost: {out.seconds['total_s']:.3f} s (load + align + tokenise {out.seconds['load_tokenise_s']:.3f}, "
+                 f"generate + BN {out.seconds['generate_bn_s']:.3f})")
+    lines.append(f"relative L2 distance: to its anchor {out.distances['rel_l2_to_anchor']:.4f}, "
+                 f"to the teachers' mean {out.distances['rel_l2_to_mean']:.4f}")
+    if out.version:
+        lines.append(f"registered as version {out.version} (run {out.run_id})")
+    return "\n".join(lines)
+
+
+def as_dict(out: Generated) -> dict[str, Any]:
+    return {"seconds": out.seconds, "metrics": out.metrics, "distances": out.distances, "run_id": out.run_id,
+            "version": out.version}
+
+
+def resolve_generator(spec: str | None, dataset: str, arch: str) -> str:
+    """A version number, a URI, or None (the newest version of ``weightformer.<dataset>.<arch>``)."""
+    name = f"weightformer.{dataset}.{arch}"
+    if spec and ":/" in spec:
+        return spec
+    if spec is not None and not spec.isdigit():
+        raise ConfigError(f"--generator {spec!r}: give a version of {name} or a models:/ or runs:/ URI")
+    if spec is None:
+        client = tracking.client(tracking.ensure_tracking())
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise ConfigError(f"no generator is registered as {name}; run jobs/meta_train.py first "
+                              f"(or pass --generator runs:/<run id>/model)")
+        spec = str(max(int(v.version) for v in versions))
+    return f"models:/{name}/{spec}"
+
+
+def resolve_teachers(specs: list[str], dataset: str, arch: str) -> list[str]:
+    """Zoo versions (``40``) become ``models:/teacher.<dataset>.<arch>/40``; URIs and folders stay."""
+    from metaensemble.tracking.zoo import registered_name
+
+    return [f"models:/{registered_name(dataset, arch)}/{s}" if s.isdigit() else s for s in specs]
