@@ -57,8 +57,11 @@ def targets(ev) -> list[dict]:
         out.append({"target": "WeightFormer + 1 epoch finetune at or above the full-data KD student (ACC)",
                     "measured": _fmt(ft) + " points", "met": ft.mean >= 0})
     for key in ("no_mask", "no_shift", "no_cross", "base_mean", "base_anchor", "mlp"):
-        d = next((x for x in ev.differences if x.label.startswith(rows[key].label.strip() + " - ")
-                  and x.label.endswith("WeightFormer zero-shot")), None) if key in rows else None
+        if key not in rows:
+            continue
+        name = rows[key].label.strip()
+        d = next((x for x in ev.differences if x.label in (f"{name} - WeightFormer zero-shot",
+                                                           f"WeightFormer zero-shot - {name}")), None)
         if d:
             out.append({"target": f"{rows[key].label.strip()} differs from the full model by more than its interval",
                         "measured": _fmt(d) + " points", "met": d.excludes_zero})

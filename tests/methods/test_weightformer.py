@@ -400,7 +400,10 @@ def test_make_ensembles_are_distinct_and_in_range():
     assert len(e) == 4 and len({tuple(x) for x in e}) == 4  # only the 4 anchors of one combination exist
     e = make_ensembles(8, 3, 20, 1)
     assert len({tuple(x) for x in e}) == 20 and all(len(set(x)) == 3 and max(x) < 8 for x in e)
+    assert len({frozenset(x) for x in e}) == 20  # distinct combinations while C(8, 3) = 56 last
     assert make_ensembles(8, 3, 20, 1) == e
+    e = make_ensembles(5, 4, 8, 0)  # 5 combinations: then further anchors of the same ones
+    assert len({tuple(x) for x in e}) == 8 and len({frozenset(x) for x in e[:5]}) == 5
 
 
 def test_bn_recompute_is_the_exact_statistics_of_the_loader():

@@ -47,8 +47,9 @@ class MetaConfig(Section):
     mask_lr_scale: float = Field(1.0, gt=0.0)
     """The attention-mask bias's learning rate relative to optim.lr."""
     bn_data: Literal["train", "subset"] = "train"
-    """Where every evaluated network's BatchNorm statistics are recomputed (exactly, no
-    augmentation): the whole train split or the meta-training subset."""
+    """Where every evaluated network's BatchNorm statistics are recomputed (no augmentation,
+    no momentum: PyTorch's cumulative average over the batches): the whole train split or
+    the meta-training subset."""
     ablations: list[Literal["no_mask", "no_shift", "no_cross", "base_mean", "base_anchor", "mlp"]] = Field(
         default_factory=lambda: ["no_mask", "no_shift", "no_cross", "base_mean", "mlp"])
     mlp_hidden: int = Field(256, gt=0)

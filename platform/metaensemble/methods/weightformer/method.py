@@ -10,9 +10,10 @@ student (with consistency on, also from the teachers cyclically shifted and, wit
     + lambda_mask * mean|mask bias| + lambda_shift * mean_v MSE(view 1, view v)
 
 into the generator. With ``meta.align=permutation`` every teacher's hidden units are
-first permuted to match the reference (the first meta-train teacher). Validation (and the engine's final test report) generates a student
-for each meta-validation (meta-test) ensemble, recomputes its BatchNorm statistics on
-the training subset and predicts: the metrics are means over those students.
+first permuted to match the reference (the first meta-train teacher). Validation (and
+the engine's final test report) generates a student for each meta-validation
+(meta-test) ensemble, recomputes its BatchNorm statistics on ``meta.bn_data`` and
+predicts: the metrics are means over those students.
 """
 
 from __future__ import annotations
@@ -120,6 +121,10 @@ class WeightFormerMethod(Method):
         if m.train_k and hi > kmax:
             raise ConfigError(f"meta.train_k={m.train_k} reaches {hi} teachers, more than the generator's "
                               f"max_teachers={kmax}")
+        too_big = [k for k in m.report_k if k > kmax or (cfg.model.name == "mlp_generator" and k != kmax)]
+        if too_big:
+            raise ConfigError(f"meta.report_k={m.report_k} asks for K={too_big}, which this generator cannot take "
+                              f"(it takes {'exactly ' + str(kmax) if cfg.model.name == 'mlp_generator' else f'2..{kmax}'})")
         if m.align == "permutation":
             from metaensemble.methods.weightformer.align import chain
             from metaensemble.methods.weightformer.generator import student_skeleton

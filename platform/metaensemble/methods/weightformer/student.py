@@ -133,23 +133,26 @@ def weight_average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
 
 
 def make_ensembles(n: int, k: int, count: int, seed: int) -> list[list[int]]:
-    """``count`` distinct ordered ensembles of ``k`` out of ``n`` teachers (the first is the
-    anchor): a combination and which member leads. Fewer when fewer exist."""
+    """``count`` ordered ensembles of ``k`` out of ``n`` teachers (the first is the anchor):
+    distinct combinations, each with a random member leading; only when ``count`` exceeds
+    the C(n, k) combinations do further anchors of the same combinations follow. Fewer
+    when fewer (combination, anchor) pairs exist."""
     if n < k:
         raise ValueError(f"{n} teachers cannot form an ensemble of {k}")
-    total = math.comb(n, k) * k
     rng = np.random.default_rng([seed, n, k])
-    if total <= max(count, 2000):
-        cands = [list(c[r:] + c[:r]) for c in itertools.combinations(range(n), k) for r in range(k)]
-        pick = rng.permutation(len(cands))[:count]
-        return [cands[i] for i in pick]
+    n_comb = math.comb(n, k)
+    if n_comb <= max(count, 2000):
+        combos = [list(c) for c in itertools.combinations(range(n), k)]
+        combos = [combos[i] for i in rng.permutation(n_comb)]
+        lead = [rng.permutation(k).tolist() for _ in combos]  # each combination's anchors, in draw order
+        out = [c[r:] + c[:r] for rnd in range(k) for c, ls in zip(combos, lead, strict=True) for r in [ls[rnd]]]
+        return out[:count]
     out: list[list[int]] = []
     seen = set()
     while len(out) < count:
-        c = sorted(rng.choice(n, size=k, replace=False).tolist())
-        r = int(rng.integers(k))
-        t = tuple(c[r:] + c[:r])
-        if t not in seen:
-            seen.add(t)
-            out.append(list(t))
+        c = tuple(sorted(rng.choice(n, size=k, replace=False).tolist()))
+        if c not in seen:
+            seen.add(c)
+            r = int(rng.integers(k))
+            out.append(list(c[r:] + c[:r]))
     return out

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from mlflow.exceptions import MlflowException
 
 from metaensemble import data, tracking
 from metaensemble.config import Config, load_config
@@ -54,6 +55,11 @@ def prepare(uris: list[str], gen: nn.Module, align: str = "none",
     to ``reference`` when ``align`` is ``permutation``, and tokenise them."""
     t0 = time.perf_counter()
     loaded = load_teachers(list(uris), gen.student_spec)
+    seen: dict[str, str] = {}
+    for t in loaded:  # one checkpoint under two names is still one teacher
+        if t.sha256 in seen:
+            raise ConfigError(f"the ensemble lists one checkpoint twice: {seen[t.sha256]} and {t.uri}")
+        seen[t.sha256] = t.uri
     states = [{k: v.detach().clone() for k, v in t.model.state_dict().items()} for t in loaded]
     states = align_states(states, reference if reference is not None else states[0], gen.layout, align)
     rows = [tokenise(s, gen.layout) for s in states]
@@ -68,7 +74,10 @@ def run_id_of(uri: str, client) -> str:
         name, _, version = uri[len("models:/"):].rpartition("/")
         if not name or not version.isdigit():
             raise ConfigError(f"generator URI {uri!r}: expected models:/<name>/<version>")
-        return client.get_model_version(name, version).run_id
+        try:
+            return client.get_model_version(name, version).run_id
+        except MlflowException:
+            raise ConfigError(f"generator {uri}: no such registered version") from None
     raise ConfigError(f"generator {uri!r}: give a registered version (models:/weightformer.<dataset>.<arch>/<v>) "
                       f"or a run's model (runs:/<run id>/model); the generator's run config is needed")
 
@@ -77,8 +86,16 @@ def generator_config(uri: str, client) -> Config:
     """The run config the generator was meta-trained with."""
     run_id = run_id_of(uri, client)
     with tempfile.TemporaryDirectory() as d:
-        path = client.download_artifacts(run_id, "config.yaml", d)
-        return load_config(path)
+        try:
+            path = client.download_artifacts(run_id, "config.yaml", d)
+        except MlflowException:
+            raise ConfigError(f"generator {uri}: its run {run_id} has no config.yaml; give a generator that "
+                              f"jobs/meta_train.py trained") from None
+        cfg = load_config(path)
+    if cfg.method != "weightformer" or cfg.model.name not in ("weightformer", "mlp_generator"):
+        raise ConfigError(f"{uri} is not a parameter generator (its run trained method {cfg.method!r}, "
+                          f"model {cfg.model.name!r}); give a weightformer.<dataset>.<arch> version")
+    return cfg
 
 
 @dataclass
@@ -109,8 +126,6 @@ def generate(generator: str, teachers: list[str], *, evaluate: bool = True, regi
     cfg = generator_config(generator, client)
     gen = load(generator).eval()
     kmax = getattr(gen, "max_teachers", getattr(gen, "k", None))
-    if len(set(teachers)) != len(teachers):
-        raise ConfigError(f"the ensemble lists a teacher twice: {teachers}")
     lo = 2 if hasattr(gen, "max_teachers") else kmax
     if not lo <= len(teachers) <= kmax:
         raise ConfigError(f"this generator takes {lo}..{kmax} teachers; got {len(teachers)}")
