@@ -395,6 +395,21 @@ def test_bad_teacher_inputs_are_refused_with_clear_errors(tmp_path):
         m.build_model(__import__("metaensemble.data", fromlist=["load"]).load(m.cfg.data).info)
 
 
+def test_the_default_config_and_every_run_it_starts_validate():
+    """The main job validates the generator of every variant it will train (the MLP's own
+    K, its report_k) before any work, so none fails after the zoo has been trained."""
+    from metaensemble.methods.weightformer import experiment
+
+    cfg = load_config("configs/meta/digits.yaml")
+    experiment.validate(cfg)
+    variants = experiment.variant_configs(cfg)
+    assert set(variants) == {"weightformer", *cfg.meta.ablations}
+    assert variants["mlp"].meta.report_k == [] and variants["mlp"].meta.train_k == []
+    # what the variant check catches: an MLP generator asked for more than its one K
+    with pytest.raises(ConfigError, match="cannot take"):
+        experiment._GeneratorOnly(variants["mlp"].with_overrides({"meta.report_k": [2, 3]})).validate()
+
+
 def test_make_ensembles_are_distinct_and_in_range():
     e = make_ensembles(4, 4, 10, 0)
     assert len(e) == 4 and len({tuple(x) for x in e}) == 4  # only the 4 anchors of one combination exist

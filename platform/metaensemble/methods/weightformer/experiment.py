@@ -127,6 +127,8 @@ def validate(cfg: Config) -> Config:
     if cfg.method != "weightformer":
         raise ConfigError(f"the meta-train job runs method weightformer, got method={cfg.method!r}")
     engine.validate(cfg, _GeneratorOnly(cfg))
+    for variant in variant_configs(cfg).values():  # every generator run the job will start
+        _GeneratorOnly(variant).validate()
     m = cfg.meta
     n_train = m.zoo_size - m.num_val_teachers - m.num_test_teachers
     if n_train < m.ensemble_size:
@@ -254,9 +256,10 @@ def split_sides(n: int, n_val: int, n_test: int, seed: int) -> list[str]:
 
 
 # ---- 2. train --------------------------------------------------------------------------
-def variant_configs(p: Plan) -> dict[str, Config]:
-    """The generator runs: WeightFormer and each of ``meta.ablations``."""
-    cfg = p.cfg
+def variant_configs(p: Plan | Config) -> dict[str, Config]:
+    """The generator runs: WeightFormer and each of ``meta.ablations`` (of a plan's config,
+    or of a config before its teachers are known, for validation)."""
+    cfg = p.cfg if isinstance(p, Plan) else p
     out = {"weightformer": cfg}
     for name in cfg.meta.ablations:
         if name == "mlp":
@@ -278,6 +281,7 @@ def variant_configs(p: Plan) -> dict[str, Config]:
                         "base": "anchor" if cfg.model.kwargs.get("base") == "anchor" else "mean",
                     },
                     "meta.train_k": [],
+                    "meta.report_k": [],  # K = 2..8 is reported for WeightFormer only
                 }
             )
         else:
