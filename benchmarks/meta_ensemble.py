@@ -3,13 +3,18 @@ checked against what was measured (met or not), with paired bootstrap intervals.
 
     python benchmarks/meta_ensemble.py                    # the embedded default (digits, K=4)
     python benchmarks/meta_ensemble.py --align-study      # + independent inits, align none vs permutation
+    python benchmarks/meta_ensemble.py --seeds 1 2        # + repeats with other seeds (generators only)
     python benchmarks/meta_ensemble.py train.epochs=8     # any config override
 
 The default run is the main job itself (runs already finished in MLflow are reused, not
 retrained). ``--align-study`` also meta-trains WeightFormer (no ablations, no KD) on the
 same recipe from independent initial weights (configs/teachers/digits_meta_indep.yaml),
 once with ``meta.align=none`` and once with ``meta.align=permutation``, and reports its
-zero-shot rows against the same baselines. Writes benchmarks/results/meta_ensemble.{json,md}.
+zero-shot rows against the same baselines. ``--seeds`` repeats the experiment with other
+seeds (another split of the same zoo, other held-out ensembles, another generator
+initialisation and sampling; no KD or finetuning) and reports each difference per seed
+with its mean and standard deviation over the seeds: how much of a row's difference is
+training noise. Writes benchmarks/results/meta_ensemble.{json,md}.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -79,6 +85,7 @@ def _run(cfg):
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--align-study", action="store_true")
+    p.add_argument("--seeds", type=int, nargs="*", default=[], help="extra seeds (the default run is seed 0)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     from metaensemble.config import load_config
@@ -100,6 +107,30 @@ def main(argv: list[str]) -> int:
           f"{out.seconds['eval_s']:.0f} s; runs already finished in MLflow are reused, not retrained).",
           "", "```", text, "```", "", "| target | measured | met |", "|---|---|---|"]
     md += [f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else 'no'} |" for c in checks]
+    if args.seeds:
+        per_seed = {cfg.seed: {d.label: d for d in ev.differences}}
+        for seed in args.seeds:
+            c2 = load_config("configs/meta/digits.yaml", [
+                *args.overrides, f"seed={seed}", "meta.kd_ensembles=0", "meta.finetune_epochs=0", "meta.report_k=[]"])
+            o2, w2 = _run(c2)
+            per_seed[seed] = {d.label: d for d in o2.evaluation.differences}
+            result.setdefault("seeds", []).append({"seed": seed, "wall_s": w2, "evaluation": o2.evaluation.to_dict()})
+        seeds = list(per_seed)
+        labels = [lab for lab in per_seed[seeds[-1]] if all(lab in per_seed[s_] for s_ in seeds)]
+        md += ["", "## Repeats over seeds", "",
+               f"Seeds {seeds}: each a new split of the same 64-teacher zoo, new held-out ensembles and a new "
+               "generator initialisation and sampling (the extra seeds train no KD or finetune). Each cell: the "
+               "difference in accuracy points (or the fraction of the gap) with its paired bootstrap interval over "
+               "that seed's 30 held-out ensembles; last column: mean and standard deviation over the seeds.", "",
+               "| difference | " + " | ".join(f"seed {s_}" for s_ in seeds) + " | mean +- sd |",
+               "|---|" + "---|" * (len(seeds) + 1)]
+        for lab in labels:
+            sc = 1.0 if lab.startswith("gap") else 100.0
+            vals = [sc * per_seed[s_][lab].mean for s_ in seeds]
+            cells = [f"{sc * per_seed[s_][lab].mean:+.2f} [{sc * per_seed[s_][lab].lo:+.2f}, "
+                     f"{sc * per_seed[s_][lab].hi:+.2f}]" for s_ in seeds]
+            md.append(f"| {lab} | " + " | ".join(cells) + f" | {statistics.mean(vals):+.2f} +- "
+                      f"{statistics.stdev(vals):.2f} |")
     if args.align_study:
         md += ["", "## Independent initialisations: meta.align none vs permutation", "",
                "The same recipe from independent initial weights (configs/teachers/digits_meta_indep.yaml), "

@@ -1,8 +1,8 @@
 """Generate one student for a given ensemble with a meta-trained WeightFormer generator.
 
-    python jobs/generate.py --teachers 40 41 44 46              # zoo versions of teacher.digits.convnet
+    python jobs/generate.py --generator 1 --teachers 37 31 2 4  # zoo versions of teacher.digits.convnet
     python jobs/generate.py --generator 2 --teachers models:/teacher.digits.convnet/40 runs:/<id>/model
-    python jobs/generate.py --teachers 40 41 --no-register
+    python jobs/generate.py --generator 1 --teachers 37 31 --no-register
 
 The generator is a version of the registered ``weightformer.<dataset>.<arch>`` (default:
 its newest) or a ``models:/`` / ``runs:/`` URI. Teachers are zoo versions of
