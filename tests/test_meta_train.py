@@ -253,6 +253,8 @@ def _job(args, mlflow_uri, tmp_path):
      "data.batch_size=128 exceeds each worker's share of the training subset"),
     (["model.kwargs.student_kwargs={width: 8}"], "teachers must have the student's architecture"),
     (["data.val_fraction=0.1"], "set data.val_fraction/test_fraction/split_seed to the teachers' values"),
+    (["model.kwargs.max_teachers=4", "meta.train_k=[2, 4]"],
+     "meta.report_k=[2, 3, 4, 5, 6, 7, 8] asks for K=[5, 6, 7, 8], which this generator cannot take (it takes 2..4)"),
     (["meta.ensemble_size=2", "meta.train_k=[]", "model.name=mlp_generator",
       "model.kwargs={student: convnet, ensemble_size: 3}"],
      "the MLP generator takes exactly model.kwargs.ensemble_size=3 teachers, but meta.ensemble_size=2"),

@@ -121,10 +121,6 @@ class WeightFormerMethod(Method):
         if m.train_k and hi > kmax:
             raise ConfigError(f"meta.train_k={m.train_k} reaches {hi} teachers, more than the generator's "
                               f"max_teachers={kmax}")
-        too_big = [k for k in m.report_k if k > kmax or (cfg.model.name == "mlp_generator" and k != kmax)]
-        if too_big:
-            raise ConfigError(f"meta.report_k={m.report_k} asks for K={too_big}, which this generator cannot take "
-                              f"(it takes {'exactly ' + str(kmax) if cfg.model.name == 'mlp_generator' else f'2..{kmax}'})")
         if m.align == "permutation":
             from metaensemble.methods.weightformer.align import chain
             from metaensemble.methods.weightformer.generator import student_skeleton
@@ -138,6 +134,10 @@ class WeightFormerMethod(Method):
         if cfg.model.name == "mlp_generator" and m.ensemble_size != kmax:
             raise ConfigError(f"the MLP generator takes exactly model.kwargs.ensemble_size={kmax} teachers, "
                               f"but meta.ensemble_size={m.ensemble_size}")
+        too_big = [k for k in m.report_k if k > kmax or (cfg.model.name == "mlp_generator" and k != kmax)]
+        if too_big:
+            raise ConfigError(f"meta.report_k={m.report_k} asks for K={too_big}, which this generator cannot take "
+                              f"(it takes {'exactly ' + str(kmax) if cfg.model.name == 'mlp_generator' else f'2..{kmax}'})")
         unknown = set(cfg.model.kwargs) - set(model_kwargs(cfg.model.name))
         if unknown:
             raise ConfigError(f"model {cfg.model.name!r} does not take {', '.join(sorted(unknown))}; "
