@@ -18,13 +18,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 from mlflow.exceptions import MlflowException
 
-from metaensemble import data, tracking
+from metaensemble import tracking
 from metaensemble.config import Config, load_config
 from metaensemble.errors import ConfigError
 from metaensemble.methods.kd import load_teachers
@@ -34,6 +33,7 @@ from metaensemble.methods.weightformer.student import (
     generate_student,
     recompute_bn,
     relative_l2,
+    weight_average,
 )
 from metaensemble.methods.weightformer.tokens import tokenise
 
@@ -119,7 +119,7 @@ def generate(generator: str, teachers: list[str], *, evaluate: bool = True, regi
     ``<dataset>/generate``). Bad input fails before anything is written."""
     from metaensemble.evaluation import measure
     from metaensemble.methods.base import predict_logp
-    from metaensemble.methods.weightformer.experiment import BN_LABEL
+    from metaensemble.methods.weightformer.experiment import BN_LABEL, _eval_data
     from metaensemble.models import load
 
     client = tracking.client(tracking.ensure_tracking())
@@ -133,21 +133,17 @@ def generate(generator: str, teachers: list[str], *, evaluate: bool = True, regi
     if cfg.meta.align != "none":
         reference = prepare([cfg.meta.train_teachers[0]], gen).states[0]
     prep = prepare(teachers, gen, cfg.meta.align, reference)  # checks every checkpoint's architecture
-    bn_cfg = cfg.data.model_copy(update={"train_fraction": 1.0}) if cfg.meta.bn_data == "train" else cfg.data
-    splits = data.load(bn_cfg)
-    bn = data.eval_loader(splits.train, splits.info, cfg.data.eval_batch_size, "cpu")
+    ev = _eval_data(cfg)  # the meta-train table's BN images and test split
+    bn = ev.bn
     order = list(range(len(teachers)))
     student, t_gen = generate_student(gen, prep.rows, prep.states, order, bn)
     out = Generated(student, {"load_tokenise_s": prep.seconds, "generate_bn_s": t_gen,
                               "total_s": prep.seconds + t_gen})
-    from metaensemble.methods.weightformer.student import weight_average
-
     st = student.state_dict()
     out.distances = {"rel_l2_to_anchor": relative_l2(st, prep.states[0]),
                      "rel_l2_to_mean": relative_l2(st, weight_average(prep.states))}
     if evaluate:
-        full = data.load(cfg.data.model_copy(update={"train_fraction": 1.0}))
-        test = data.eval_loader(full.test, full.info, cfg.data.eval_batch_size, "cpu")
+        test = ev.test
         out.metrics = measure(*predict_logp(student, test), out.seconds["total_s"])
         members = [measure(*predict_logp(recompute_bn(build_student(gen.student_spec, s), bn), test))
                    for s in prep.states]
@@ -198,11 +194,6 @@ def describe(out: Generated, teachers: list[str]) -> str:
     if out.version:
         lines.append(f"registered as version {out.version} (run {out.run_id})")
     return "\n".join(lines)
-
-
-def as_dict(out: Generated) -> dict[str, Any]:
-    return {"seconds": out.seconds, "metrics": out.metrics, "distances": out.distances, "run_id": out.run_id,
-            "version": out.version}
 
 
 def resolve_generator(spec: str | None, dataset: str, arch: str) -> str:
