@@ -65,6 +65,12 @@ class DataConfig(_Strict):
     auto_augment: str = "rand-m9-mstd0.5-inc1"
     re_prob: float = Field(0.25, ge=0.0, le=1.0)
     loader_workers: int = Field(0, ge=0)
+    shuffle_buffer: int = Field(2000, ge=0)
+    """Streamed (parquet) training: rows in each training worker's local shuffle buffer,
+    on top of the shard files' new order every epoch (0: file order only)."""
+    data_cpus: float | None = Field(None, gt=0.0)
+    """Streamed (parquet) training: CPUs Ray Data may use for reading, decoding and
+    augmenting, apart from the training workers' (None: whatever they leave free)."""
     image_size: int | None = Field(None, gt=0)
     # synthetic only
     num_classes: int = Field(10, ge=2)

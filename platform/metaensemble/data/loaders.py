@@ -175,15 +175,22 @@ class DatasetLoader:
 
 class RayShardLoader:
     """Batches from a Ray Data shard (``ray.train.get_dataset_shard``) whose rows are
-    ``image`` uint8 [C, H, W], ``label``, ``index`` (see ``data.parquet``)."""
+    ``image`` uint8 [C, H, W], ``label``, ``index`` and ``ok`` (see ``data.parquet``).
+
+    Training batches pass through a local shuffle buffer of ``shuffle_buffer`` rows
+    (seeded per epoch and rank). Rows whose image did not decode (``ok`` False) are
+    dropped and counted in ``skipped``."""
 
     def __init__(self, shard, info: DatasetInfo, batch_size: int, *, shuffle=False, augment=False,
-                 seed=0, rank=0, device="cpu", length: int | None = None, cutout: int = 0) -> None:
+                 seed=0, rank=0, device="cpu", length: int | None = None, cutout: int = 0,
+                 shuffle_buffer: int = 0) -> None:
         self.shard, self.info, self.batch_size = shard, info, batch_size
         self.cutout = cutout
         self.shuffle, self.augment, self.seed, self.rank = shuffle, augment, seed, rank
+        self.shuffle_buffer = shuffle_buffer
         self.device = torch.device(device)
         self.epoch = 0
+        self.skipped = 0
         self._length = length
 
     def set_epoch(self, epoch: int) -> None:
@@ -195,11 +202,18 @@ class RayShardLoader:
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 31 + self.rank)
         kwargs = {}
-        if self.shuffle:
-            kwargs = {"local_shuffle_buffer_size": 4 * self.batch_size,
-                      "local_shuffle_seed": self.seed * 1000 + self.epoch}
+        if self.shuffle and self.shuffle_buffer:
+            kwargs = {"local_shuffle_buffer_size": max(self.shuffle_buffer, self.batch_size),
+                      "local_shuffle_seed": (self.seed * 1_000_003 + self.epoch * 7_919 + self.rank) % 2**32}
         for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, **kwargs):
-            x = batch["image"].to(self.device)
+            x, y, index = batch["image"], batch["label"], batch["index"]
+            if "ok" in batch and not bool(batch["ok"].all()):
+                ok = batch["ok"].bool()
+                self.skipped += int((~ok).sum())
+                x, y, index = x[ok], y[ok], index[ok]
+                if not len(y):
+                    continue
+            x = x.to(self.device)
             if self.augment:
                 x = augment_batch(x, self.info.family, gen)
             x = normalise(x, self.info)
@@ -207,6 +221,6 @@ class RayShardLoader:
                 x = cutout_batch(x, self.cutout, gen)
             yield {
                 "x": x,
-                "y": batch["label"].long().to(self.device),
-                "index": batch["index"].long(),
+                "y": y.long().to(self.device),
+                "index": index.long(),
             }

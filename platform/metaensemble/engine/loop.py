@@ -152,17 +152,20 @@ class _Totals:
             w = v if k == "correct" else v * batch_size
             self.sums[k] = self.sums[k] + w if k in self.sums else w
 
-    def reduce(self, world: int) -> dict[str, float]:
-        keys = sorted(self.sums)
+    def reduce(self, world: int, counts: dict[str, float] | None = None) -> dict[str, float]:
+        """Per-example means of the sums over every rank, and ``counts`` summed over ranks."""
+        keys, counts = sorted(self.sums), counts or {}
         vec = torch.stack([self.sums[k].reshape(()) for k in keys]
+                          + [torch.tensor(float(counts[k]), dtype=torch.float64, device=self.device) for k in counts]
                           + [torch.tensor(float(self.n), dtype=torch.float64, device=self.device)])
         if world > 1 and dist.is_initialized():
             dist.all_reduce(vec)
         vals = vec.cpu().tolist()
         n = max(vals[-1], 1.0)
         out = {}
-        for k, v in zip(keys, vals[:-1], strict=True):
+        for k, v in zip(keys, vals[: len(keys)], strict=True):
             out["train_acc" if k == "correct" else f"train_{k}"] = v / n
+        out.update(zip(counts, vals[len(keys):-1], strict=True))
         return out
 
 
@@ -212,6 +215,7 @@ def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
     for epoch in range(state["epochs_done"], cfg.train.epochs):
         model.train()
         totals = _Totals(device)
+        skipped_before = getattr(loaders["train"], "skipped", None)
         t0 = time.perf_counter()
         for step, batch in enumerate(_epoch_batches(loaders["train"], epoch, cfg.train.steps_per_epoch)):
             with amp:
@@ -229,7 +233,9 @@ def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
         if on_gpu:
             torch.cuda.synchronize()
         train_time = time.perf_counter() - t0
-        epoch_metrics: dict[str, Any] = {"epoch": epoch + 1, **totals.reduce(world),
+        # streamed data: training images that did not decode this epoch (dropped), all ranks
+        skipped = None if skipped_before is None else {"data_skipped": loaders["train"].skipped - skipped_before}
+        epoch_metrics: dict[str, Any] = {"epoch": epoch + 1, **totals.reduce(world, skipped),
                                          "lr": optimizer.param_groups[0]["lr"]}
         epoch_metrics["train_images_per_s"] = totals.n * world / max(train_time, 1e-9)
         epoch_metrics["train_time_s"] = train_time
@@ -457,7 +463,7 @@ def _build_loaders(cfg, rank: int, world: int, device: torch.device):
         mk = lambda split, **kw: data.RayShardLoader(ray.train.get_dataset_shard(split), info, device=device, rank=rank, seed=cfg.seed, **kw)  # noqa: E731
         loaders = {
             "train": mk("train", batch_size=d.batch_size, shuffle=True, augment=d.augment, cutout=d.cutout,
-                        length=meta["sizes"]["train"] // world // d.batch_size),
+                        length=meta["sizes"]["train"] // world // d.batch_size, shuffle_buffer=d.shuffle_buffer),
             # val/test are not split over ranks by Ray Data: rank 0 reads them whole
             "val": mk("val", batch_size=d.eval_batch_size) if rank == 0 else None,
             "test": mk("test", batch_size=d.eval_batch_size) if rank == 0 else None,

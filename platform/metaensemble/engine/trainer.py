@@ -220,8 +220,14 @@ def _fit(cfgs: list[Config], names: list[str], *, method: methods.Method | None 
     if data.is_streaming(cfg.data):
         from metaensemble.data.parquet import ray_datasets
 
-        datasets, _, _ = ray_datasets(cfg.data)
-        dataset_config = ray.train.DataConfig(datasets_to_split=["train"])
+        datasets, _, _ = ray_datasets(cfg.data, seed=cfg.seed)
+        options = None
+        if cfg.data.data_cpus:
+            from ray.data import ExecutionOptions, ExecutionResources
+
+            # the train stream's budget; val/test (read by rank 0 between epochs) keep the default
+            options = {"train": ExecutionOptions(resource_limits=ExecutionResources(cpu=cfg.data.data_cpus))}
+        dataset_config = ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
 
     callbacks = []
     if in_tune:

@@ -38,14 +38,25 @@ def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow's experiment type, "Machine learning" (runs, models) rather than "GenAI apps &
+# agents" (traces). MLflow 3.17's UI takes its view from a per-browser switch instead
+# (jobs/mlflow_ui.py sets its default); the tag still labels the experiment's type.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+KIND_TRAINING = "custom_model_development"
+
+
 def experiment_id(c: MlflowClient, name: str) -> str:
+    """The experiment's id, creating (or restoring) it, tagged as a model-training
+    experiment (``TAG_EXPERIMENT_KIND``) if it is not tagged yet."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if TAG_EXPERIMENT_KIND not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, KIND_TRAINING)
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, tags={TAG_EXPERIMENT_KIND: KIND_TRAINING})
     except Exception:  # noqa: BLE001 - another process created it first
         exp = c.get_experiment_by_name(name)
         if exp is None:

@@ -78,7 +78,7 @@ def _in_chans(cfg) -> int:
     if d.name == "parquet":
         from metaensemble.data.parquet import read_meta
 
-        return int(read_meta(d)["info"]["in_chans"])
+        return int(read_meta(d)["info"].in_chans)
     return {"digits": 1, "synthetic": d.channels}.get(d.name, 3)
 
 

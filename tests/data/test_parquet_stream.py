@@ -1,0 +1,164 @@
+"""ImageNet-scale data: an image folder streamed into byte-bounded parquet shards of
+encoded images (jobs/prepare_data.py), read back through Ray Data with decoding and
+augmentation on Ray Data's workers; and the bad inputs, each one clear message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import run_script, write_imagefolder
+
+from metaensemble import data
+from metaensemble.config import DataConfig
+from metaensemble.data.parquet import (
+    load_parquet_arrays,
+    ray_datasets,
+    read_meta,
+    write_image_folder,
+    write_parquet,
+)
+from metaensemble.errors import DataError
+
+CLASSES = ("ant", "bee", "cat", "dog")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """An ImageNet-layout folder of small real images, one of them not an image."""
+    root = tmp_path_factory.mktemp("imagenet")
+    write_imagefolder(root, classes=CLASSES, per_class=12, size=40)
+    (root / "train" / "bee" / "broken.png").write_bytes(b"\x89PNG this is no image")
+    return root
+
+
+def _pq_cfg(root, **kw) -> DataConfig:
+    return DataConfig(name="parquet", root=str(root), **kw)
+
+
+def _corrupt_one_row(shards_dir: Path) -> int:
+    """Overwrite one train row's image bytes in its shard (bit rot after writing); the
+    shard keeps its dataset id. Returns the row's index."""
+    f = sorted(shards_dir.glob("*.parquet"))[0]
+    t = pq.read_table(f)
+    images = t.column("image").to_pylist()
+    images[0] = images[0][:20] + b"\x00" * 64
+    t = t.set_column(0, pa.field("image", pa.binary()), pa.array(images, pa.binary()))
+    pq.write_table(t.replace_schema_metadata(pq.read_schema(f).metadata), f)
+    return int(t.column("index")[0].as_py())
+
+
+def test_prepare_data_streams_a_folder_into_bounded_class_mixed_shards(folder, tmp_path):
+    out = tmp_path / "pq"
+    res = run_script(["jobs/prepare_data.py", "--out", str(out), "data.name=imagefolder", f"data.root={folder}",
+                     "data.image_size=32", "--shard-mb", "0.02"])
+    assert res.returncode == 0, res.stderr
+    assert "img/s" in res.stderr and "100%" in res.stderr, "a progress bar on stderr"
+    assert "skipped 1 unreadable file" in res.stdout
+    meta = read_meta(_pq_cfg(out))
+    assert meta["format"] == "encoded" and meta["skipped"] == ["train/bee/broken.png"]
+    # the same splits, examples and indices as the ImageFolder path (the broken file aside)
+    ref = data.load(DataConfig(name="imagefolder", root=str(folder), image_size=32))
+    broken = next(i for i, (p, _) in enumerate(ref.train.base.samples) if p.endswith("broken.png"))
+    want = {"train": set(ref.train.indices) - {broken}, "val": set(ref.val.indices) - {broken},
+            "test": set(range(len(ref.test)))}
+    shard_bytes = 0.02 * 2**20
+    for s in ("train", "val", "test"):
+        tables = [pq.read_table(f) for f in meta["shards"][s]]
+        assert set(np.concatenate([t.column("index").to_numpy() for t in tables]).tolist()) == want[s]
+        biggest = max(len(b) for t in tables for b in t.column("image").to_pylist())
+        for t in tables:  # bounded: a shard closes once it holds shard_mb
+            assert sum(len(b) for b in t.column("image").to_pylist()) < shard_bytes + biggest
+    train_shards = [pq.read_table(f) for f in meta["shards"]["train"]]
+    assert len(train_shards) >= 4
+    mixed = [len(set(t.column("label").to_pylist())) > 1 for t in train_shards]
+    assert sum(mixed) > len(mixed) / 2, "train rows are in random order: most shards mix the classes"
+    # the bytes are the files' own (encoded, not decoded pixels)
+    t0 = train_shards[0]
+    i0 = int(t0.column("index")[0].as_py())
+    assert t0.column("image")[0].as_py() == Path(ref.train.base.samples[i0][0]).read_bytes()
+    # evaluation decoding matches the ImageFolder path's eval transform (resize + centre crop)
+    back = load_parquet_arrays(_pq_cfg(out))
+    pos = {int(i): k for k, i in enumerate(back.val.index)}
+    for k, i in enumerate(ref.val.indices):
+        if i == broken:
+            continue
+        x_ref = ref.val[k][0]
+        x = data.normalise(back.val.images[pos[i]][None], back.info)[0]
+        assert torch.allclose(x, x_ref, atol=1e-5)
+    assert back.info.family == "imagenet" and back.info.num_classes == len(CLASSES) and back.info.img_size == 32
+
+
+def test_bad_inputs_are_one_clear_message_and_nothing_is_written(folder, tmp_path):
+    # a data root without the ImageNet layout: the job exits with one line, writes nothing
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(next((folder / "train" / "ant").iterdir()), flat / "a.png")
+    out = tmp_path / "out"
+    res = run_script(["jobs/prepare_data.py", "--out", str(out), "data.name=imagefolder", f"data.root={flat}"])
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ImageNet layout" in lines[0] and "train/<class>/<image>" in lines[0], res.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+    # class folders that differ between train/ and val/
+    odd = tmp_path / "odd"
+    shutil.copytree(folder, odd)
+    (odd / "val" / "dog").rename(odd / "val" / "wolf")
+    with pytest.raises(DataError, match="different class folders.*dog, wolf"):
+        write_image_folder(odd, tmp_path / "o2", progress=False)
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o2.partial").exists()
+
+    # a shard from another dataset dropped into a shard folder is refused by name
+    a = write_parquet(data.load(DataConfig()), tmp_path / "a", rows_per_shard=600)
+    b = write_image_folder(folder, tmp_path / "b", image_size=32, progress=False)
+    stray = b / "train" / "part-09999.parquet"
+    shutil.copy(sorted((a / "train").glob("*.parquet"))[0], stray)
+    with pytest.raises(DataError, match=r"part-09999.parquet belongs to another dataset"):
+        data.check(_pq_cfg(b))
+    stray.unlink()
+    # a parquet file without the dataset id (another tool's output) is refused the same way
+    pq.write_table(pa.table({"x": [1, 2]}), stray)
+    with pytest.raises(DataError, match=r"part-09999.parquet belongs to another dataset \(its dataset id is None"):
+        data.check(_pq_cfg(b))
+    stray.unlink()
+    # a meta.json that is not ours
+    (a / "meta.json").write_text(json.dumps({"info": {}}))
+    with pytest.raises(DataError, match="malformed"):
+        data.check(_pq_cfg(a))
+    # a corrupt image read in memory (no place to count it) is an error naming the split
+    bad = _corrupt_one_row(b / "val")
+    with pytest.raises(DataError, match=rf"1 image\(s\) in .*val do not decode \(indices \[{bad}\]\)"):
+        load_parquet_arrays(_pq_cfg(b))
+
+
+def test_ray_data_decodes_and_augments_on_its_workers_with_a_new_file_order_each_epoch(ray_local, folder, tmp_path):
+    root = write_image_folder(folder, tmp_path / "pq", image_size=24, shard_mb=0.01, progress=False)
+    bad = _corrupt_one_row(root / "train")
+    datasets, info, sizes = ray_datasets(_pq_cfg(root), seed=3)
+    assert (info.img_size, info.in_chans) == (24, 3)
+
+    def epoch(ds):
+        rows = {}
+        order = []
+        for b in ds.iter_batches(batch_size=16, batch_format="numpy"):
+            assert b["image"].shape[1:] == (3, 24, 24) and b["image"].dtype == np.uint8
+            for img, i, ok in zip(b["image"], b["index"], b["ok"], strict=True):
+                rows[int(i)] = (img, bool(ok))
+                order.append(int(i))
+        return order, rows
+
+    o1, r1 = epoch(datasets["train"])
+    o2, r2 = epoch(datasets["train"])
+    assert sorted(o1) == sorted(o2) and len(o1) == sizes["train"]
+    assert o1 != o2, "shard files are read in a new order every epoch"
+    assert not r1[bad][1] and all(ok for i, (_, ok) in r1.items() if i != bad), "only the corrupt row is flagged"
+    same = [np.array_equal(r1[i][0], r2[i][0]) for i in r1 if i != bad]
+    assert sum(same) < len(same) / 4, "random crops and flips differ between epochs"
+    v1, v2 = epoch(datasets["val"])[1], epoch(datasets["val"])[1]
+    assert all(np.array_equal(v1[i][0], v2[i][0]) for i in v1), "evaluation decoding is deterministic"
