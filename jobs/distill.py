@@ -11,6 +11,8 @@ of distill.seeds, and prints and logs under one parent MLflow run the table: DE-
 reliability diagrams. Students are registered as student.<dataset>.<arch>.<method>.
 """
 
+import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
+
 from metaensemble.cli import config_parser, run_job, work_done
 
 

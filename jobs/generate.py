@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 
+import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -15,6 +15,8 @@ registered one), finetunes it against a random-init one with the same budget, an
 and logs the per-depth table and the storage ratio.
 """
 
+import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
+
 from metaensemble.cli import config_parser, run_job, work_done
 
 

@@ -9,6 +9,8 @@ generator and the KD baselines (side by side through Ray Tune), and prints the
 evaluation table; everything is logged to MLflow under <dataset>/meta_train.
 """
 
+import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
+
 from metaensemble.cli import config_parser, run_job, work_done
 
 

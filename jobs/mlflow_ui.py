@@ -21,6 +21,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
+
 from metaensemble.tracking import LocalTrackingServer
 
 # MLflow's UI keeps the switch as useLocalStorage({key: "mlflow.workflowType", version: 1}).

@@ -15,6 +15,8 @@ not a readable image is skipped and listed in OUT/meta.json.
 
 import argparse
 
+import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
+
 from metaensemble.cli import run_job
 
 

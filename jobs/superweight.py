@@ -14,6 +14,8 @@ member, the learned sharing, and the anytime curve (every subset of members: acc
 against FLOPs) as anytime.png. The ensemble is registered as ensemble.<dataset>.superweight.
 """
 
+import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
+
 from metaensemble.cli import config_parser, run_job, work_done
 
 

@@ -10,6 +10,8 @@ interrupted sweep.
 
 import argparse
 
+import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
+
 from metaensemble.cli import run_job, work_done
 
 

@@ -5,6 +5,8 @@
     python jobs/train_teachers.py zoo.num_teachers=8 train.epochs=20
 """
 
+import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
+
 from metaensemble.cli import config_parser, run_job, work_done
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -127,6 +128,25 @@ def _register_zoo(tmp: Path, overrides: list[str], mlflow_uri: str) -> None:
         zoo.register(run.info.run_id, seed, tcfg.config_hash(), {})
 
 
+def _edited_copy(tmp: Path) -> tuple[Path, str]:
+    """A copy of the checkout (no venv, runs or git) whose library prints a token from the
+    job's driver (cli.run_job) and from every Ray Train worker (engine.loop)."""
+    copy = tmp / "checkout"
+    shutil.copytree(REPO_ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.egg-info",
+                                                                   ".pytest_cache", ".ruff_cache"))
+    token = f"EDITED-{uuid.uuid4().hex[:8]}"
+    lib = copy / "platform" / "metaensemble"
+    for rel, anchor, line in (
+        ("cli.py", "    try:\n        code = main()", f"    print('{token} driver', flush=True)\n"),
+        ("engine/loop.py", "    cfg = build_config(member[\"cfg\"])\n",
+         f"    print('{token} worker', file=sys.__stdout__, flush=True)\n"),
+    ):
+        src = (lib / rel).read_text()
+        assert src.count(anchor) == 1, (rel, anchor)
+        (lib / rel).write_text(src.replace(anchor, line + anchor if rel == "cli.py" else anchor + line))
+    return copy, token
+
+
 def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
@@ -137,11 +157,18 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
     experiment = f"test/meta-{uuid.uuid4().hex[:6]}"
     seed0 = 1000 + int(uuid.uuid4().int % 10_000) * 10  # this test's own zoo: no teacher of these seeds exists
     _register_zoo(tmp_path, _tiny(tmp_path, experiment, seed0), mlflow_uri)
+    # Submitted from an edited copy of the checkout: the job must run the copy's library, in
+    # the driver and in the Ray workers, and resolve relative paths in the copy (the
+    # teacher recipe exists there only), whatever is installed.
+    copy, token = _edited_copy(tmp_path)
+    args = _tiny(tmp_path, experiment, seed0)
+    shutil.move(tmp_path / "teachers.yaml", copy / "tiny_teachers.yaml")
+    args = [a if not a.startswith("meta.teacher_config=") else "meta.teacher_config=tiny_teachers.yaml" for a in args]
     runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri}})
     cmd = ["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--runtime-env-json", runtime_env,
-           "--", "python", "jobs/meta_train.py", *_tiny(tmp_path, experiment, seed0)]
+           "--", "python", "jobs/meta_train.py", *args]
     for _ in range(10):  # the job agent comes up a little after the dashboard answers
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
+        proc = subprocess.run(cmd, cwd=copy, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
                               text=True, timeout=900)
         out = proc.stdout + proc.stderr
         if "No available agent to submit job" not in out:
@@ -156,6 +183,7 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
                   "zero-shot at other ensemble sizes", "BatchNorm: every network scored here"):
         assert label in out, label
     assert "training the rest" not in out  # the registered zoo was found and used
+    assert f"{token} driver" in out and f"{token} worker" in out, "the submitted copy's edits ran"
 
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name(experiment)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -18,7 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from metaensemble.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The checkout relative paths resolve against. A Ray worker running a shipped copy of the
+# library (``engine.trainer.ensure_ray``) is told where it is: METAENSEMBLE_ROOT, "." for the
+# job's working directory on that node (a worker starts there).
+REPO_ROOT = Path(os.environ.get("METAENSEMBLE_ROOT") or Path(__file__).resolve().parents[2]).resolve()
 
 
 class _Strict(BaseModel):

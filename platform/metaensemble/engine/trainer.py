@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from metaensemble import data, methods, models, tracking
-from metaensemble.config import Config
+from metaensemble.config import REPO_ROOT, Config
 from metaensemble.errors import ConfigError
 
 LOCAL_CPUS_MIN = 4  # logical CPUs for a local instance: trials' drivers + workers fit on 2 cores
@@ -118,11 +119,30 @@ def ensure_ray() -> None:
     for name in ("ray.tune", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(log_to_driver=True, logging_level=logging.WARNING, runtime_env=shipped_library())
     else:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
+        # the local instance's processes inherit this environment: the library this driver
+        # runs comes first for its workers too (a second checkout next to an installed one)
+        lib = str(Path(__file__).resolve().parents[2])
+        if lib not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (lib, os.environ.get("PYTHONPATH")) if p)
         ray.init(num_cpus=max(LOCAL_CPUS_MIN, os.cpu_count() or 1), log_to_driver=True,
                  logging_level=logging.WARNING)
+
+
+def shipped_library() -> dict[str, Any]:
+    """The runtime env that gives every Ray worker of this driver the library the driver
+    runs (``py_modules``), not a copy installed on the nodes, and the root its relative
+    paths resolve against: the job's working directory when the driver runs from one
+    (``ray job submit --working-dir``; each node has its own copy, where its workers
+    start), else the driver's checkout (the same path on a shared filesystem)."""
+    import metaensemble
+
+    cwd = Path.cwd().resolve()
+    in_working_dir = "working_dir_files" in cwd.parts and REPO_ROOT == cwd
+    return {"py_modules": [str(Path(metaensemble.__file__).resolve().parent)],
+            "env_vars": {"METAENSEMBLE_ROOT": "." if in_working_dir else str(REPO_ROOT)}}
 
 
 def scaling_config(cfg: Config):
