@@ -86,3 +86,20 @@ def test_assigning_an_unknown_key_or_a_bad_section_stores_nothing():
     assert cfg.config_hash() == before
     cfg.meta = {"ensemble_size": 3}
     assert isinstance(cfg.meta, MetaConfig) and cfg.meta.ensemble_size == 3
+
+
+def test_elastic_num_workers_is_min_max_and_needs_retries():
+    from metaensemble.engine.trainer import scaling_config
+
+    cfg = load_config(None, ["scaling.num_workers=[1, 3]", "scaling.max_failures=2", "scaling.elastic_resize_s=5"])
+    assert (cfg.scaling.min_workers, cfg.scaling.num_workers) == (1, 3)
+    sc = scaling_config(cfg)
+    assert sc.num_workers == (1, 3) and sc.elasticity_enabled and sc.elastic_resize_monitor_interval_s == 5
+    assert scaling_config(load_config(None, ["scaling.num_workers=2"])).num_workers == 2
+    assert load_config(None, ["scaling.num_workers=[2, 2]", "scaling.max_failures=1"]).scaling.num_workers == 2
+    with pytest.raises(ConfigError, match=r"is elastic: it resumes after a failure, so it needs scaling.max_failures"):
+        load_config(None, ["scaling.num_workers=[1, 2]"])
+    with pytest.raises(ConfigError, match="min must be <= max"):
+        load_config(None, ["scaling.num_workers=[3, 2]", "scaling.max_failures=1"])
+    with pytest.raises(ConfigError, match=r"an int or \[min, max\]"):
+        load_config(None, ["scaling.num_workers=[1, 2, 3]", "scaling.max_failures=1"])

@@ -146,12 +146,40 @@ class TrainConfig(_Strict):
 
 class ScalingConfig(_Strict):
     num_workers: int = Field(1, ge=1)
+    """Training workers; ``[min, max]`` makes the run elastic (Ray Train's
+    ``num_workers=(min, max)``): it starts with as many as fit, up to max, and after a
+    lost worker or node resumes from its latest checkpoint with the workers that remain
+    (at least min), growing again when resources return (checked every
+    ``elastic_resize_s``). Stored as ``min_workers`` + ``num_workers`` (the max)."""
+    min_workers: int | None = Field(None, ge=1)
+    elastic_resize_s: float = Field(60.0, gt=0.0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, gt=0.0)
     max_failures: int = Field(0, ge=-1)
     torch_threads: int = Field(0, ge=0)
     """torch intra-op threads per worker (0: one per CPU reserved for the worker)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _min_max(cls, d: Any) -> Any:
+        if isinstance(d, dict) and isinstance(d.get("num_workers"), list | tuple):
+            nw = list(d["num_workers"])
+            if len(nw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in nw):
+                raise ValueError(f"scaling.num_workers must be an int or [min, max] (two ints); got {nw}")
+            d = {**d, "min_workers": nw[0], "num_workers": nw[1]}
+        return d
+
+    @model_validator(mode="after")
+    def _elastic(self) -> ScalingConfig:
+        if self.min_workers is None:
+            return self
+        if self.min_workers > self.num_workers:
+            raise ValueError(f"scaling.num_workers=[{self.min_workers}, {self.num_workers}]: min must be <= max")
+        if self.max_failures == 0:
+            raise ValueError(f"scaling.num_workers=[{self.min_workers}, {self.num_workers}] is elastic: it resumes "
+                             f"after a failure, so it needs scaling.max_failures > 0 (or -1: unlimited)")
+        return self
 
 
 class ZooConfig(_Strict):

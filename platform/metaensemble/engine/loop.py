@@ -209,6 +209,10 @@ def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
     tracker = _Tracker(config["tracking_uri"], member["run_id"]) if rank == 0 else None
     if tracker and ckpt is not None:
         tracker.tags({"metaensemble.resumed_from_epoch": state["epochs_done"]})
+    # where this worker group runs (it changes when an elastic run resumes on fewer nodes)
+    nodes = _gather(ray.get_runtime_context().get_node_id(), world)
+    if tracker:
+        tracker.tags({"metaensemble.worker_nodes": ",".join(sorted(set(nodes)))})
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.train.amp and on_gpu) else contextlib.nullcontext()
     sign = 1.0 if cfg.train.select_mode == "max" else -1.0
 
@@ -238,6 +242,9 @@ def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
         epoch_metrics: dict[str, Any] = {"epoch": epoch + 1, **totals.reduce(world, skipped),
                                          "lr": optimizer.param_groups[0]["lr"]}
         epoch_metrics["train_images_per_s"] = totals.n * world / max(train_time, 1e-9)
+        epoch_metrics["workers"] = world
+        if nodes is not None:
+            epoch_metrics["nodes"] = len(set(nodes))
         epoch_metrics["train_time_s"] = train_time
         method.on_epoch_end(model, epoch, rank)
         with torch.random.fork_rng(devices=[]):  # the same draws on every rank

@@ -152,6 +152,9 @@ def scaling_config(cfg: Config):
     res = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         res["GPU"] = s.gpus_per_worker
+    if s.min_workers is not None and s.min_workers < s.num_workers:
+        return ray.train.ScalingConfig(num_workers=(s.min_workers, s.num_workers), use_gpu=s.use_gpu,
+                                       resources_per_worker=res, elastic_resize_monitor_interval_s=s.elastic_resize_s)
     return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=res)
 
 
