@@ -121,6 +121,11 @@ def test_a_foreign_teacher_file_loads_strictly_without_unpickling(tmp_path):
                "learngene.teacher_kwargs={width: 4}")
     with pytest.raises(CheckpointError, match=r"13.weight: checkpoint \(7, 16\) vs model \(10, 16\)"):
         LearngeneAux(cfg).validate()
+    # a procedural dataset is generated with real tensors (not on validate's meta device)
+    torch.save({"model": create_model("convnet", num_classes=10, in_chans=3, img_size=16, width=4).state_dict()}, path)
+    LearngeneAux(_cfg(tmp_path, f"learngene.teacher={path}", "learngene.teacher_arch=convnet",
+                      "learngene.teacher_kwargs={width: 4}", "data.name=synthetic", "data.image_size=16",
+                      "data.num_samples=200")).validate()
 
 
 def test_mixup_mixes_the_images_the_student_and_teacher_see(tmp_path):

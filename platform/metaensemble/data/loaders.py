@@ -18,12 +18,16 @@ import torch.nn.functional as F
 
 from metaensemble.data.core import ArraySplit, DatasetInfo
 
+_STATS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
 
 def normalise(x_uint8: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
-    x = x_uint8.float().div_(255.0)
-    mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
+    key = (info.mean, info.std, str(x_uint8.device))
+    if key not in _STATS:  # once per device: no host-to-device copy per batch
+        _STATS[key] = (torch.tensor(info.mean, device=x_uint8.device).view(1, -1, 1, 1),
+                       torch.tensor(info.std, device=x_uint8.device).view(1, -1, 1, 1))
+    mean, std = _STATS[key]
+    return (x_uint8.float().div_(255.0) - mean) / std
 
 
 def augment_batch(x: torch.Tensor, family: str, gen: torch.Generator) -> torch.Tensor:
@@ -91,6 +95,7 @@ class ArrayLoader:
         self.drop_last = drop_last
         self.epoch = 0
         self._images = split.images.to(self.device)
+        self._labels = split.labels.to(self.device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -111,12 +116,14 @@ class ArrayLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         idx = torch.from_numpy(self.shard_indices())
+        idx_dev = idx.to(self.device)  # once per epoch: no host-to-device copy per batch
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 31 + self.rank)
         for start in range(0, len(idx), self.batch_size):
             b = idx[start : start + self.batch_size]
             if self.drop_last and len(b) < self.batch_size:
                 break
-            x = self._images[b.to(self.device)]
+            on_device = idx_dev[start : start + self.batch_size]
+            x = self._images[on_device]
             if self.augment:
                 x = augment_batch(x, self.info.family, gen)
             x = normalise(x, self.info)
@@ -124,7 +131,7 @@ class ArrayLoader:
                 x = cutout_batch(x, self.cutout, gen)
             yield {
                 "x": x,
-                "y": self.split.labels[b].to(self.device),
+                "y": self._labels[on_device],
                 "index": self.split.index[b],
             }
 

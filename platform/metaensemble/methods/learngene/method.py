@@ -103,9 +103,9 @@ class LearngeneAux(Method):
 
             models.check_name(lg.teacher_arch)
             if not data.is_streaming(cfg.data):  # the file against the architecture, before any run
+                info = data.load(cfg.data).info  # real tensors: the data is not built on the meta device
                 with torch.device("meta"):
-                    load_foreign_teacher(lg.teacher, lg.teacher_arch, lg.teacher_kwargs, data.load(cfg.data).info,
-                                         check_only=True)
+                    load_foreign_teacher(lg.teacher, lg.teacher_arch, lg.teacher_kwargs, info, check_only=True)
         else:
             self._check_teacher_classes()
 
