@@ -40,6 +40,10 @@ def ray_local(mlflow_uri):
     from metaensemble.engine.trainer import REPORT_POLL_S
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
+    from metaensemble.engine.trainer import RAY_DATA_ENV
+
+    for k, v in RAY_DATA_ENV.items():  # what ensure_ray sets for the jobs' local instances
+        os.environ.setdefault(k, v)
     ray.init(num_cpus=4, log_to_driver=True, include_dashboard=True)
     yield ray
     ray.shutdown()
@@ -179,6 +183,8 @@ def run_script(args: list[str], env: dict[str, str] | None = None) -> ScriptResu
     os.environ.update(env)
     os.chdir(REPO_ROOT)
     sys.argv = list(args)
+    script_dir = str((REPO_ROOT / args[0]).parent)
+    sys.path.insert(0, script_dir)  # as `python jobs/x.py` does (jobs/_library.py)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -190,6 +196,7 @@ def run_script(args: list[str], env: dict[str, str] | None = None) -> ScriptResu
                 code = 1
     finally:
         sys.argv = saved_argv
+        sys.path.remove(script_dir)
         os.chdir(saved_cwd)
         for k, v in saved_env.items():
             if v is None:

@@ -88,7 +88,7 @@ def test_assigning_an_unknown_key_or_a_bad_section_stores_nothing():
     assert isinstance(cfg.meta, MetaConfig) and cfg.meta.ensemble_size == 3
 
 
-def test_elastic_num_workers_is_min_max_and_needs_retries():
+def test_elastic_num_workers_is_min_max_and_needs_retries(tmp_path):
     from metaensemble.engine.trainer import scaling_config
 
     cfg = load_config(None, ["scaling.num_workers=[1, 3]", "scaling.max_failures=2", "scaling.elastic_resize_s=5"])
@@ -96,10 +96,33 @@ def test_elastic_num_workers_is_min_max_and_needs_retries():
     sc = scaling_config(cfg)
     assert sc.num_workers == (1, 3) and sc.elasticity_enabled and sc.elastic_resize_monitor_interval_s == 5
     assert scaling_config(load_config(None, ["scaling.num_workers=2"])).num_workers == 2
-    assert load_config(None, ["scaling.num_workers=[2, 2]", "scaling.max_failures=1"]).scaling.num_workers == 2
     with pytest.raises(ConfigError, match=r"is elastic: it resumes after a failure, so it needs scaling.max_failures"):
         load_config(None, ["scaling.num_workers=[1, 2]"])
+    fixed = load_config(None, ["scaling.num_workers=[1, 3]", "scaling.max_failures=2"]).to_dict()
+    path = tmp_path / "elastic.yaml"
+    path.write_text(yaml.safe_dump(fixed))
+    assert load_config(path).scaling.min_workers == 1
+    assert load_config(path, ["scaling.num_workers=2"]).scaling.min_workers is None, "an int override is fixed"
+    assert load_config(None, ["scaling.num_workers=[2, 2]"]).scaling.num_workers == 2  # not elastic: no retries needed
     with pytest.raises(ConfigError, match="min must be <= max"):
         load_config(None, ["scaling.num_workers=[3, 2]", "scaling.max_failures=1"])
     with pytest.raises(ConfigError, match=r"an int or \[min, max\]"):
         load_config(None, ["scaling.num_workers=[1, 2, 3]", "scaling.max_failures=1"])
+
+
+def test_a_job_run_from_rays_working_dir_copy_keeps_its_outputs_out_of_it(monkeypatch, tmp_path):
+    """Ray deletes a job's working directory after the job: runs, checkpoints and the
+    MLflow store must go elsewhere, said before any work."""
+    from metaensemble import config, tracking
+
+    monkeypatch.setattr(config, "REPO_ROOT", tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("METAENSEMBLE_MLFLOW_HOME", raising=False)
+    from metaensemble.engine.trainer import validate
+
+    with pytest.raises(ConfigError, match=r"storage_path='runs/ray' is relative.*Ray deletes after the job"):
+        validate(load_config(None))
+    assert load_config(None, [f"storage_path={tmp_path}"]).resolved_storage_path() == str(tmp_path)
+    assert load_config(None, ["storage_path=s3://bucket/ray"]).resolved_storage_path() == "s3://bucket/ray"
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI is not set"):
+        tracking.ensure_tracking()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -139,7 +140,9 @@ def _edited_copy(tmp: Path) -> tuple[Path, str]:
     for rel, anchor, line in (
         ("cli.py", "    try:\n        code = main()", f"    print('{token} driver', flush=True)\n"),
         ("engine/loop.py", "    cfg = build_config(member[\"cfg\"])\n",
-         f"    print('{token} worker', file=sys.__stdout__, flush=True)\n"),
+         f"    from metaensemble.config import REPO_ROOT as _r\n"
+         f"    print('{token} worker root', _r, 'exists', (_r / 'tiny_teachers.yaml').is_file(), "
+         f"file=sys.__stdout__, flush=True)\n"),
     ):
         src = (lib / rel).read_text()
         assert src.count(anchor) == 1, (rel, anchor)
@@ -184,6 +187,9 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
         assert label in out, label
     assert "training the rest" not in out  # the registered zoo was found and used
     assert f"{token} driver" in out and f"{token} worker" in out, "the submitted copy's edits ran"
+    # on the workers too, relative paths resolve in the job's working directory
+    roots = re.findall(rf"{token} worker root (\S+) exists (\w+)", out)
+    assert roots and all("working_dir_files" in r and e == "True" for r, e in roots), roots
 
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name(experiment)

@@ -176,7 +176,7 @@ class ScalingConfig(_Strict):
             return self
         if self.min_workers > self.num_workers:
             raise ValueError(f"scaling.num_workers=[{self.min_workers}, {self.num_workers}]: min must be <= max")
-        if self.max_failures == 0:
+        if self.min_workers < self.num_workers and self.max_failures == 0:
             raise ValueError(f"scaling.num_workers=[{self.min_workers}, {self.num_workers}] is elastic: it resumes "
                              f"after a failure, so it needs scaling.max_failures > 0 (or -1: unlimited)")
         return self
@@ -348,6 +348,11 @@ class Config(BaseModel):
     def resolved_storage_path(self) -> str:
         if "://" in self.storage_path:
             return self.storage_path
+        if in_ray_working_dir() and not Path(self.storage_path).is_absolute():
+            raise ConfigError(
+                f"storage_path={self.storage_path!r} is relative, and this job runs from Ray's copy of the "
+                f"submitted directory ({REPO_ROOT}), which Ray deletes after the job: give storage_path as shared "
+                f"storage every node reaches (an absolute path or s3://bucket/prefix)")
         return str(resolve_path(self.storage_path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -541,9 +546,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(d, dict):
             raise ConfigError(f"config file {p} must hold a mapping, got {type(d).__name__}")
     d = json.loads(json.dumps(build_config(d).to_dict()))  # fill defaults first
-    for key, value in parse_overrides(overrides or []).items():
+    parsed = parse_overrides(overrides or [])
+    for key, value in parsed.items():
         _set_dotted(d, key, value)
+    if isinstance(parsed.get("scaling.num_workers"), int) and "scaling.min_workers" not in parsed:
+        d["scaling"]["min_workers"] = None  # a fixed count replaces an elastic [min, max]
     return check_names(build_config(d))
+
+
+def in_ray_working_dir() -> bool:
+    """Whether this process runs the library from a job's working directory (``ray job
+    submit --working-dir``), a per-node copy Ray deletes once the job is over."""
+    return "working_dir_files" in REPO_ROOT.parts
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

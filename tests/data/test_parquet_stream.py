@@ -138,9 +138,16 @@ def test_bad_inputs_are_one_clear_message_and_nothing_is_written(folder, tmp_pat
 
 
 def test_ray_data_decodes_and_augments_on_its_workers_with_a_new_file_order_each_epoch(ray_local, folder, tmp_path):
+    from ray.data import DataContext
+
     root = write_image_folder(folder, tmp_path / "pq", image_size=24, shard_mb=0.01, progress=False)
     bad = _corrupt_one_row(root / "train")
-    datasets, info, sizes = ray_datasets(_pq_cfg(root), seed=3)
+    ctx = DataContext.get_current()
+    keep, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:  # rows in the order read: only the file shuffle changes the order between epochs
+        datasets, info, sizes = ray_datasets(_pq_cfg(root), seed=3)
+    finally:
+        ctx.execution_options.preserve_order = keep
     assert (info.img_size, info.in_chans) == (24, 3)
 
     def epoch(ds):

@@ -152,19 +152,18 @@ def _digits_folder(root: Path) -> None:
 
 def test_encoded_shards_stream_through_ray_data_into_ddp_training(ray_local, digits_cfg, tmp_path):
     """Image files -> encoded parquet shards -> Ray Data decodes on its own workers ->
-    2-worker DDP on disjoint shards; a corrupt image is dropped and counted, not a crash
-    (the new order each epoch: tests/data/test_parquet_stream.py)."""
+    2-worker DDP on disjoint shards; a shard of corrupt images is dropped and counted, not a
+    crash (nor a DDP hang: the ranks keep taking equal steps); the new order each epoch is
+    tests/data/test_parquet_stream.py's."""
     from metaensemble.data.parquet import write_image_folder
 
     _digits_folder(tmp_path / "folder")
     root = write_image_folder(tmp_path / "folder", tmp_path / "pq", image_size=16, shard_mb=0.05, progress=False)
-    f = sorted((root / "train").glob("*.parquet"))[1]
+    f = sorted((root / "train").glob("*.parquet"))[1]  # every image of one shard rots after writing
     t = pq.read_table(f)
-    images = t.column("image").to_pylist()
-    images[0] = b"\x89PNG rotten"
-    pq.write_table(t.set_column(0, "image", pa.array(images, pa.binary())).replace_schema_metadata(
-        pq.read_schema(f).metadata), f)
-    bad = int(t.column("index")[0].as_py())
+    pq.write_table(t.set_column(0, "image", pa.array([b"\x89PNG rotten"] * len(t), pa.binary()))
+                   .replace_schema_metadata(pq.read_schema(f).metadata), f)
+    bad = set(t.column("index").to_pylist())
     cfg = digits_cfg("data.name=parquet", f"data.root={root}", "scaling.num_workers=2", "train.epochs=1",
                      "model.kwargs.width=16", "data.batch_size=32", "data.augment=false", "data.shuffle_buffer=256",
                      "data.data_cpus=2")
@@ -174,12 +173,14 @@ def test_encoded_shards_stream_through_ray_data_into_ddp_training(ray_local, dig
     recs = _records(out)
     s0, s1 = (next(r for r in recs if r["rank"] == k)["seen"].tolist() for k in (0, 1))
     assert s0 and s1 and not (set(s0) & set(s1)), "Ray Data shards must be disjoint"
+    assert not bad & set(s0 + s1)
     n_train = json.loads((root / "meta.json").read_text())["sizes"]["train"]
-    assert bad not in s0 + s1 and len(s0 + s1) >= n_train - 1 - 2 * 32, "every other row, up to partial batches"
-    history = tracking.client().get_metric_history(outcome.run_id, "data_skipped")
-    assert [m.value for m in history] == [1.0], "the corrupt image is dropped and counted"
-    # one epoch reaches about 0.6; images paired with the wrong labels stay near 0.1
-    assert outcome.metrics["test_acc"] > 0.4, outcome.metrics
+    assert len(set(s0 + s1)) >= n_train - len(bad) - 2 * 32, "every readable row, up to the dropped partial batches"
+    (skipped,) = [m.value for m in tracking.client().get_metric_history(outcome.run_id, "data_skipped")]
+    assert len(bad) - 2 * 32 <= skipped <= len(bad), "the corrupt images are dropped and counted"
+    # one epoch reaches 0.35-0.6 (one shard short); images paired with the wrong labels stay
+    # near 0.1 (+-0.02 on these 359 test images)
+    assert outcome.metrics["test_acc"] > 0.25, outcome.metrics
 
 
 def test_a_pack_trains_each_member_as_alone_and_skips_finished_members(ray_local, digits_cfg, tmp_path):

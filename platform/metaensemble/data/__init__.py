@@ -67,6 +67,12 @@ def check(cfg) -> None:
 
         raise ConfigError(f"data.label_split is not supported for the streaming dataset {cfg.name!r}; write each "
                           f"part with jobs/prepare_data.py")
+    if cfg.transform != "standard" and cfg.name == "parquet":
+        from metaensemble.errors import ConfigError
+
+        raise ConfigError(f"data.transform={cfg.transform!r} is not supported for parquet shards yet: they are "
+                          f"augmented with RandomResizedCrop + flip (data.transform=standard); the DeiT recipe's "
+                          f"RandAugment and random erasing need data.name=imagefolder")
     if cfg.transform != "standard" and cfg.name != "imagefolder":
         from metaensemble.errors import ConfigError
 
@@ -151,6 +157,16 @@ def eval_splits(cfg):
         eval_loader(splits.test, splits.info, cfg.eval_batch_size)
 
 
+def info(cfg) -> DatasetInfo:
+    """``cfg``'s DatasetInfo; for parquet shards read from their meta.json, without
+    loading (let alone decoding) the images."""
+    if cfg.name == "parquet":
+        from metaensemble.data.parquet import read_meta
+
+        return read_meta(cfg)["info"]
+    return load(cfg).info
+
+
 def is_streaming(cfg) -> bool:
     return DATASETS.get(cfg.name).streaming
 
@@ -161,7 +177,7 @@ def names() -> list[str]:
 
 __all__ = [
     "ArrayLoader", "ArraySplit", "DATASETS", "DatasetInfo", "DatasetLoader", "DataSplits",
-    "RayShardLoader", "augment_batch", "check", "check_name", "eval_loader", "eval_splits", "is_streaming", "load",
+    "RayShardLoader", "augment_batch", "check", "check_name", "eval_loader", "eval_splits", "info", "is_streaming", "load",
     "names",
     "normalise", "split_indices",
 ]

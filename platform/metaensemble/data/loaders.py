@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from metaensemble.data.core import ArraySplit, DatasetInfo
+from metaensemble.errors import DataError
 
 _STATS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -206,12 +207,18 @@ class RayShardLoader:
     def __len__(self) -> int:
         return self._length or 0
 
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 31 + self.rank)
+    def _batches(self):
+        """(x uint8, y, index) per batch, unreadable rows dropped and counted. Training
+        (``shuffle``) takes full batches only and keeps every rank at the same number of
+        steps, which DDP needs: a batch left with no readable image repeats a readable
+        one (the previous, or the next when it comes first)."""
         kwargs = {}
-        if self.shuffle and self.shuffle_buffer:
-            kwargs = {"local_shuffle_buffer_size": max(self.shuffle_buffer, self.batch_size),
-                      "local_shuffle_seed": (self.seed * 1_000_003 + self.epoch * 7_919 + self.rank) % 2**32}
+        if self.shuffle:
+            kwargs["drop_last"] = True  # equal rows per rank (streaming_split): equal full batches
+            if self.shuffle_buffer:
+                kwargs.update(local_shuffle_buffer_size=max(self.shuffle_buffer, self.batch_size),
+                              local_shuffle_seed=(self.seed * 1_000_003 + self.epoch * 7_919 + self.rank) % 2**32)
+        last, owed = None, 0
         for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, **kwargs):
             x, y, index = batch["image"], batch["label"], batch["index"]
             if "ok" in batch and not bool(batch["ok"].all()):
@@ -219,7 +226,23 @@ class RayShardLoader:
                 self.skipped += int((~ok).sum())
                 x, y, index = x[ok], y[ok], index[ok]
                 if not len(y):
-                    continue
+                    if not self.shuffle:
+                        continue
+                    if last is None:
+                        owed += 1
+                        continue
+                    x, y, index = last
+            last = (x, y, index)
+            for _ in range(owed + 1):
+                yield last
+            owed = 0
+        if owed:
+            raise DataError(f"no readable image in this worker's share of the epoch (rank {self.rank}); "
+                            f"see data_skipped, and rewrite the shards with jobs/prepare_data.py")
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 31 + self.rank)
+        for x, y, index in self._batches():
             x = x.to(self.device)
             if self.augment:
                 x = augment_batch(x, self.info.family, gen)

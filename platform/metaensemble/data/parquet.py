@@ -190,7 +190,8 @@ def write_image_folder(src: str | Path, root: str | Path, *, image_size: int = 2
     The splits are the ImageFolder path's (``data.name=imagefolder``): val is held out from
     train/ with ``split_seed`` (``val_fraction``), test is val/; ``index`` is the position
     in ImageFolder's listing. Files are read one at a time and written one row group at a
-    time. A file that is not a readable image is skipped and listed in meta.json."""
+    time. A file that cannot be read, or is not a readable image, is skipped and listed in
+    meta.json."""
     from tqdm import tqdm
 
     src = Path(src)
@@ -216,8 +217,11 @@ def write_image_folder(src: str | Path, root: str | Path, *, image_size: int = 2
             w = _ShardWriter(tmp / name, dataset_id, shard_bytes=int(shard_mb * 2**20), group_rows=group_rows)
             for i in order[name].tolist():
                 path, label = sources[name][i]
-                data = Path(path).read_bytes()
-                if _readable(data):
+                try:
+                    data = Path(path).read_bytes()
+                except OSError:  # permissions, a flaky network mount: skipped and listed, like bad bytes
+                    data = b""
+                if data and _readable(data):
                     w.add(data, label, i)
                 else:
                     skipped.append(str(Path(path).relative_to(src)))

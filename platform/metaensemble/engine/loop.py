@@ -192,6 +192,10 @@ def _train_member(member: dict[str, Any], config: dict[str, Any], ckpt) -> None:
     model = build_initial_model(method, info, cfg) if restored is None else method.build_model(info)
     seed_rank(cfg.seed, rank)
     steps_per_epoch = cfg.train.steps_per_epoch or max(1, n_train // world // cfg.data.batch_size)
+    if restored is not None:
+        # checkpoints are per epoch: the schedule's position in this worker group's steps
+        # (an elastic run that resumed with fewer workers takes more steps per epoch)
+        state["global_step"] = state["epochs_done"] * steps_per_epoch
     base, model, optimizer, scheduler = _wrap(method, model, cfg, on_gpu, steps_per_epoch, state["global_step"])
     _check_exportable(method, method.export(base))  # before any epoch, not after the last
     best_weights: dict[str, torch.Tensor] | None = None

@@ -44,7 +44,9 @@ class RunOutcome:
 
 
 def validate(cfg: Config, method: methods.Method | None = None) -> None:
-    """Everything that can be checked before any work: names, files, model kwargs."""
+    """Everything that can be checked before any work: names, files, model kwargs, where
+    checkpoints go."""
+    cfg.resolved_storage_path()
     data.check(cfg.data)
     if method is None:
         methods.check_name(cfg.method)
@@ -122,6 +124,8 @@ def ensure_ray() -> None:
         ray.init(log_to_driver=True, logging_level=logging.WARNING, runtime_env=shipped_library())
     else:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
+        for k, v in RAY_DATA_ENV.items():
+            os.environ.setdefault(k, v)
         # the local instance's processes inherit this environment: the library this driver
         # runs comes first for its workers too (a second checkout next to an installed one)
         lib = str(Path(__file__).resolve().parents[2])
@@ -135,14 +139,35 @@ def shipped_library() -> dict[str, Any]:
     """The runtime env that gives every Ray worker of this driver the library the driver
     runs (``py_modules``), not a copy installed on the nodes, and the root its relative
     paths resolve against: the job's working directory when the driver runs from one
-    (``ray job submit --working-dir``; each node has its own copy, where its workers
-    start), else the driver's checkout (the same path on a shared filesystem)."""
-    import metaensemble
+    (``ray job submit --working-dir``; each node has its own copy, pinned by a worker
+    setup hook before Ray Train moves the worker elsewhere), else the driver's checkout
+    (the same path on a shared filesystem). Ray merges it with the job's own runtime env;
+    ``py_modules`` the job already ships are kept."""
+    import json
 
-    cwd = Path.cwd().resolve()
-    in_working_dir = "working_dir_files" in cwd.parts and REPO_ROOT == cwd
-    return {"py_modules": [str(Path(metaensemble.__file__).resolve().parent)],
-            "env_vars": {"METAENSEMBLE_ROOT": "." if in_working_dir else str(REPO_ROOT)}}
+    import metaensemble
+    from metaensemble.config import in_ray_working_dir
+
+    job_env: dict[str, Any] = {}
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        job_env = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]).get("runtime_env") or {}
+    env: dict[str, Any] = {"py_modules": [*job_env.get("py_modules", []),
+                                          str(Path(metaensemble.__file__).resolve().parent)]}
+    if job_env.get("py_modules"):  # the same key on both sides: ours carries the job's too
+        os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    job_vars = job_env.get("env_vars") or {}
+    env["env_vars"] = {k: v for k, v in RAY_DATA_ENV.items() if k not in job_vars}
+    if in_ray_working_dir():
+        env["worker_process_setup_hook"] = "metaensemble._root.pin_working_dir"
+    elif "METAENSEMBLE_ROOT" not in job_vars:
+        env["env_vars"]["METAENSEMBLE_ROOT"] = str(REPO_ROOT)
+    return env
+
+
+# Ray Data 2.60 lists a parquet dataset's files at the start of every epoch with a pool of
+# 32 fresh actors by default: measured, that pool cost a third of the images/s delivered
+# on 2 data CPUs (benchmarks/results/data_throughput.md); one actor reads the footers.
+RAY_DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 
 
 def scaling_config(cfg: Config):

@@ -358,6 +358,15 @@ def ensure_tracking() -> str:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file: noise in job logs
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
+        from metaensemble.config import in_ray_working_dir
+
+        if in_ray_working_dir() and not os.environ.get(ENV_HOME):
+            from metaensemble.errors import ConfigError
+
+            raise ConfigError("MLFLOW_TRACKING_URI is not set, and this job runs from Ray's copy of the submitted "
+                              "directory, which Ray deletes after the job: point it at an MLflow server, e.g. "
+                              "ray job submit --runtime-env-json '{\"env_vars\": {\"MLFLOW_TRACKING_URI\": "
+                              "\"http://HOST:5000\"}}' (cluster.yaml's head sets it for every node)")
         uri = _join(local_store_dir()).url
         os.environ["MLFLOW_TRACKING_URI"] = uri
     import mlflow

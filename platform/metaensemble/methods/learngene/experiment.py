@@ -119,7 +119,7 @@ def load_learngene(uri: str, cfg: Config):
 
         k = cfg.model.kwargs
         aux = load_original(uri, stages=k.get("stages", "L16_33433"), num_heads=k.get("num_heads", 12),
-                            img_size=data.load(cfg.data).info.img_size, patch_size=k.get("patch_size") or 16,
+                            img_size=data.info(cfg.data).img_size, patch_size=k.get("patch_size") or 16,
                             embed_dim=k.get("embed_dim"))
     else:
         aux = load(uri)
@@ -207,7 +207,7 @@ def run_descendants(cfg: Config) -> DescendantsOutcome:
     check_aux(cfg)
     uri = learngene_uri(cfg)
     aux = load_learngene(uri, cfg)
-    info = data.load(cfg.data).info
+    info = data.info(cfg.data)
     if (info.in_chans, info.img_size) != (aux.in_chans, aux.img_size):
         raise ConfigError(f"learngene {uri} takes {aux.in_chans}x{aux.img_size}x{aux.img_size} images, "
                           f"{cfg.data.name} has {info.in_chans}x{info.img_size}x{info.img_size}")

@@ -116,7 +116,7 @@ class LearngeneAux(Method):
         meta = read_meta(local_dir(self.cfg.learngene.teacher))
         k = meta["kwargs"].get("num_classes")
         if not data.is_streaming(self.cfg.data):
-            n = data.load(self.cfg.data).info.num_classes
+            n = data.info(self.cfg.data).num_classes
             if k != n:
                 raise CheckpointError(f"teacher {self.cfg.learngene.teacher} predicts {k} classes, but "
                                       f"{self.cfg.data.name} has {n}: the teacher must predict the aux-net's classes")

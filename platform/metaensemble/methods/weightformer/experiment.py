@@ -214,7 +214,7 @@ def plan(cfg: Config, *, train_missing: bool = True) -> Plan:
             e for e in zoo.teachers(tcfg.config_hash()) if e.seed in wanted
         ]
     have.sort(key=lambda e: e.seed)
-    info = data.load(cfg.data).info
+    info = data.info(cfg.data)
     spec = {
         "arch": student,
         "kwargs": {
