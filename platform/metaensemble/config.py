@@ -377,6 +377,9 @@ class Config(BaseModel):
             d["data"].pop("label_split", None)  # nor does an unset label split
         if not d["data"].get("cutout"):
             d["data"].pop("cutout", None)  # nor does cutout off
+        d["data"].pop("data_cpus", None)  # resources, not what is trained
+        if d["data"].get("shuffle_buffer") == DataConfig.model_fields["shuffle_buffer"].default:
+            d["data"].pop("shuffle_buffer", None)  # the default names no run (hashes from before it stay)
         d["scaling"] = {k: v for k, v in d["scaling"].items() if k in ("num_workers",)}
         if exclude_seed:
             d.pop("seed")
