@@ -165,7 +165,7 @@ def shipped_library() -> dict[str, Any]:
 
 
 # Ray Data 2.60 lists a parquet dataset's files at the start of every epoch with a pool of
-# 32 fresh actors by default: measured, that pool cost a third of the images/s delivered
+# 32 fresh actors by default: measured, that pool cost a quarter of the images/s delivered
 # on 2 data CPUs (benchmarks/results/data_throughput.md); one actor reads the footers.
 RAY_DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 
