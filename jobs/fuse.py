@@ -11,10 +11,11 @@ folders; or one network from each zoo of fusion.parent_configs, trained first if
 missing), aligns them across layers where their depths differ, fuses them by optimal
 transport against the anchor, and scores under one parent MLflow run: every parent,
 their ensemble, the naive average, the one-shot fused network, it finetuned, and KD
-import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
 from the parents into the fused shape for the same epochs. The fused network is
 registered as fused.<dataset>.<arch>; the layer alignment is a PNG in the run.
 """
+
+import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
 
 from metaensemble.cli import config_parser, run_job, work_done
 

@@ -14,9 +14,8 @@ statistics recomputed as in the meta-train table) and registered as
 
 from __future__ import annotations
 
+import _library  # noqa: F401  # isort: skip - this checkout's library first (jobs/_library.py)
 import argparse
-
-import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
 
 
 def main() -> int:

@@ -13,6 +13,7 @@ request through to the store's ``mlflow server`` unchanged and, in the HTML page
 "Model training" (the runs table) the default for a browser that has not chosen yet.
 """
 
+import _library  # noqa: F401  # isort: skip - this checkout's library first (jobs/_library.py)
 import argparse
 import http.client
 import signal
@@ -20,8 +21,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
-
-import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
 
 from metaensemble.tracking import LocalTrackingServer
 

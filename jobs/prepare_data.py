@@ -13,9 +13,8 @@ data.split_seed and data.val_fraction; for image folders test is val/). A file t
 not a readable image is skipped and listed in OUT/meta.json.
 """
 
+import _library  # noqa: F401  # isort: skip - this checkout's library first (jobs/_library.py)
 import argparse
-
-import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
 
 from metaensemble.cli import run_job
 

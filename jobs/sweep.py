@@ -8,9 +8,8 @@ override applies to the sweep's base config. Re-running the same command restore
 interrupted sweep.
 """
 
+import _library  # noqa: F401  # isort: skip - this checkout's library first (jobs/_library.py)
 import argparse
-
-import _library  # noqa: F401 - this checkout's library first (jobs/_library.py)
 
 from metaensemble.cli import run_job, work_done
 

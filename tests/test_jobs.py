@@ -12,6 +12,22 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.parametrize("job", sorted(p.name for p in __import__("pathlib").Path(REPO, "jobs").glob("*.py")
+                                         if p.name != "_library.py"))
+def test_every_job_imports_its_own_library_first(job):
+    """``import _library`` is each job's first statement (after the docstring and any
+    ``from __future__``): before it, an import could load an installed copy of the library
+    instead of the checkout's (jobs/fuse.py once had it inside its docstring)."""
+    import ast
+
+    body = ast.parse(open(os.path.join(REPO, "jobs", job)).read()).body
+    body = [n for n in body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+            and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+    first = body[0]
+    assert isinstance(first, ast.Import) and [a.name for a in first.names] == ["_library"], (
+        f"jobs/{job}: first statement is line {first.lineno}, not `import _library`")
+
+
 def _run(args, env_extra, timeout=600):
     env = {**os.environ, **env_extra}
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
