@@ -1,5 +1,5 @@
 """Fusion on digits, repeated over parent seeds: jobs/fuse.py's pipeline on three settings
-and its two other experiments, with the spec's claims checked (met or not).
+and its two other experiments, with the papers' claims checked (met or not).
 
     python benchmarks/fusion.py                 # 3 repeats (parent seeds) per setting
     python benchmarks/fusion.py --repeats 5
@@ -151,7 +151,7 @@ def cifar_timing() -> dict:
 
 
 def check(results: dict) -> dict[str, dict]:
-    """The spec's claims on the repeats' means, with the numbers they rest on."""
+    """The papers' claims on the repeats' means, with the numbers they rest on."""
     out = {}
     for name, shot, what in (("mlp_same", "ot", "OT one-shot far above the naive average (same architecture)"),
                              ("mlp_hetero", "cla", "mlp_hetero: CLA one-shot far above the naive average of the "

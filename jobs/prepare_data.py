@@ -2,7 +2,7 @@
 
     # an ImageNet-layout folder (train/<class>/*, val/<class>/*), streamed file by file
     # into shards of encoded images of at most --shard-mb each, with a progress bar:
-    python jobs/prepare_data.py --out /shared/imagenet-pq data.name=imagefolder data.root=/data/imagenet
+    python jobs/prepare_data.py --out /data/imagenet-pq data.name=imagefolder data.root=/data/imagenet
 
     # an in-memory dataset as uint8 arrays:
     python jobs/prepare_data.py --out data/digits-parquet

@@ -1,4 +1,4 @@
-"""Cross-layer alignment: testable properties 6-8 of /work/shared/design/methods/fusion.md.
+"""Cross-layer alignment: testable properties 6-8 of OT fusion (docs/fusion.md).
 
     6. DP = brute force        align (pins, forced pairs, allowed mask, errors)
     7. Identity insertion      balance: MLP, VGG (+BN), ResNet (basic, bottleneck, no norm)

@@ -1,5 +1,5 @@
-"""OT fusion: the "Testable properties" of /work/shared/design/methods/fusion.md (numbers
-below refer to that list).
+"""OT fusion: the method's testable properties (docs/fusion.md describes
+the method), numbered as below.
 
     1. Permutation recovery   fuse(f, permuted f) -> T = P/n, logits of f (MLP, VGG, ResNet)
     2. Self-fusion            fuse(f, f) = f (BN VGG and BN ResNet too)

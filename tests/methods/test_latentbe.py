@@ -1,5 +1,5 @@
-"""LatentBE and TDiv-SDiv: the "Testable properties" of
-/work/shared/design/methods/ensemble-distillation.md (numbers below refer to that list).
+"""LatentBE and TDiv-SDiv: the method's testable properties
+(docs/distill.md describes the method), numbered as below.
 
     1. KD target             member_kd_loss / ensemble_kd_loss
     2. BE layer              BEConv2d / BELinear / tile

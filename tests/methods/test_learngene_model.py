@@ -1,5 +1,5 @@
-"""Learngene models: the "Testable properties" 1-6 of /work/shared/design/methods/learngene.md
-(numbers below refer to that list), the default layers_source, the original checkpoints,
+"""Learngene models: the method's testable properties 1-6 (docs/learngene.md
+describes the method), numbered as below, the default layers_source, the original checkpoints,
 and the learngene as a saved model.
 
     1. Stage sharing        AuxViT: 5 unique blocks, layer -> stage map, Aux-S/B parameter counts

@@ -1,5 +1,5 @@
-"""SuperWeight ensembles without Ray: the spec's testable properties (design/methods/
-superweight.md, 1-9), the budget loop, the initialisation and bad input."""
+"""SuperWeight ensembles without Ray: the method's testable properties 1-9
+(docs/superweight.md), the budget loop, the initialisation and bad input."""
 
 from __future__ import annotations
 

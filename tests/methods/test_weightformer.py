@@ -1,6 +1,5 @@
-"""WeightFormer: the spec's testable properties, on real (small) networks, no Ray.
-
-Numbers refer to the list in methods/weightformer.md.
+"""WeightFormer: the method's testable properties (numbered in the tests' names and
+comments; the method is described in docs/weightformer.md), on real (small) networks, no Ray.
 """
 
 from __future__ import annotations
