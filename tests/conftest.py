@@ -12,6 +12,21 @@ import pytest
 
 from metaensemble.config import load_config
 
+# Fixtures that start real services: a test that uses one (or is marked ``slow`` itself,
+# e.g. it runs a job in a fresh process) is in the slow tier. The quick tier for the inner
+# loop is ``python -m pytest -q -m "not slow" tests``: no Ray, no MLflow server, no jobs.
+_SERVICE_FIXTURES = {"ray_local", "mlflow_uri", "ray_head", "cluster"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts Ray, an MLflow server or a job (left out of the quick tier)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory):
