@@ -424,7 +424,7 @@ def test_make_ensembles_are_distinct_and_in_range():
 def test_bn_recompute_is_the_exact_statistics_of_the_loader():
     """The one BN procedure of the table: the mean over every image of the loader and the
     mean of its batches' unbiased variances, whatever the running statistics were."""
-    from metaensemble.methods.weightformer.student import recompute_bn
+    from metaensemble.models.batchnorm import recompute_bn
 
     torch.manual_seed(0)
     net = create_model("convnet", num_classes=10, in_chans=1, img_size=8, width=4)

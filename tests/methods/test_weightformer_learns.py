@@ -99,11 +99,8 @@ def test_meta_training_moves_the_generator_beyond_its_base_on_held_out_ensembles
     docs/weightformer.md; on this zoo it does not.)"""
     from metaensemble.engine.optim import build_optimizer, build_scheduler
     from metaensemble.methods.weightformer.method import make_eval_loader
-    from metaensemble.methods.weightformer.student import (
-        build_student,
-        recompute_bn,
-        weight_average,
-    )
+    from metaensemble.methods.weightformer.student import build_student, weight_average
+    from metaensemble.models.batchnorm import recompute_bn
 
     paths, _ = zoo
     cfg = meta_cfg(paths, "meta.val_ensembles=12")

@@ -3,7 +3,7 @@
     config      the ``meta`` section (torch-free, read by the schema)
     tokens      state dict <-> per-layer neuron rows, the token layout
     generator   WeightFormer and the MLP baseline (registered models)
-    student     assembling, BN recompute, generating a student, drawing ensembles
+    student     assembling, generating a student (BN recomputed: models.batchnorm), drawing ensembles
     method      meta-training as an engine method
     experiment  the main job: zoo, runs side by side, the held-out evaluation
 """

@@ -51,12 +51,12 @@ from metaensemble.methods.weightformer.student import (
     build_student,
     generate_student,
     make_ensembles,
-    recompute_bn,
     relative_l2,
     weight_average,
 )
 from metaensemble.methods.weightformer.use import prepare
 from metaensemble.models import load, save_model
+from metaensemble.models.batchnorm import recompute_bn
 
 VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
     "weightformer": {},

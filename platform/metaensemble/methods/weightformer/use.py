@@ -31,11 +31,11 @@ from metaensemble.methods.weightformer.align import align_states
 from metaensemble.methods.weightformer.student import (
     build_student,
     generate_student,
-    recompute_bn,
     relative_l2,
     weight_average,
 )
 from metaensemble.methods.weightformer.tokens import tokenise
+from metaensemble.models.batchnorm import recompute_bn
 
 
 @dataclass
