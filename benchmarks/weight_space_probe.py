@@ -112,7 +112,7 @@ def main() -> int:
     from metaensemble import data, metrics
     from metaensemble.config import load_config
     from metaensemble.methods.base import predict_logp
-    from metaensemble.methods.kd import ensemble_kd_loss, load_teachers
+    from metaensemble.methods.distill import ensemble_kd_loss, load_teachers
     from metaensemble.methods.weightformer.experiment import plan as meta_plan
     from metaensemble.methods.weightformer.method import make_eval_loader
     from metaensemble.methods.weightformer.student import (

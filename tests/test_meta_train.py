@@ -153,7 +153,7 @@ def _edited_copy(tmp: Path) -> tuple[Path, str]:
 def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    from metaensemble.methods.kd import checkpoint_sha256
+    from metaensemble.methods.distill import checkpoint_sha256
     from metaensemble.models import load, local_dir
 
     dashboard, _, env = ray_head

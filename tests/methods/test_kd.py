@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from metaensemble.config import load_config
 from metaensemble.errors import ConfigError
-from metaensemble.methods.kd import EnsembleKD, ensemble_kd_loss
+from metaensemble.methods.distill import EnsembleKD, ensemble_kd_loss
 
 
 def _logits(seed):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from metaensemble.config import load_config
 from metaensemble.errors import CheckpointError, ConfigError
-from metaensemble.methods.kd.method import ensemble_kd_loss, teacher_logits
+from metaensemble.methods.distill import ensemble_kd_loss, teacher_logits
 from metaensemble.methods.latentbe.batchensemble import (
     BE_LAYERS,
     BEConv2d,

@@ -126,7 +126,7 @@ def test_ensemble_size_above_the_maximum_is_refused():
 # ---- 4 and 8: gradients ------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["weightformer", "mlp_generator"])
 def test_loss_through_functional_call_reaches_every_generator_parameter_and_no_teacher(name):
-    from metaensemble.methods.kd import ensemble_kd_loss
+    from metaensemble.methods.distill import ensemble_kd_loss
 
     g = gen(name)
     teachers = nets(n=4, width=4)

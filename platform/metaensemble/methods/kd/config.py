@@ -33,4 +33,4 @@ class DistillConfig(Section):
 
 
 register_section("distill", DistillConfig)
-register_method("kd", "metaensemble.methods.kd.method:EnsembleKD", sections=("distill",))
+register_method("kd", "metaensemble.methods.distill:EnsembleKD", sections=("distill",))

@@ -41,7 +41,7 @@ from metaensemble.evaluation import (
     train_seconds,
 )
 from metaensemble.methods.base import predict_logp
-from metaensemble.methods.kd import load_teachers
+from metaensemble.methods.distill import load_teachers
 from metaensemble.methods.weightformer.method import (
     WeightFormerMethod,
     check_disjoint,

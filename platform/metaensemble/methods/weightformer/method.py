@@ -31,7 +31,12 @@ from metaensemble.config import Config
 from metaensemble.data import DatasetInfo
 from metaensemble.errors import ConfigError, ZooError
 from metaensemble.methods.base import Method
-from metaensemble.methods.kd import LoadedTeacher, ensemble_kd_loss, load_teachers, teacher_logits
+from metaensemble.methods.distill import (
+    LoadedTeacher,
+    ensemble_kd_loss,
+    load_teachers,
+    teacher_logits,
+)
 from metaensemble.methods.weightformer.align import align_states
 from metaensemble.methods.weightformer.generator import GENERATORS, segment_scale
 from metaensemble.methods.weightformer.student import (

@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from metaensemble import tracking
 from metaensemble.config import Config, load_config
 from metaensemble.errors import ConfigError
-from metaensemble.methods.kd import load_teachers
+from metaensemble.methods.distill import load_teachers
 from metaensemble.methods.weightformer.align import align_states
 from metaensemble.methods.weightformer.student import (
     build_student,
