@@ -10,7 +10,7 @@ import uuid
 import numpy as np
 import pytest
 
-from metaensemble.config import load_config
+from metaensemble.validation import load_config
 
 
 @pytest.fixture(scope="session")

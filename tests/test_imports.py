@@ -14,10 +14,18 @@ the importing module to the module it names:
   real circle, since it reads the package half-initialised when the package is what was
   imported first.
 
+Imports by a computed name are plugin lookups and invisible here: the method registry
+imports every ``methods/<name>/config.py`` it finds, and the model registry the modules
+of architectures that live with a method. Neither imports back what finds it (a method
+config imports only ``config``; the plugin modules register into ``models.registry``);
+the last test imports the registry for real.
+
 On top of "no circles", the layering ARCHITECTURE.md asks for: ``config`` (the schema)
-imports nothing of the library but ``errors`` (a leaf: exception classes, no imports);
-one method's folder never imports another's; the method registry, and the method config
-modules it discovers, import no torch (nor ray or mlflow).
+imports nothing of the library but ``errors`` (a leaf: exception classes, no imports,
+where ``ConfigError`` lives for every layer); one method's folder never imports
+another's (shared helpers live beside them, ``methods/base.py``, ``methods/distill.py``,
+or below them, ``models/batchnorm.py``, ``transport.py``); the method registry, and the
+method config modules it discovers, import no torch (nor ray or mlflow).
 
 ``python tests/test_imports.py`` prints the strongly connected components and the
 offending edges.

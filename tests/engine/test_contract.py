@@ -341,7 +341,7 @@ def test_kd_teachers_of_another_architecture_load_once_frozen(tmp_path, digits_c
 def test_validating_a_config_imports_no_torch():
     import subprocess
 
-    code = ("import sys; from metaensemble.config import build_config; "
+    code = ("import sys; import metaensemble.methods; from metaensemble.config import build_config; "
             "c = build_config({'method': 'weightformer', 'meta': {'ensemble_size': 3}, 'distill': {'alpha': 0.5}}); "
             "assert c.meta.ensemble_size == 3 and c.distill.alpha == 0.5; "
             "bad = [m for m in ('torch', 'ray', 'mlflow') if m in sys.modules]; print(bad); assert not bad, bad")

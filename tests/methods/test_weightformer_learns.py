@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from metaensemble import data
-from metaensemble.config import load_config
 from metaensemble.methods.base import Method
 from metaensemble.methods.distill import ensemble_kd_loss
 from metaensemble.methods.weightformer import WeightFormerMethod
 from metaensemble.methods.weightformer.student import generate_student
 from metaensemble.models import create_model, save_model
+from metaensemble.validation import load_config
 
 ZOO = 24
 
