@@ -66,9 +66,9 @@ def step_times(cfg, teachers: list[str], steps: int = 20, repeats: int = 5) -> d
 
 
 def main() -> int:
-    from metaensemble.config import load_config
     from metaensemble.evaluation import format_seed_table
     from metaensemble.methods.latentbe import experiment
+    from metaensemble.validation import load_config
 
     cfg = load_config("configs/distill/digits.yaml", sys.argv[1:])
     t0 = time.perf_counter()

@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--amp", action="store_true")
     args = p.parse_args()
 
-    from metaensemble.config import load_config
+    from metaensemble.validation import load_config
 
     work = Path(tempfile.mkdtemp(prefix="me-bench-"))
     os.environ.setdefault("METAENSEMBLE_MLFLOW_HOME", str(work / "mlflow"))

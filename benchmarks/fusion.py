@@ -56,9 +56,9 @@ def main() -> int:
         (OUT / "fusion.json").write_text(json.dumps(payload, indent=2))
         (OUT / "fusion.md").write_text(markdown(payload))
         return 0
-    from metaensemble.config import load_config
     from metaensemble.methods.fusion import experiment
     from metaensemble.teachers import zoo_teachers
+    from metaensemble.validation import load_config
 
     t_all = time.perf_counter()
     results: dict[str, dict] = {}
@@ -113,7 +113,7 @@ def main() -> int:
 
 CHILD = """
 import json, resource, sys, time, torch
-from metaensemble.config import load_config
+from metaensemble.validation import load_config
 from metaensemble import data
 from metaensemble.models import create_model
 from metaensemble.methods.fusion.pipeline import fuse_parents

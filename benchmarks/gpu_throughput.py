@@ -124,7 +124,7 @@ def _common_overrides(s: Settings, work: Path, name: str) -> list[str]:
 
 def resnet_config(s: Settings, work: Path):
     """Supervised ResNet-50 (ImageNet stem at every size, so the smoke runs the same net)."""
-    from metaensemble.config import load_config
+    from metaensemble.validation import load_config
 
     return load_config(None, [*_common_overrides(s, work, "resnet50"), "model.name=resnet50",
                               "model.kwargs.stem=imagenet"])
@@ -132,7 +132,7 @@ def resnet_config(s: Settings, work: Path):
 
 def aux_config(s: Settings, work: Path, teacher_file: Path):
     """The recipe's aux-net stage (method learngene), on synthetic data, one worker."""
-    from metaensemble.config import load_config
+    from metaensemble.validation import load_config
 
     over = [*_common_overrides(s, work, "aux_vit"), f"learngene.teacher={teacher_file}",
             "learngene.teacher_arch=null", "learngene.teacher_kwargs={}"]

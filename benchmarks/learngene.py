@@ -85,8 +85,8 @@ def throughput(shapes: list[dict]) -> list[dict]:
 
 def main() -> int:
     from metaensemble.cli import work_done
-    from metaensemble.config import load_config
     from metaensemble.methods.learngene import experiment
+    from metaensemble.validation import load_config
 
     cfg = load_config("configs/learngene/digits.yaml", sys.argv[1:])
     t0 = time.perf_counter()

@@ -88,8 +88,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seeds", type=int, nargs="*", default=[], help="extra seeds (the default run is seed 0)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    from metaensemble.config import load_config
     from metaensemble.methods.weightformer import experiment
+    from metaensemble.validation import load_config
 
     cfg = load_config("configs/meta/digits.yaml", args.overrides)
     out, wall = _run(cfg)

@@ -89,8 +89,8 @@ def step_times(cfg, run_id: str, repeats: int = 30) -> dict[str, float]:
 
 
 def one_seed(seed: int, overrides: list[str], d: str) -> dict:
-    from metaensemble.config import load_config
     from metaensemble.methods.superweight import experiment
+    from metaensemble.validation import load_config
 
     cfg = load_config(CONFIG, [f"storage_path={d}/ray", f"seed={seed}", "experiment=bench/superweight",
                                *overrides])

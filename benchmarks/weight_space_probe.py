@@ -110,17 +110,14 @@ def main() -> int:
     args = ap.parse_args()
 
     from metaensemble import data, metrics
-    from metaensemble.config import load_config
     from metaensemble.methods.base import predict_logp
-    from metaensemble.methods.kd import ensemble_kd_loss, load_teachers
-    from metaensemble.methods.weightformer.experiment import plan as meta_plan
+    from metaensemble.methods.distill import ensemble_kd_loss, load_teachers
     from metaensemble.methods.weightformer.method import make_eval_loader
-    from metaensemble.methods.weightformer.student import (
-        recompute_bn,
-        student_logits,
-        weight_average,
-    )
+    from metaensemble.methods.weightformer.plan import plan as meta_plan
+    from metaensemble.methods.weightformer.student import student_logits, weight_average
     from metaensemble.models import create_model
+    from metaensemble.models.batchnorm import recompute_bn
+    from metaensemble.validation import load_config
 
     t_start = time.perf_counter()
     cfg = load_config(args.config, args.overrides)

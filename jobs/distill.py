@@ -20,7 +20,7 @@ def main() -> int:
     p = config_parser(__doc__.splitlines()[0], "configs/distill/digits.yaml")
     p.add_argument("--no-train-zoo", action="store_true", help="fail instead of training missing zoo teachers")
     args = p.parse_args()
-    from metaensemble.config import load_config
+    from metaensemble.validation import load_config
 
     overrides = [f"distill.{o}" if o.startswith("methods=") else o for o in args.overrides]
     cfg = load_config(args.config, overrides)  # validated before Ray or MLflow start

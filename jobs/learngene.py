@@ -25,7 +25,7 @@ def main() -> int:
                       {"aux": "stage 1, the aux-net", "descendants": "stage 2, descendants vs random init"})
     p.add_argument("--no-train-zoo", action="store_true", help="fail instead of training a missing zoo teacher")
     args = p.parse_args()
-    from metaensemble.config import load_config
+    from metaensemble.validation import load_config
 
     short = ("depths=", "layers_source=", "learngene=", "teacher=", "style=")  # learngene.<key> shorthands
     overrides = [f"learngene.{o}" if o.startswith(short) else o for o in args.overrides]

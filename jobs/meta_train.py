@@ -18,13 +18,13 @@ def main() -> int:
     p = config_parser(__doc__.splitlines()[0], "configs/meta/digits.yaml")
     p.add_argument("--no-train-zoo", action="store_true", help="fail instead of training missing zoo teachers")
     args = p.parse_args()
-    from metaensemble.config import load_config
+    from metaensemble.validation import load_config
 
     cfg = load_config(args.config, args.overrides)  # validated before Ray or MLflow start
     from metaensemble import tracking
-    from metaensemble.methods.weightformer import experiment
+    from metaensemble.methods.weightformer import experiment, plan
 
-    experiment.validate(cfg)
+    plan.validate(cfg)
     out = experiment.run(cfg, train_missing=not args.no_train_zoo)
     work_done()
     print()

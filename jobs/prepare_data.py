@@ -28,7 +28,7 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", metavar="data.key=value")
     args = p.parse_args()
     from metaensemble import data
-    from metaensemble.config import load_config, resolve_path
+    from metaensemble.config import resolve_path
     from metaensemble.data.parquet import (
         image_folder_layout,
         read_meta,
@@ -36,6 +36,7 @@ def main() -> int:
         write_parquet,
     )
     from metaensemble.errors import ConfigError, DataError
+    from metaensemble.validation import load_config
 
     cfg = load_config(None, args.overrides)
     d = cfg.data

@@ -22,7 +22,7 @@ from metaensemble.cli import config_parser, run_job, work_done
 def main() -> int:
     p = config_parser(__doc__.splitlines()[0], "configs/superweight/digits.yaml")
     args = p.parse_args()
-    from metaensemble.config import load_config
+    from metaensemble.validation import load_config
 
     cfg = load_config(args.config, args.overrides)  # validated before Ray or MLflow start
     from metaensemble import tracking

@@ -12,7 +12,7 @@ from metaensemble.cli import config_parser, run_job, work_done
 
 def main() -> int:
     args = config_parser(__doc__.splitlines()[0], "configs/teachers/digits.yaml").parse_args()
-    from metaensemble.config import load_config
+    from metaensemble.validation import load_config
 
     cfg = load_config(args.config, args.overrides)  # validated before Ray or MLflow start
     from metaensemble import tracking

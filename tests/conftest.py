@@ -10,7 +10,7 @@ import uuid
 import numpy as np
 import pytest
 
-from metaensemble.config import load_config
+from metaensemble.validation import load_config
 
 # Fixtures that start real services: a test that uses one (or is marked ``slow`` itself,
 # e.g. it runs a job in a fresh process) is in the slow tier. The quick tier for the inner

@@ -1,8 +1,9 @@
 import pytest
 import yaml
 
-from metaensemble.config import Config, load_config, parse_overrides, save_config
+from metaensemble.config import Config, parse_overrides, save_config
 from metaensemble.errors import ConfigError
+from metaensemble.validation import load_config
 
 
 def test_yaml_and_overrides_resolve_with_types():

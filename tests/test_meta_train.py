@@ -105,9 +105,9 @@ def _register_zoo(tmp: Path, overrides: list[str], mlflow_uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     from metaensemble import data
-    from metaensemble.config import load_config
     from metaensemble.models import create_model, save_model
     from metaensemble.tracking import TeacherZoo
+    from metaensemble.validation import load_config
 
     meta = load_config("configs/meta/digits.yaml", overrides)
     tcfg = load_config(meta.meta.teacher_config, [f"zoo.num_teachers={meta.meta.zoo_size}"])
@@ -153,7 +153,7 @@ def _edited_copy(tmp: Path) -> tuple[Path, str]:
 def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    from metaensemble.methods.kd import checkpoint_sha256
+    from metaensemble.methods.distill import checkpoint_sha256
     from metaensemble.models import load, local_dir
 
     dashboard, _, env = ray_head

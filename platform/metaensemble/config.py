@@ -1,8 +1,11 @@
 """Typed experiment configs: a YAML file plus dotted ``key.sub=value`` overrides.
 
-A config is validated completely (unknown keys, wrong types, unknown registry names,
-missing data roots) before a job touches Ray or MLflow. The resolved config is what
-every run saves next to its results, and its hash names the run.
+The schema: the core sections, and the method sections the method registry declares
+(``declare_methods``). It imports nothing of the library but ``errors``: the names in a
+config (method, dataset, model) are checked against their registries by
+``metaensemble.validation.load_config``, which jobs call before they touch Ray or
+MLflow. The resolved config is what every run saves next to its results, and its hash
+names the run.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -204,96 +206,50 @@ class Section(_Strict):
     eval_only: ClassVar[tuple[str, ...]] = ()
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """What the schema knows of a method without importing it (no torch)."""
-
-    name: str
-    impl: str
-    """``module:Class`` of the engine method, imported only when a run is built."""
-    sections: tuple[str, ...] = ()
-    """Config sections the method reads; only these name its runs."""
-    models: tuple[str, ...] = ()
-    """Architectures that live with the method (registered when ``models_module`` is imported)."""
-    models_module: str | None = None
-
-
 _SECTIONS: dict[str, type[Section]] = {}
-_METHODS: dict[str, MethodSpec] = {}
-_discovered = False
+_READS: dict[str, tuple[str, ...]] = {}
+"""Method name -> the sections it reads (only these name its runs)."""
 
 
-def register_section(name: str, cls: type[Section]) -> type[Section]:
-    """Add a top-level config section (``cfg.<name>``) owned by a method."""
-    if name in Config.model_fields:
-        raise ValueError(f"config section {name!r} is a core section")
-    if _SECTIONS.get(name, cls) is not cls:
-        raise ValueError(f"config section {name!r} registered twice")
-    _SECTIONS[name] = cls
-    return cls
+def declare_methods(sections: dict[str, type[Section]], reads: dict[str, tuple[str, ...]]) -> None:
+    """Tell the schema the method sections (``cfg.<name>``, each filled with its defaults
+    when absent) and which sections each method reads. The method registry
+    (``metaensemble.methods.registry``) does, when imported: the schema imports no method."""
+    core = sorted(set(sections) & set(Config.model_fields))
+    if core:
+        raise ValueError(f"config sections {core} are core sections")
+    unknown = sorted({s for r in reads.values() for s in r} - set(sections))
+    if unknown:
+        raise ValueError(f"methods read config sections {unknown} that are not declared")
+    _SECTIONS.clear()
+    _SECTIONS.update(sections)
+    _READS.clear()
+    _READS.update({name: tuple(r) for name, r in reads.items()})
 
 
-def register_method(name: str, impl: str, *, sections: tuple[str, ...] = (), models: tuple[str, ...] = (),
-                    models_module: str | None = None) -> MethodSpec:
-    """Declare a method to the schema: its name, where its class lives, what it reads."""
-    if name in _METHODS and _METHODS[name].impl != impl:
-        raise ValueError(f"method {name!r} registered twice")
-    spec = MethodSpec(name, impl, tuple(sections), tuple(models), models_module)
-    _METHODS[name] = spec
-    return spec
-
-
-def discover_methods() -> None:
-    """Import every ``metaensemble.methods.<name>.config`` module (torch-free), once.
-
-    A method is a folder under ``methods/`` whose ``config.py`` registers its section(s)
-    and itself; nothing shared lists them."""
-    global _discovered
-    if _discovered:
-        return
-    import importlib
-    import pkgutil
-
-    pkg = importlib.import_module("metaensemble.methods")
-    for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if not m.ispkg:
-            continue
-        name = f"metaensemble.methods.{m.name}.config"
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-    _discovered = True  # only once every method imported: a broken one fails every time
-
-
-def method_spec(name: str) -> MethodSpec:
-    discover_methods()
-    if name not in _METHODS:
-        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
-
-
-def method_names() -> list[str]:
-    discover_methods()
-    return sorted(_METHODS)
+def _declared() -> None:
+    if not _READS:
+        raise RuntimeError("the config schema knows no method yet: import metaensemble.methods (its registry "
+                           "declares them; metaensemble.validation.load_config does) before building a Config")
 
 
 def sections() -> dict[str, type[Section]]:
-    discover_methods()
+    _declared()
     return dict(_SECTIONS)
 
 
-def model_plugins() -> dict[str, str]:
-    """Architecture name -> module that registers it, for architectures owned by methods."""
-    discover_methods()
-    return {a: s.models_module for s in _METHODS.values() for a in s.models if s.models_module}
+def method_reads(name: str) -> tuple[str, ...]:
+    """The sections method ``name`` reads; an unknown method lists the known ones."""
+    _declared()
+    if name not in _READS:
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(_READS))}")
+    return _READS[name]
 
 
 class Config(BaseModel):
     """The whole experiment: the core sections below plus every method's own section
-    (``cfg.distill``, ``cfg.meta``, ...: see ``register_section``), each filled with its
-    defaults when absent."""
+    (``cfg.distill``, ``cfg.meta``, ...: the method registry declares them, see
+    ``declare_methods``), each filled with its defaults when absent."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
@@ -327,8 +283,8 @@ class Config(BaseModel):
     @model_validator(mode="after")
     def _method_sections(self) -> Config:
         # The method name and every method section are checked here (torch-free); data
-        # and model names against their registries in ``check_names``.
-        method_spec(self.method)
+        # and model names against their registries in ``validation.check_names``.
+        method_reads(self.method)
         known = sections()
         extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
         for key in list(extra):
@@ -364,7 +320,7 @@ class Config(BaseModel):
         for k in ("storage_path", "experiment", "zoo"):
             d.pop(k, None)
         # Sections a method does not read do not name its runs.
-        reads = method_spec(self.method).sections
+        reads = method_reads(self.method)
         for name, cls in sections().items():
             if name not in reads:
                 d.pop(name, None)
@@ -397,7 +353,7 @@ class Config(BaseModel):
         items = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         for key, value in items.items():
             _set_dotted(d, key, value)
-        return check_names(build_config(d))
+        return build_config(d)
 
     def section(self, name: str) -> Section:
         """A method's section by name (``cfg.section("meta")`` is ``cfg.meta``)."""
@@ -410,16 +366,6 @@ class Config(BaseModel):
 
 def _top_keys() -> list[str]:
     return sorted([*Config.model_fields, *sections()])
-
-
-def check_names(cfg: Config) -> Config:
-    """Data and model names against their registries (imports them, and so torch).
-    Jobs call this through ``load_config``; the schema alone never does."""
-    from metaensemble import data, models
-
-    data.check_name(cfg.data.name)
-    models.check_name(cfg.model.name)
-    return cfg
 
 
 def resolve_path(p: str | Path) -> Path:
@@ -535,8 +481,9 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults), apply dotted overrides, validate."""
+def read_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply dotted overrides, validate the schema.
+    Jobs call ``metaensemble.validation.load_config``, which also checks the names."""
     d: dict[str, Any] = {}
     if path is not None:
         p = resolve_path(path)
@@ -554,7 +501,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _set_dotted(d, key, value)
     if isinstance(parsed.get("scaling.num_workers"), int) and "scaling.min_workers" not in parsed:
         d["scaling"]["min_workers"] = None  # a fixed count replaces an elastic [min, max]
-    return check_names(build_config(d))
+    return build_config(d)
 
 
 def in_ray_working_dir() -> bool:

@@ -312,7 +312,7 @@ def test_init_from_loads_weights_and_names_every_mismatched_tensor(tmp_path, dig
 # ---- teachers of any architecture ----------------------------------------------------------------
 def test_kd_teachers_of_another_architecture_load_once_frozen(tmp_path, digits_cfg):
     from metaensemble.errors import CheckpointError
-    from metaensemble.methods.kd import EnsembleKD
+    from metaensemble.methods.distill import EnsembleKD
 
     teacher = create_model("mlp", num_classes=10, in_chans=1, img_size=8)
     models.save_model(teacher, tmp_path / "t", dataset="digits")
@@ -341,7 +341,7 @@ def test_kd_teachers_of_another_architecture_load_once_frozen(tmp_path, digits_c
 def test_validating_a_config_imports_no_torch():
     import subprocess
 
-    code = ("import sys; from metaensemble.config import build_config; "
+    code = ("import sys; import metaensemble.methods; from metaensemble.config import build_config; "
             "c = build_config({'method': 'weightformer', 'meta': {'ensemble_size': 3}, 'distill': {'alpha': 0.5}}); "
             "assert c.meta.ensemble_size == 3 and c.distill.alpha == 0.5; "
             "bad = [m for m in ('torch', 'ray', 'mlflow') if m in sys.modules]; print(bad); assert not bad, bad")

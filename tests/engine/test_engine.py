@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from metaensemble import data, tracking
-from metaensemble.config import DataConfig, load_config
+from metaensemble.config import DataConfig
 from metaensemble.engine import fit
 from metaensemble.errors import ConfigError, DataError
 from metaensemble.methods import Method
 from metaensemble.models import unwrap
+from metaensemble.validation import load_config
 
 
 class RecordingMethod(Method):
@@ -279,7 +280,7 @@ def test_bad_input_fails_before_anything_is_written(ray_local, digits_cfg, tmp_p
 
 DRIVER = """
 import sys, time
-from metaensemble.config import load_config
+from metaensemble.validation import load_config
 from metaensemble.engine import fit
 from metaensemble.methods import Method
 

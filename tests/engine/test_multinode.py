@@ -176,7 +176,7 @@ params:
 
 DRIVER = """
 import sys
-from metaensemble.config import load_config
+from metaensemble.validation import load_config
 from metaensemble.engine import fit
 out = fit(load_config("configs/teachers/digits.yaml", sys.argv[1:]))
 print("RUN", out.run_id, flush=True)

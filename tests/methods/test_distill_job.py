@@ -15,11 +15,12 @@ import torch
 import yaml
 
 from metaensemble import tracking
-from metaensemble.config import REPO_ROOT, load_config
+from metaensemble.config import REPO_ROOT
 from metaensemble.errors import CheckpointError, ConfigError
 from metaensemble.evaluation import format_seed_table
 from metaensemble.methods.latentbe import experiment
 from metaensemble.methods.latentbe.batchensemble import BE_LAYERS
+from metaensemble.validation import load_config
 
 
 def _teacher_recipe(tmp: Path, **changes) -> Path:

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from metaensemble import data, engine, tracking
-from metaensemble.config import REPO_ROOT, load_config
+from metaensemble.config import REPO_ROOT
 from metaensemble.errors import CheckpointError, ConfigError
 from metaensemble.methods.fusion import experiment
 from metaensemble.methods.fusion.pipeline import fuse_parents
 from metaensemble.models import create_model, load, save_model
+from metaensemble.validation import load_config
 
 
 def _train(hidden, seed: int, tmp: Path, label_split=None, epochs: int = 8) -> str:

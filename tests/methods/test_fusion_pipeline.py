@@ -10,12 +10,12 @@ import torch
 import torch.nn as nn
 
 from metaensemble import data
-from metaensemble.config import load_config
 from metaensemble.errors import ConfigError
 from metaensemble.methods.fusion import cla, ot
 from metaensemble.methods.fusion.pipeline import average, bn_batches, fuse_parents
 from metaensemble.methods.fusion.structure import generic_spec, structure
 from metaensemble.models import create_model
+from metaensemble.validation import load_config
 
 
 @pytest.fixture(scope="module")

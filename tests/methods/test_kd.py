@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metaensemble.config import load_config
 from metaensemble.errors import ConfigError
-from metaensemble.methods.kd import EnsembleKD, ensemble_kd_loss
+from metaensemble.methods.distill import EnsembleKD, ensemble_kd_loss
+from metaensemble.validation import load_config
 
 
 def _logits(seed):

@@ -24,9 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metaensemble.config import load_config
 from metaensemble.errors import CheckpointError, ConfigError
-from metaensemble.methods.kd.method import ensemble_kd_loss, teacher_logits
+from metaensemble.methods.distill import ensemble_kd_loss, teacher_logits
 from metaensemble.methods.latentbe.batchensemble import (
     BE_LAYERS,
     BEConv2d,
@@ -48,6 +47,7 @@ from metaensemble.methods.latentbe.method import (
     member_kd_loss,
 )
 from metaensemble.models import create_model, load, save_model
+from metaensemble.validation import load_config
 
 T = 4.0
 

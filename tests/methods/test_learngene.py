@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from metaensemble import data, tracking
-from metaensemble.config import load_config
 from metaensemble.errors import CheckpointError, ConfigError
 from metaensemble.methods.learngene import experiment
 from metaensemble.methods.learngene.method import LearngeneAux, load_foreign_teacher, soft_kd_loss
 from metaensemble.models import create_model, save_model
+from metaensemble.validation import load_config
 
 TINY = "model.kwargs={embed_dim: 16, num_heads: 2, stages: L4_22, patch_size: 2}"
 

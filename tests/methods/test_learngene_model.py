@@ -29,7 +29,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from metaensemble.config import load_config
 from metaensemble.errors import CheckpointError, ConfigError
 from metaensemble.methods.learngene.model import (
     AuxViT,
@@ -42,6 +41,7 @@ from metaensemble.methods.learngene.model import (
 )
 from metaensemble.methods.learngene.original import load_original, read_original, to_original_state
 from metaensemble.models import create_model, load, save_model
+from metaensemble.validation import load_config
 
 SUBLAYERS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 SMALL = {"num_classes": 10, "in_chans": 3, "img_size": 16, "patch_size": 4, "embed_dim": 48}

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metaensemble.config import load_config
 from metaensemble.data import DatasetInfo
 from metaensemble.errors import ConfigError
 from metaensemble.methods.superweight import sharing as sh
@@ -23,6 +22,7 @@ from metaensemble.methods.superweight.model import (
     tier_boxes,
     wrn_convs,
 )
+from metaensemble.validation import load_config
 
 MEMBERS = [(16, 1.0), (16, 0.5), (10, 1.0)]
 INFO = DatasetInfo(name="digits", num_classes=10, in_chans=1, img_size=8, mean=(0.5,), std=(0.25,), family="digits")

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from metaensemble import tracking
-from metaensemble.config import REPO_ROOT, load_config
+from metaensemble.config import REPO_ROOT
 from metaensemble.engine import fit
 from metaensemble.methods.superweight.method import SuperWeight
 from metaensemble.models import unwrap
+from metaensemble.validation import load_config
 
 
 class RecordingSuperWeight(SuperWeight):

@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from metaensemble.config import load_config
 from metaensemble.errors import ConfigError, ZooError
 from metaensemble.methods.weightformer import WeightFormerMethod
 from metaensemble.methods.weightformer.generator import student_skeleton
-from metaensemble.methods.weightformer.method import check_disjoint
+from metaensemble.methods.weightformer.plan import check_disjoint, check_generator
 from metaensemble.methods.weightformer.student import (
     assemble,
     ensemble_input,
@@ -22,6 +21,7 @@ from metaensemble.methods.weightformer.student import (
 )
 from metaensemble.methods.weightformer.tokens import detokenise, token_index, tokenise
 from metaensemble.models import create_model, save_model
+from metaensemble.validation import load_config
 
 SHAPE = {"num_classes": 10, "in_chans": 1, "img_size": 8}
 
@@ -125,7 +125,7 @@ def test_ensemble_size_above_the_maximum_is_refused():
 # ---- 4 and 8: gradients ------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["weightformer", "mlp_generator"])
 def test_loss_through_functional_call_reaches_every_generator_parameter_and_no_teacher(name):
-    from metaensemble.methods.kd import ensemble_kd_loss
+    from metaensemble.methods.distill import ensemble_kd_loss
 
     g = gen(name)
     teachers = nets(n=4, width=4)
@@ -378,8 +378,8 @@ def test_bad_teacher_inputs_are_refused_with_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="base must be one of anchor, mean, mix"):
         gen(base="median")
     with pytest.raises(ConfigError, match="sequential student"):
-        WeightFormerMethod(meta_cfg(paths, "meta.align=permutation", "model.kwargs.student=resnet18",
-                                    "model.kwargs.student_kwargs={width: 4, stem: cifar}")).validate_generator()
+        check_generator(meta_cfg(paths, "meta.align=permutation", "model.kwargs.student=resnet18",
+                                 "model.kwargs.student_kwargs={width: 4, stem: cifar}"))
     with pytest.raises(ZooError, match="fewer than the ensemble size K=3"):
         WeightFormerMethod(meta_cfg(paths, "meta.train_k=[]", k=3)).validate()
     # a teacher of another width than the student
@@ -397,16 +397,16 @@ def test_bad_teacher_inputs_are_refused_with_clear_errors(tmp_path):
 def test_the_default_config_and_every_run_it_starts_validate():
     """The main job validates the generator of every variant it will train (the MLP's own
     K, its report_k) before any work, so none fails after the zoo has been trained."""
-    from metaensemble.methods.weightformer import experiment
+    from metaensemble.methods.weightformer import plan
 
     cfg = load_config("configs/meta/digits.yaml")
-    experiment.validate(cfg)
-    variants = experiment.variant_configs(cfg)
+    plan.validate(cfg)
+    variants = plan.variant_configs(cfg)
     assert set(variants) == {"weightformer", *cfg.meta.ablations}
     assert variants["mlp"].meta.report_k == [] and variants["mlp"].meta.train_k == []
     # what the variant check catches: an MLP generator asked for more than its one K
     with pytest.raises(ConfigError, match="cannot take"):
-        experiment._GeneratorOnly(variants["mlp"].with_overrides({"meta.report_k": [2, 3]})).validate()
+        check_generator(variants["mlp"].with_overrides({"meta.report_k": [2, 3]}))
 
 
 def test_make_ensembles_are_distinct_and_in_range():
@@ -418,27 +418,6 @@ def test_make_ensembles_are_distinct_and_in_range():
     assert make_ensembles(8, 3, 20, 1) == e
     e = make_ensembles(5, 4, 8, 0)  # 5 combinations: then further anchors of the same ones
     assert len({tuple(x) for x in e}) == 8 and len({frozenset(x) for x in e[:5]}) == 5
-
-
-def test_bn_recompute_is_the_exact_statistics_of_the_loader():
-    """The one BN procedure of the table: the mean over every image of the loader and the
-    mean of its batches' unbiased variances, whatever the running statistics were."""
-    from metaensemble.methods.weightformer.student import recompute_bn
-
-    torch.manual_seed(0)
-    net = create_model("convnet", num_classes=10, in_chans=1, img_size=8, width=4)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-    loader = [{"x": torch.randn(16, 1, 8, 8)} for _ in range(3)]
-    recompute_bn(net, loader)
-    bn0 = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
-    with torch.no_grad():
-        hs = [net[0](b["x"]).transpose(0, 1).flatten(1) for b in loader]  # the first conv's outputs
-    assert torch.allclose(bn0.running_mean, torch.cat(hs, 1).mean(dim=1), atol=1e-5)
-    assert torch.allclose(bn0.running_var, torch.stack([h.var(dim=1) for h in hs]).mean(0), rtol=1e-4)
-    assert not net.training
 
 
 def test_relative_l2_distance():

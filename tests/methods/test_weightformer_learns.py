@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from metaensemble import data
-from metaensemble.config import load_config
 from metaensemble.methods.base import Method
-from metaensemble.methods.kd import ensemble_kd_loss
+from metaensemble.methods.distill import ensemble_kd_loss
 from metaensemble.methods.weightformer import WeightFormerMethod
 from metaensemble.methods.weightformer.student import generate_student
 from metaensemble.models import create_model, save_model
+from metaensemble.validation import load_config
 
 ZOO = 24
 
@@ -99,11 +99,8 @@ def test_meta_training_moves_the_generator_beyond_its_base_on_held_out_ensembles
     docs/weightformer.md; on this zoo it does not.)"""
     from metaensemble.engine.optim import build_optimizer, build_scheduler
     from metaensemble.methods.weightformer.method import make_eval_loader
-    from metaensemble.methods.weightformer.student import (
-        build_student,
-        recompute_bn,
-        weight_average,
-    )
+    from metaensemble.methods.weightformer.student import build_student, weight_average
+    from metaensemble.models.batchnorm import recompute_bn
 
     paths, _ = zoo
     cfg = meta_cfg(paths, "meta.val_ensembles=12")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from metaensemble import models, tracking
-from metaensemble.config import REPO_ROOT, load_config
+from metaensemble.config import REPO_ROOT
 from metaensemble.tracking.runs import KIND_TRAINING, TAG_EXPERIMENT_KIND
 from metaensemble.tracking.store import (
     ENV_HOME,
@@ -34,6 +34,7 @@ from metaensemble.tracking.store import (
     _read_record,
     recorded_server,
 )
+from metaensemble.validation import load_config
 
 SHOTS = REPO_ROOT / "runs" / "ui"
 EXPERIMENT = "ui-test/digits"

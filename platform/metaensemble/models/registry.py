@@ -17,9 +17,9 @@ from metaensemble.registry import Registry
 
 class _ModelRegistry(Registry):
     """The architecture registry, plus architectures that live with their method (the
-    WeightFormer generators): a method declares them to the schema
-    (``register_method(models=..., models_module=...)``) and their module is imported on
-    the first lookup, so this registry imports no method."""
+    WeightFormer generators): a method declares them to the method registry (torch-free:
+    ``models`` and ``models_module`` in its config.py) and their module is imported on the
+    first lookup, so this registry imports no method."""
 
     _plugins_loaded = False
 
@@ -28,9 +28,9 @@ class _ModelRegistry(Registry):
             type(self)._plugins_loaded = True
             import importlib
 
-            from metaensemble.config import model_plugins
+            from metaensemble.methods.registry import model_modules
 
-            for module in sorted(set(model_plugins().values())):
+            for module in sorted(set(model_modules().values())):
                 importlib.import_module(module)
 
     def check(self, name: str) -> None:

@@ -26,8 +26,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from metaensemble.config import Config, load_config, resolve_path
+from metaensemble.config import Config, resolve_path
 from metaensemble.errors import ConfigError, SearchSpaceError
+from metaensemble.validation import check_names, load_config
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint", "grid")
 VALID_METRICS = ("val_acc", "val_nll", "val_ece")
@@ -159,7 +160,7 @@ def load_space(path: str | Path) -> SearchSpace:
     try:
         base = space.base_config()
         rng = random.Random(0)
-        base.with_overrides({k: sample_value(d, rng) for k, d in space.params.items()})
+        check_names(base.with_overrides({k: sample_value(d, rng) for k, d in space.params.items()}))
     except ConfigError as e:
         raise SearchSpaceError(f"{p}: {e}") from None
     return space

@@ -1,4 +1,4 @@
-"""The ``fusion`` section and the ``fusion`` method, declared to the schema (no torch).
+"""The ``fusion`` section and the ``fusion`` method, declared to the method registry (no torch).
 
 Every option of OT fusion (Singh & Jaggi 2020) and of cross-layer alignment (CLAFusion,
 Nguyen et al. 2023) is a key here. Defaults follow the originals (activation ground
@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from metaensemble.config import Section, register_method, register_section
+from metaensemble.config import Section
 
 
 class FusionConfig(Section):
@@ -91,5 +91,5 @@ class FusionConfig(Section):
     """Trained rows of the fusion table besides the one-shot ones."""
 
 
-register_section("fusion", FusionConfig)
-register_method("fusion", "metaensemble.methods.fusion.method:FusionMethod", sections=("fusion", "distill"))
+SECTIONS = {"fusion": FusionConfig}
+METHODS = {"fusion": {"impl": "metaensemble.methods.fusion.method:FusionMethod", "sections": ("fusion", "distill")}}

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from metaensemble import data, engine, metrics, tracking
-from metaensemble.config import Config, load_config
+from metaensemble.config import Config
 from metaensemble.errors import ConfigError
 from metaensemble.evaluation import (
     COLUMNS,
@@ -49,6 +49,7 @@ from metaensemble.evaluation import (
 )
 from metaensemble.methods.base import predict_logp
 from metaensemble.teachers import zoo_teachers
+from metaensemble.validation import load_config
 
 SPLIT_KEYS = ("name", "val_fraction", "test_fraction", "split_seed")
 

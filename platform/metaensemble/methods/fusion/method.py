@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from metaensemble import data
 from metaensemble.data import DatasetInfo
 from metaensemble.errors import ConfigError
-from metaensemble.methods.kd.method import EnsembleKD
+from metaensemble.methods.distill import EnsembleKD
 
 
 class FusionMethod(EnsembleKD):

@@ -1,15 +1,7 @@
 """Ensemble knowledge distillation (``method: kd``).
 
-    config   the ``distill`` section (torch-free, read by the schema)
-    method   the loss and the engine method
+    config   the ``distill`` section and the ``kd`` method (torch-free, read by the registry)
+
+The engine method, its loss and the teacher loading are ``methods.distill``, shared with
+the methods that distil.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-
-def __getattr__(name: str) -> Any:
-    # Lazily, so that the schema can import kd.config without importing torch.
-    return getattr(importlib.import_module("metaensemble.methods.kd.method"), name)

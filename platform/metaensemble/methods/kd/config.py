@@ -1,12 +1,14 @@
-"""The ``distill`` section and the ``kd`` method, declared to the schema (no torch)."""
+"""The ``distill`` section and the ``kd`` method, declared to the method registry (no torch).
+
+The section is read by every method that distils (their declarations name it)."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pydantic import Field
 
-from metaensemble.config import Section, register_method, register_section
+from metaensemble.config import Section
 
 
 class DistillConfig(Section):
@@ -25,12 +27,12 @@ class DistillConfig(Section):
     """The teacher recipe whose zoo jobs/distill.py takes its teachers from (trained
     first if missing) when ``teachers`` is empty; it must train the student's
     architecture on the student's data split."""
-    methods: list[Literal["kd", "latentbe", "tdiv_sdiv"]] = Field(
-        default_factory=lambda: ["kd", "latentbe", "tdiv_sdiv"], min_length=1)
-    """The students jobs/distill.py trains and compares (``methods=[...]`` on its command line)."""
+    methods: list[str] | None = Field(None, min_length=1)
+    """The students jobs/distill.py trains and compares (``methods=[...]`` on its command
+    line); the job checks the names. None: every student it knows."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     """Every student is trained once per seed; the table reports mean +- std over them."""
 
 
-register_section("distill", DistillConfig)
-register_method("kd", "metaensemble.methods.kd.method:EnsembleKD", sections=("distill",))
+SECTIONS = {"distill": DistillConfig}
+METHODS = {"kd": {"impl": "metaensemble.methods.distill:EnsembleKD", "sections": ("distill",)}}

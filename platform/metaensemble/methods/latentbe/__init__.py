@@ -15,5 +15,5 @@ from typing import Any
 
 
 def __getattr__(name: str) -> Any:
-    # Lazily, so that the schema can import latentbe.config without importing torch.
+    # Lazily, so that the method registry can import latentbe.config without importing torch.
     return getattr(importlib.import_module("metaensemble.methods.latentbe.method"), name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from metaensemble.config import Section, register_method, register_section
+from metaensemble.config import Section
 
 
 class LatentBEConfig(Section):
@@ -18,6 +18,8 @@ class LatentBEConfig(Section):
     x channels); 1 is the paper's. Read by ``tdiv_sdiv`` only."""
 
 
-register_section("latentbe", LatentBEConfig)
-register_method("latentbe", "metaensemble.methods.latentbe.method:LatentBE", sections=("distill", "latentbe"))
-register_method("tdiv_sdiv", "metaensemble.methods.latentbe.method:TDivSDiv", sections=("distill", "latentbe"))
+SECTIONS = {"latentbe": LatentBEConfig}
+METHODS = {
+    "latentbe": {"impl": "metaensemble.methods.latentbe.method:LatentBE", "sections": ("distill", "latentbe")},
+    "tdiv_sdiv": {"impl": "metaensemble.methods.latentbe.method:TDivSDiv", "sections": ("distill", "latentbe")},
+}

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from metaensemble import data, engine, metrics, tracking
-from metaensemble.config import Config, load_config
+from metaensemble.config import Config
 from metaensemble.errors import ConfigError
 from metaensemble.evaluation import (
     COLUMNS,
@@ -40,8 +40,10 @@ from metaensemble.evaluation import (
 )
 from metaensemble.methods.base import predict_logp
 from metaensemble.teachers import zoo_teachers
+from metaensemble.validation import load_config
 
 METHODS = ("kd", "latentbe", "tdiv_sdiv")
+"""The students the job compares (``distill.methods`` picks among them), by method name."""
 LABELS = {"teacher": "Teacher DE-{m}", "member": "  single teacher (mean)", "kd": "Student KD",
           "latentbe": "+ LatentBE", "tdiv_sdiv": "+ TDiv-SDiv"}
 
@@ -56,7 +58,8 @@ class Teacher:
 @dataclass
 class Plan:
     cfg: Config
-    """The job's config with ``latentbe.members`` and ``distill.teachers`` resolved."""
+    """The job's config with ``latentbe.members``, ``distill.teachers`` and
+    ``distill.methods`` resolved."""
     teachers: list[Teacher]
     students: dict[str, Config] = field(default_factory=dict)
     """``<method>/s<seed>`` -> the student's engine config."""
@@ -76,6 +79,11 @@ def validate(cfg: Config) -> Config | None:
     teachers are given as ``distill.teachers``)."""
     if cfg.method not in METHODS:
         raise ConfigError(f"jobs/distill.py trains students with {', '.join(METHODS)}; got method={cfg.method!r}")
+    for i, name in enumerate(cfg.distill.methods or ()):
+        if name not in METHODS:
+            valid = ", ".join(map(repr, METHODS[:-1])) + f" or {METHODS[-1]!r}"
+            raise ConfigError(f"distill.methods.{i}: Input should be {valid} (the students jobs/distill.py "
+                              f"trains); got {name!r}")
     if len(set(cfg.distill.seeds)) != len(cfg.distill.seeds):
         raise ConfigError(f"distill.seeds has repeats: {cfg.distill.seeds}")
     if len(cfg.distill.seeds) < 2:
@@ -112,14 +120,17 @@ def validate(cfg: Config) -> Config | None:
 
 def resolve_teachers(cfg: Config, *, train_missing: bool = True) -> tuple[Config, list[Teacher]]:
     """Validate and take the M teachers (training the zoo's missing ones); returns ``cfg``
-    with ``distill.teachers`` and ``latentbe.members`` filled in, and the teachers."""
+    with ``distill.teachers``, ``latentbe.members`` and ``distill.methods`` filled in, and
+    the teachers."""
     tcfg = validate(cfg)
     m = members(cfg, tcfg)
     if tcfg is None:
         teachers = [Teacher(u, u) for u in cfg.distill.teachers[:m]]
     else:
         teachers = [Teacher(uri, label) for uri, label in zoo_teachers(tcfg, m, train_missing)]
-    return cfg.with_overrides({"distill.teachers": [t.uri for t in teachers], "latentbe.members": m}), teachers
+    resolved = {"distill.teachers": [t.uri for t in teachers], "latentbe.members": m,
+                "distill.methods": list(cfg.distill.methods or METHODS)}
+    return cfg.with_overrides(resolved), teachers
 
 
 def plan(cfg: Config, *, train_missing: bool = True) -> Plan:

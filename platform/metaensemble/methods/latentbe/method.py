@@ -3,7 +3,7 @@
 LatentBE: the student is the teachers' architecture with every conv and linear made a
 BatchEnsemble layer of M members (``batchensemble``). The batch is tiled M times
 (member-major) and student member m is distilled from teacher m alone with the KD loss of
-``methods.kd``; the loss is the mean over members. The factors r and s decay toward 1
+``methods.distill``; the loss is the mean over members. The factors r and s decay toward 1
 (not 0) and their gradients are multiplied by M, so each member's factors follow its own
 loss: the effective gradient of r_m is dL_m/dr_m + wd * (r_m - 1). This is done by the
 optimiser (``configure_optimizer`` adds a step pre-hook for the factors' group). Every
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from metaensemble.data import DatasetInfo
 from metaensemble.errors import CheckpointError, ConfigError
 from metaensemble.methods.base import without
-from metaensemble.methods.kd.method import EnsembleKD, teacher_logits
+from metaensemble.methods.distill import EnsembleKD, teacher_logits
 from metaensemble.methods.latentbe.batchensemble import (
     check_convertible,
     factor_parameters,
@@ -50,7 +50,7 @@ SPEC_ARGS = ("num_classes", "in_chans", "img_size")
 def member_kd_loss(student_logits: torch.Tensor, teacher_logits_: torch.Tensor, labels: torch.Tensor | None,
                    alpha: float, temperature: float) -> torch.Tensor:
     """The LatentBE loss: student member m [M, B, C] against teacher m [M, B, C] alone,
-    each the KD loss of ``methods.kd.ensemble_kd_loss`` with one teacher, averaged over
+    each the KD loss of ``methods.distill.ensemble_kd_loss`` with one teacher, averaged over
     members. With ``alpha`` = 1 the labels do not enter."""
     t = temperature
     p_t = F.softmax(teacher_logits_.float() / t, dim=-1)

@@ -2,7 +2,7 @@
 methods/learngene.md in the design): an aux-net whose layers share one block per stage is
 distilled from a teacher; its stage blocks (the learngene) initialise plain ViTs of any depth.
 
-    config     the ``learngene`` section (torch-free, read by the schema)
+    config     the ``learngene`` section (torch-free, read by the method registry)
     model      AuxViT, DescendantViT (registered models), the stage layout, ``expand``
     original   loading the original code's checkpoint.pth into an AuxViT
 """
@@ -20,7 +20,7 @@ _MODULES = {
 
 
 def __getattr__(name: str) -> Any:
-    # Lazily, so that the schema can import learngene.config without importing torch.
+    # Lazily, so that the method registry can import learngene.config without importing torch.
     for module, names in _MODULES.items():
         if name in names:
             return getattr(importlib.import_module(f"metaensemble.methods.learngene.{module}"), name)

@@ -1,4 +1,4 @@
-"""The ``learngene`` section and the ``learngene`` method, declared to the schema (no torch)."""
+"""The ``learngene`` section and the ``learngene`` method, declared to the method registry (no torch)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from metaensemble.config import Section, register_method, register_section
+from metaensemble.config import Section
 
 
 class LearngeneConfig(Section):
@@ -76,6 +76,7 @@ class LearngeneConfig(Section):
         return self
 
 
-register_section("learngene", LearngeneConfig)
-register_method("learngene", "metaensemble.methods.learngene.method:LearngeneAux", sections=("learngene",),
-                models=("aux_vit", "descendant_vit"), models_module="metaensemble.methods.learngene.model")
+SECTIONS = {"learngene": LearngeneConfig}
+METHODS = {"learngene": {"impl": "metaensemble.methods.learngene.method:LearngeneAux", "sections": ("learngene",),
+                         "models": ("aux_vit", "descendant_vit"),
+                         "models_module": "metaensemble.methods.learngene.model"}}

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from metaensemble import data, engine, tracking
-from metaensemble.config import Config, load_config
+from metaensemble.config import Config
 from metaensemble.errors import ConfigError
+from metaensemble.validation import load_config
 
 
 def registered_name(cfg: Config) -> str:

@@ -1,4 +1,4 @@
-"""The ``superweight`` section and method, declared to the schema (no torch).
+"""The ``superweight`` section and method, declared to the method registry (no torch).
 
 SuperWeight ensembles (Teterwak et al., WACV 2024): Wide ResNet members of different
 depths and widths whose every conv weight is composed from template banks shared under
@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from metaensemble.config import Section, register_method, register_section
+from metaensemble.config import Section
 
 
 class SuperWeightConfig(Section):
@@ -97,6 +97,7 @@ class SuperWeightConfig(Section):
         return list(zip(self.depths, self.widths, strict=True))
 
 
-register_section("superweight", SuperWeightConfig)
-register_method("superweight", "metaensemble.methods.superweight.method:SuperWeight", sections=("superweight",),
-                models=("superweight",), models_module="metaensemble.methods.superweight.model")
+SECTIONS = {"superweight": SuperWeightConfig}
+METHODS = {"superweight": {"impl": "metaensemble.methods.superweight.method:SuperWeight",
+                           "sections": ("superweight",), "models": ("superweight",),
+                           "models_module": "metaensemble.methods.superweight.model"}}

@@ -1,10 +1,13 @@
 """WeightFormer: meta-ensemble parameter learning (see methods/weightformer.md in the design).
 
-    config      the ``meta`` section (torch-free, read by the schema)
+    config      the ``meta`` section (torch-free, read by the method registry)
     tokens      state dict <-> per-layer neuron rows, the token layout
     generator   WeightFormer and the MLP baseline (registered models)
-    student     assembling, BN recompute, generating a student, drawing ensembles
+    student     assembling, generating a student (BN recomputed: models.batchnorm), drawing ensembles
+    align       permutation alignment of teachers to a reference
+    plan        the checks before any work; the zoo split into sides (job and sweep alike)
     method      meta-training as an engine method
+    use         a trained generator's student for a given ensemble; the data it is scored on
     experiment  the main job: zoo, runs side by side, the held-out evaluation
 """
 
@@ -14,7 +17,7 @@ from typing import Any
 
 
 def __getattr__(name: str) -> Any:
-    # Lazily, so that the schema can import weightformer.config without importing torch.
+    # Lazily, so that the method registry can import weightformer.config without importing torch.
     if name == "WeightFormerMethod":
         from metaensemble.methods.weightformer.method import WeightFormerMethod
 

@@ -14,7 +14,7 @@ layer in forward order, P_l is the permutation minimising
 
 over the layer's whole token rows (``tokens.tokenise``: incoming weights, bias, norm
 values), solved as exact optimal transport between the two sets of rows with uniform
-marginals (``fusion.ot.transport``, EMD): with equal sizes the plan is a permutation
+marginals (``metaensemble.transport``, EMD): with equal sizes the plan is a permutation
 matrix scaled by 1/n. A permutation ``p`` here is a LongTensor with ``p[r]`` the unit of
 ``state`` matched to the reference's unit ``r``, so ``W_l' = W_l[p]``.
 
@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 
 from metaensemble.errors import ConfigError
-from metaensemble.methods.fusion.ot import ground_cost, transport
 from metaensemble.methods.weightformer.tokens import LayerSpec, Layout, Segment
+from metaensemble.transport import ground_cost, transport
 
 ALIGN_MODES = ("none", "permutation")
 

@@ -1,4 +1,4 @@
-"""The ``meta`` section and the ``weightformer`` method, declared to the schema (no torch)."""
+"""The ``meta`` section and the ``weightformer`` method, declared to the method registry (no torch)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-import metaensemble.methods.kd.config  # noqa: F401  (the distill section it also reads)
-from metaensemble.config import Section, register_method, register_section
+from metaensemble.config import Section
 
 
 class MetaConfig(Section):
@@ -82,7 +81,7 @@ class MetaConfig(Section):
         return (self.train_k[0], self.train_k[1]) if self.train_k else (self.ensemble_size, self.ensemble_size)
 
 
-register_section("meta", MetaConfig)
-register_method("weightformer", "metaensemble.methods.weightformer.method:WeightFormerMethod",
-                sections=("distill", "meta"), models=("weightformer", "mlp_generator"),
-                models_module="metaensemble.methods.weightformer.generator")
+SECTIONS = {"meta": MetaConfig}
+METHODS = {"weightformer": {"impl": "metaensemble.methods.weightformer.method:WeightFormerMethod",
+                            "sections": ("distill", "meta"), "models": ("weightformer", "mlp_generator"),
+                            "models_module": "metaensemble.methods.weightformer.generator"}}

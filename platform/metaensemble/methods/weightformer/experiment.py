@@ -2,7 +2,8 @@
 
 1. plan       validate the config; ensure the teacher zoo (training missing seeds
               through the teacher-zoo job); download and check every teacher; split
-              the zoo by teacher into meta-train / meta-val / meta-test (by hash)
+              the zoo by teacher into meta-train / meta-val / meta-test (by hash):
+              ``plan.py``, which the engine method's sweep hook shares
 2. train      WeightFormer, its ablations and the MLP generator (meta-training on
               meta-train ensembles, selected on meta-val ensembles) and the KD
               baselines, as engine runs side by side through Ray Tune
@@ -25,8 +26,7 @@ import numpy as np
 import torch
 
 from metaensemble import data, engine, metrics, tracking
-from metaensemble.config import Config, load_config
-from metaensemble.errors import ConfigError, ZooError
+from metaensemble.config import Config
 from metaensemble.evaluation import (
     Difference,
     Row,
@@ -41,31 +41,25 @@ from metaensemble.evaluation import (
     train_seconds,
 )
 from metaensemble.methods.base import predict_logp
-from metaensemble.methods.kd import load_teachers
-from metaensemble.methods.weightformer.method import (
-    WeightFormerMethod,
-    check_disjoint,
-    make_eval_loader,
+from metaensemble.methods.weightformer.plan import (
+    VARIANT_OVERRIDES,
+    Plan,
+    TeacherRecord,
+    plan,
+    student_of,
+    variant_configs,
 )
 from metaensemble.methods.weightformer.student import (
     build_student,
     generate_student,
     make_ensembles,
-    recompute_bn,
     relative_l2,
     weight_average,
 )
-from metaensemble.methods.weightformer.use import prepare
+from metaensemble.methods.weightformer.use import BN_LABEL, EvalData, eval_data, prepare
 from metaensemble.models import load, save_model
+from metaensemble.models.batchnorm import recompute_bn
 
-VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
-    "weightformer": {},
-    "no_mask": {"model.kwargs.mask": False},
-    "no_shift": {"meta.lambda_shift": 0.0},
-    "no_cross": {"model.kwargs.cross_layer": False},
-    "base_mean": {"model.kwargs.base": "mean"},
-    "base_anchor": {"model.kwargs.base": "anchor"},
-}
 LABELS = {
     "mean_teacher": "mean single teacher",
     "anchor": "anchor teacher",
@@ -83,8 +77,6 @@ LABELS = {
     "base_mean": "  ablation: base=mean",
     "base_anchor": "  ablation: base=anchor",
 }
-BN_LABEL = ("every network scored here (teachers, baselines, generated, KD and finetuned students) has its "
-            "BatchNorm statistics recomputed on the same images, the same way, before scoring")
 ORDER = list(LABELS)
 """The table's row order (LABELS is written in it)."""
 HIGHLIGHT = ("weightformer", "weightformer_ft")
@@ -95,200 +87,7 @@ compared with does), not meta-training's ``data.train_fraction`` subset: on the 
 default that subset is one batch per epoch."""
 
 
-@dataclass
-class TeacherRecord:
-    uri: str
-    seed: int
-    version: int
-    sha256: str
-    side: str
-
-
-@dataclass
-class Plan:
-    cfg: Config
-    """The meta-train config with meta.{train,val,test}_teachers filled in."""
-    teacher_cfg: Config
-    teachers: list[TeacherRecord] = field(default_factory=list)
-    student_spec: dict[str, Any] = field(default_factory=dict)
-
-    def side(self, name: str) -> list[TeacherRecord]:
-        return [t for t in self.teachers if t.side == name]
-
-
-# ---- 1. plan ---------------------------------------------------------------------------
-def student_of(cfg: Config) -> tuple[str, dict[str, Any]]:
-    return cfg.model.kwargs["student"], dict(cfg.model.kwargs.get("student_kwargs") or {})
-
-
-def validate(cfg: Config) -> Config:
-    """Everything checkable before any work: the generator, K, the split sizes, and that
-    the zoo recipe trains teachers of the student's architecture. Returns the recipe."""
-    if cfg.method != "weightformer":
-        raise ConfigError(f"the meta-train job runs method weightformer, got method={cfg.method!r}")
-    engine.validate(cfg, _GeneratorOnly(cfg))
-    for variant in variant_configs(cfg).values():  # every generator run the job will start
-        _GeneratorOnly(variant).validate()
-    m = cfg.meta
-    n_train = m.zoo_size - m.num_val_teachers - m.num_test_teachers
-    if n_train < m.ensemble_size:
-        raise ZooError(
-            f"meta.zoo_size={m.zoo_size} leaves {n_train} meta-train teachers after "
-            f"{m.num_val_teachers} val + {m.num_test_teachers} test; K={m.ensemble_size} needs at "
-            f"least {m.ensemble_size}"
-        )
-    if n_train < m.train_sizes()[1]:
-        raise ZooError(
-            f"meta.zoo_size={m.zoo_size} leaves {n_train} meta-train teachers after "
-            f"{m.num_val_teachers} val + {m.num_test_teachers} test; meta.train_k={m.train_k} needs at "
-            f"least {m.train_sizes()[1]}"
-        )
-    for side, n in (("val", m.num_val_teachers), ("test", m.num_test_teachers)):
-        if n < m.ensemble_size:
-            raise ZooError(
-                f"meta.num_{side}_teachers={n} is fewer than K={m.ensemble_size}; "
-                f"a held-out ensemble needs K teachers"
-            )
-    tcfg = load_config(
-        m.teacher_config, [f"zoo.num_teachers={m.zoo_size}", f"storage_path={cfg.storage_path}"]
-    )
-    student, skw = student_of(cfg)
-    if (tcfg.model.name, dict(tcfg.model.kwargs)) != (
-        student,
-        skw,
-    ) or tcfg.data.name != cfg.data.name:
-        raise ConfigError(
-            f"meta.teacher_config {m.teacher_config} trains {tcfg.model.name!r} "
-            f"{dict(tcfg.model.kwargs)} on {tcfg.data.name!r}, but the student is {student!r} "
-            f"{skw} on {cfg.data.name!r}: teachers must have the student's architecture and dataset"
-        )
-    split_keys = ("val_fraction", "test_fraction", "split_seed")
-    theirs, ours = ({k: getattr(c.data, k) for k in split_keys} for c in (tcfg, cfg))
-    if theirs != ours:
-        raise ConfigError(
-            f"meta.teacher_config {m.teacher_config} splits {cfg.data.name} as {theirs}, but this "
-            f"job splits it as {ours}: set data.val_fraction/test_fraction/split_seed to the "
-            f"teachers' values, so that meta-validation and test data were never trained on"
-        )
-    engine.validate(tcfg)
-    return tcfg
-
-
-class _GeneratorOnly(WeightFormerMethod):
-    """Validation before the teacher lists exist (they come from the zoo)."""
-
-    def validate(self) -> None:
-        self.validate_generator()
-
-
-def plan(cfg: Config, *, train_missing: bool = True) -> Plan:
-    """Validate, make sure the zoo holds ``meta.zoo_size`` teachers, check them, split them.
-
-    ``plan(cfg).cfg`` is ``cfg`` with its teachers resolved: what a sweep of generators
-    trains from (``WeightFormerMethod.prepare_sweep``)."""
-    tcfg = validate(cfg)
-    from metaensemble.tracking import TeacherZoo
-
-    tracking.ensure_tracking()
-    student, skw = student_of(cfg)
-    zoo = TeacherZoo(cfg.data.name, student)
-    wanted = set(range(tcfg.zoo.first_seed, tcfg.zoo.first_seed + cfg.meta.zoo_size))
-    have = [e for e in zoo.teachers(tcfg.config_hash()) if e.seed in wanted]
-    if len(have) < cfg.meta.zoo_size:
-        if not train_missing:
-            raise ZooError(
-                f"zoo {zoo.name} has {len(have)} teachers of this recipe, "
-                f"meta.zoo_size={cfg.meta.zoo_size} needed (K={cfg.meta.ensemble_size}); "
-                f"train them with jobs/train_teachers.py "
-                f"--config {cfg.meta.teacher_config} zoo.num_teachers={cfg.meta.zoo_size}"
-            )
-        from metaensemble.teachers import train_zoo
-
-        print(
-            f"zoo {zoo.name} holds {len(have)} of the {cfg.meta.zoo_size} teachers needed; "
-            "training the rest",
-            flush=True,
-        )
-        train_zoo(tcfg)
-        have = [
-            e for e in zoo.teachers(tcfg.config_hash()) if e.seed in wanted
-        ]
-    have.sort(key=lambda e: e.seed)
-    info = data.info(cfg.data)
-    spec = {
-        "arch": student,
-        "kwargs": {
-            "num_classes": info.num_classes,
-            "in_chans": info.in_chans,
-            "img_size": info.img_size,
-            **skw,
-        },
-    }
-    loaded = load_teachers(
-        [e.uri for e in have], spec
-    )  # checks each checkpoint and its architecture
-    sides = split_sides(len(have), cfg.meta.num_val_teachers, cfg.meta.num_test_teachers, cfg.seed)
-    records = [
-        TeacherRecord(e.uri, e.seed, e.version, t.sha256, sides[i])
-        for i, (e, t) in enumerate(zip(have, loaded, strict=True))
-    ]
-    check_disjoint(
-        {s: [r.sha256 for r in records if r.side == s] for s in ("train", "val", "test")}
-    )
-    filled = cfg.with_overrides(
-        {
-            f"meta.{s}_teachers": [r.uri for r in records if r.side == s]
-            for s in ("train", "val", "test")
-        }
-    )
-    WeightFormerMethod(filled).validate()
-    return Plan(filled, tcfg, records, spec)
-
-
-def split_sides(n: int, n_val: int, n_test: int, seed: int) -> list[str]:
-    """Each of ``n`` teachers' side ("train", "val" or "test"), by a seeded permutation:
-    the same zoo and seed always give the same split."""
-    perm = np.random.default_rng([seed, 29]).permutation(n)
-    sides = [""] * n
-    for j, i in enumerate(perm):
-        sides[int(i)] = "test" if j < n_test else "val" if j < n_test + n_val else "train"
-    return sides
-
-
 # ---- 2. train --------------------------------------------------------------------------
-def variant_configs(p: Plan | Config) -> dict[str, Config]:
-    """The generator runs: WeightFormer and each of ``meta.ablations`` (of a plan's config,
-    or of a config before its teachers are known, for validation)."""
-    cfg = p.cfg if isinstance(p, Plan) else p
-    out = {"weightformer": cfg}
-    for name in cfg.meta.ablations:
-        if name == "mlp":
-            student, skw = student_of(cfg)
-            out["mlp"] = cfg.with_overrides(
-                {
-                    "model.name": "mlp_generator",
-                    "model.kwargs": {
-                        "student": student,
-                        "student_kwargs": skw,
-                        "ensemble_size": cfg.meta.ensemble_size,
-                        "hidden": cfg.meta.mlp_hidden,
-                        **{
-                            k: v
-                            for k, v in cfg.model.kwargs.items()
-                            if k in ("chunk", "residual_scale")
-                        },
-                        # the MLP reads a fixed K in a fixed order: no learned mix
-                        "base": "anchor" if cfg.model.kwargs.get("base") == "anchor" else "mean",
-                    },
-                    "meta.train_k": [],
-                    "meta.report_k": [],  # K = 2..8 is reported for WeightFormer only
-                }
-            )
-        else:
-            out[name] = cfg.with_overrides(VARIANT_OVERRIDES[name])
-    return out
-
-
 def test_ensembles(cfg: Config) -> list[list[int]]:
     """The meta-test ensembles (indices into meta.test_teachers), as the method draws them."""
     return make_ensembles(
@@ -427,21 +226,6 @@ def finetune(
     return out
 
 
-@dataclass
-class _EvalData:
-    test: Any
-    """Test split loader: everything in the table is measured on it."""
-    bn: Any
-    """Where every scored network's BN statistics are recomputed (``meta.bn_data``)."""
-
-
-def _eval_data(cfg: Config) -> _EvalData:
-    full = data.load(cfg.data.model_copy(update={"train_fraction": 1.0}))
-    bn = full if cfg.meta.bn_data == "train" else data.load(cfg.data)
-    mk = lambda split: make_eval_loader(split, full.info, cfg.data.eval_batch_size, "cpu")  # noqa: E731
-    return _EvalData(mk(full.test), mk(bn.train))
-
-
 def _timed(fn) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn()
@@ -470,7 +254,7 @@ def evaluate(p: Plan, run_ids: dict[str, str], parent_run_id: str) -> Evaluation
     Every scored network's BN statistics are recomputed on the same images (BN_LABEL)."""
     cfg, m = p.cfg, p.cfg.meta
     torch.manual_seed(cfg.seed)
-    ev = _eval_data(cfg)
+    ev = eval_data(cfg)
     gens = {k: load(f"runs:/{rid}/model") for k, rid in run_ids.items() if not k.startswith("kd_")}
     wf = gens["weightformer"]
     reference = None
@@ -560,7 +344,7 @@ def cost(rows: list[Row], meta_train_s: float) -> dict[str, float]:
     return out
 
 
-def _at_k(p: Plan, gen, pool, raw, scores, ev: _EvalData, k: int) -> dict[str, Any]:
+def _at_k(p: Plan, gen, pool, raw, scores, ev: EvalData, k: int) -> dict[str, Any]:
     """Zero-shot WeightFormer on ``meta.report_k_ensembles`` held-out ensembles of ``k``."""
     m = p.cfg.meta
     accs: dict[str, list[float]] = {"mean_teacher": [], "ensemble": [], "weight_average": [], "weightformer": []}
@@ -575,7 +359,7 @@ def _at_k(p: Plan, gen, pool, raw, scores, ev: _EvalData, k: int) -> dict[str, A
     return {"k": k, "n": len(accs["weightformer"]), **{key: float(np.mean(v)) for key, v in accs.items()}}
 
 
-def _baselines(p: Plan, ens: list[int], raw_states, states, scores, ev: _EvalData) -> dict[str, dict[str, float]]:
+def _baselines(p: Plan, ens: list[int], raw_states, states, scores, ev: EvalData) -> dict[str, dict[str, float]]:
     """One ensemble's rows that need no training: its members, its anchor, the ensemble,
     the naive weight average (and, with alignment, the average of the aligned teachers)."""
     def average(sts):

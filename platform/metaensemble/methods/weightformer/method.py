@@ -29,11 +29,22 @@ import torch.nn.functional as F
 from metaensemble import data
 from metaensemble.config import Config
 from metaensemble.data import DatasetInfo
-from metaensemble.errors import ConfigError, ZooError
 from metaensemble.methods.base import Method
-from metaensemble.methods.kd import LoadedTeacher, ensemble_kd_loss, load_teachers, teacher_logits
+from metaensemble.methods.distill import (
+    LoadedTeacher,
+    ensemble_kd_loss,
+    load_teachers,
+    teacher_logits,
+)
 from metaensemble.methods.weightformer.align import align_states
-from metaensemble.methods.weightformer.generator import GENERATORS, segment_scale
+from metaensemble.methods.weightformer.generator import segment_scale
+from metaensemble.methods.weightformer.plan import (
+    SIDES,
+    check_disjoint,
+    check_generator,
+    check_teachers,
+    plan,
+)
 from metaensemble.methods.weightformer.student import (
     assemble,
     ensemble_input,
@@ -42,22 +53,7 @@ from metaensemble.methods.weightformer.student import (
     student_logits,
 )
 from metaensemble.methods.weightformer.tokens import tokenise
-from metaensemble.models import create_model, model_kwargs
-
-SIDES = ("train", "val", "test")
-
-
-def generator_max_teachers(cfg: Config) -> int:
-    """The largest ensemble the configured generator takes."""
-    kw = cfg.model.kwargs
-    if cfg.model.name == "mlp_generator":
-        return int(kw.get("ensemble_size", 4))
-    import inspect
-
-    from metaensemble.models import MODELS
-
-    default = inspect.signature(MODELS.get(cfg.model.name)).parameters["max_teachers"].default
-    return int(kw.get("max_teachers", default))
+from metaensemble.models import create_model
 
 
 class TeacherPool:
@@ -84,8 +80,6 @@ class WeightFormerMethod(Method):
     def prepare_sweep(cfg: Config) -> Config:
         """Before a sweep's trials: the teachers come from the zoo (trained first if
         missing), split by teacher into meta-train / meta-val / meta-test."""
-        from metaensemble.methods.weightformer.experiment import plan
-
         return plan(cfg).cfg
 
     def state_dict(self) -> dict[str, Any]:
@@ -102,63 +96,8 @@ class WeightFormerMethod(Method):
 
     # ---- before any work -------------------------------------------------------------
     def validate(self) -> None:
-        self.validate_generator()
-        self.validate_teachers()
-
-    def validate_generator(self) -> None:
-        """Checks that need no teachers: the generator, its kwargs, K against its maximum."""
-        cfg, m = self.cfg, self.cfg.meta
-        if cfg.model.name not in GENERATORS:
-            raise ConfigError(f"method weightformer trains a generator; model.name must be one of "
-                              f"{', '.join(GENERATORS)}, got {cfg.model.name!r}")
-        if "student" not in cfg.model.kwargs:
-            raise ConfigError("model.kwargs.student must name the student architecture (e.g. convnet)")
-        kmax = generator_max_teachers(cfg)
-        lo, hi = m.train_sizes()
-        if cfg.model.name == "mlp_generator" and lo != hi:
-            raise ConfigError(f"the MLP generator takes one ensemble size; meta.train_k={m.train_k} asks for "
-                              f"{lo}..{hi} (leave train_k empty)")
-        if m.train_k and hi > kmax:
-            raise ConfigError(f"meta.train_k={m.train_k} reaches {hi} teachers, more than the generator's "
-                              f"max_teachers={kmax}")
-        if m.align == "permutation":
-            from metaensemble.methods.weightformer.align import chain
-            from metaensemble.methods.weightformer.generator import student_skeleton
-
-            chain(student_skeleton(cfg.model.kwargs["student"], cfg.model.kwargs.get("student_kwargs"),
-                                   10, 1, 8)[1])
-        if m.ensemble_size > kmax:
-            what = "ensemble_size" if cfg.model.name == "mlp_generator" else "max_teachers"
-            raise ConfigError(f"meta.ensemble_size={m.ensemble_size} exceeds the generator's {what}={kmax}; "
-                              f"valid ensemble sizes: 2..{kmax}")
-        if cfg.model.name == "mlp_generator" and m.ensemble_size != kmax:
-            raise ConfigError(f"the MLP generator takes exactly model.kwargs.ensemble_size={kmax} teachers, "
-                              f"but meta.ensemble_size={m.ensemble_size}")
-        too_big = [k for k in m.report_k if k > kmax or (cfg.model.name == "mlp_generator" and k != kmax)]
-        if too_big:
-            raise ConfigError(f"meta.report_k={m.report_k} asks for K={too_big}, which this generator cannot take "
-                              f"(it takes {'exactly ' + str(kmax) if cfg.model.name == 'mlp_generator' else f'2..{kmax}'})")
-        unknown = set(cfg.model.kwargs) - set(model_kwargs(cfg.model.name))
-        if unknown:
-            raise ConfigError(f"model {cfg.model.name!r} does not take {', '.join(sorted(unknown))}; "
-                              f"it takes: {', '.join(model_kwargs(cfg.model.name))}")
-
-    def validate_teachers(self) -> None:
-        """Each side holds at least K teachers and no teacher is on two sides."""
-        m = self.cfg.meta
-        for side in SIDES:
-            n = len(getattr(m, f"{side}_teachers"))
-            need = max(m.ensemble_size, m.train_sizes()[1]) if side == "train" else m.ensemble_size
-            if n < need:
-                raise ZooError(f"meta.{side}_teachers has {n} teachers, fewer than the ensemble size "
-                               f"K={need}; the zoo needs more teachers (or a smaller K)")
-        seen: dict[str, str] = {}
-        for side in SIDES:
-            for uri in getattr(m, f"{side}_teachers"):
-                if uri in seen and seen[uri] != side:
-                    raise ZooError(f"teacher {uri} is in both meta.{seen[uri]}_teachers and meta.{side}_teachers; "
-                                   f"the sides must be disjoint")
-                seen[uri] = side
+        check_generator(self.cfg)
+        check_teachers(self.cfg)
 
     # ---- on each worker --------------------------------------------------------------
     def build_model(self, info: DatasetInfo) -> nn.Module:
@@ -285,17 +224,6 @@ def shift_consistency(rows: list[torch.Tensor], xs: list[torch.Tensor], layout) 
         scale = segment_scale(x[:1], seg, len(layer.segments))[0]
         terms += [F.mse_loss(r[0] / scale, r[v] / scale) for v in range(1, r.shape[0])]
     return torch.stack(terms).mean()
-
-
-def check_disjoint(hashes: dict[str, list[str]]) -> None:
-    """No checkpoint (by SHA-256 of its weights) may sit on two sides of the split."""
-    sides = list(hashes)
-    for i, a in enumerate(sides):
-        for b in sides[i + 1:]:
-            shared = set(hashes[a]) & set(hashes[b])
-            if shared:
-                raise ZooError(f"{len(shared)} teacher checkpoint(s) appear in both meta-{a} and meta-{b} "
-                               f"(sha256 {sorted(shared)[0][:12]}...); held-out teachers must never be trained on")
 
 
 make_eval_loader = data.eval_loader  # the name weightformer's callers know

@@ -18,8 +18,7 @@ from torch.func import functional_call
 
 from metaensemble.methods.weightformer.tokens import Layout, detokenise, stack_ensemble
 from metaensemble.models import create_model
-
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+from metaensemble.models.batchnorm import recompute_bn
 
 
 def ensemble_input(pool_rows: list[list[torch.Tensor]], orders: list[list[int]], device=None) -> list[torch.Tensor]:
@@ -48,48 +47,6 @@ def build_student(spec: dict, state: dict[str, torch.Tensor]) -> nn.Module:
     model = create_model(spec["arch"], **spec["kwargs"])
     model.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True)
     return model
-
-
-def _bn_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
-
-
-@torch.no_grad()
-def _subset_stats(model: nn.Module, loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Exact per-BatchNorm (mean, var) over ``loader``'s batches; ``model``'s own running
-    statistics are left as they were."""
-    bns = _bn_layers(model)
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in bns]
-    was = model.training
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for batch in loader:
-        model(batch["x"])
-    out = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
-    for m, (mean, var, n, mom) in zip(bns, saved, strict=True):
-        m.running_mean.copy_(mean)
-        m.running_var.copy_(var)
-        m.num_batches_tracked.copy_(n)
-        m.momentum = mom
-    model.train(was)
-    return out
-
-
-@torch.no_grad()
-def recompute_bn(model: nn.Module, loader) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics over all of ``loader``'s batches
-    with no momentum (PyTorch's cumulative average: the exact mean, and the mean of the
-    batches' unbiased variances); returns ``model`` in eval mode. The one BN procedure of
-    the meta-train table: every network it scores goes through it."""
-    bns = _bn_layers(model)
-    if not bns:
-        return model.eval()
-    for m, (mean, var) in zip(bns, _subset_stats(model, loader), strict=True):
-        m.running_mean.copy_(mean)
-        m.running_var.copy_(var)
-    return model.eval()
 
 
 @torch.no_grad()

@@ -18,24 +18,45 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 from mlflow.exceptions import MlflowException
 
-from metaensemble import tracking
-from metaensemble.config import Config, load_config
+from metaensemble import data, tracking
+from metaensemble.config import Config
 from metaensemble.errors import ConfigError
-from metaensemble.methods.kd import load_teachers
+from metaensemble.methods.distill import load_teachers
 from metaensemble.methods.weightformer.align import align_states
 from metaensemble.methods.weightformer.student import (
     build_student,
     generate_student,
-    recompute_bn,
     relative_l2,
     weight_average,
 )
 from metaensemble.methods.weightformer.tokens import tokenise
+from metaensemble.models.batchnorm import recompute_bn
+from metaensemble.validation import load_config
+
+BN_LABEL = ("every network scored here (teachers, baselines, generated, KD and finetuned students) has its "
+            "BatchNorm statistics recomputed on the same images, the same way, before scoring")
+"""How every network the meta-train table and ``generate`` score is prepared."""
+
+
+@dataclass
+class EvalData:
+    test: Any
+    """Test split loader: everything in the table is measured on it."""
+    bn: Any
+    """Where every scored network's BN statistics are recomputed (``meta.bn_data``)."""
+
+
+def eval_data(cfg: Config) -> EvalData:
+    full = data.load(cfg.data.model_copy(update={"train_fraction": 1.0}))
+    bn = full if cfg.meta.bn_data == "train" else data.load(cfg.data)
+    mk = lambda split: data.eval_loader(split, full.info, cfg.data.eval_batch_size, "cpu")  # noqa: E731
+    return EvalData(mk(full.test), mk(bn.train))
 
 
 @dataclass
@@ -119,7 +140,6 @@ def generate(generator: str, teachers: list[str], *, evaluate: bool = True, regi
     ``<dataset>/generate``). Bad input fails before anything is written."""
     from metaensemble.evaluation import measure
     from metaensemble.methods.base import predict_logp
-    from metaensemble.methods.weightformer.experiment import BN_LABEL, _eval_data
     from metaensemble.models import load
 
     client = tracking.client(tracking.ensure_tracking())
@@ -133,7 +153,7 @@ def generate(generator: str, teachers: list[str], *, evaluate: bool = True, regi
     if cfg.meta.align != "none":
         reference = prepare([cfg.meta.train_teachers[0]], gen).states[0]
     prep = prepare(teachers, gen, cfg.meta.align, reference)  # checks every checkpoint's architecture
-    ev = _eval_data(cfg)  # the meta-train table's BN images and test split
+    ev = eval_data(cfg)  # the meta-train table's BN images and test split
     bn = ev.bn
     order = list(range(len(teachers)))
     student, t_gen = generate_student(gen, prep.rows, prep.states, order, bn)

@@ -1,4 +1,7 @@
-"""Knowledge distillation from a deep ensemble (DE-M KD).
+"""Knowledge distillation from a deep ensemble (DE-M KD): the loss, the teachers, and
+``EnsembleKD`` (``method: kd``). Shared by every method that distils (LatentBE and
+TDiv-SDiv build on ``EnsembleKD``, fusion finetunes with it, WeightFormer's loss is
+``ensemble_kd_loss``), so it lives beside ``base`` rather than in one method's folder.
 
     loss = alpha * T^2 * KL(p_bar || softmax(z_s / T)) + (1 - alpha) * CE(z_s, y)
     p_bar = mean_m softmax(z_m / T)      (the average of tempered probabilities,
