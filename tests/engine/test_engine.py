@@ -38,11 +38,12 @@ class RecordingMethod(Method):
             time.sleep(self.sleep)
         return super().training_step(model, batch)
 
-    def on_epoch_end(self, model, epoch, rank):
+    def rebuild(self, model, epoch):
         params = torch.cat([p.detach().flatten().cpu() for p in unwrap(model).parameters()])
-        save_file({"seen": torch.cat(self._seen), "params": params},
-                  os.path.join(self.out_dir, f"rank{rank}-epoch{epoch}-pid{os.getpid()}.safetensors"))
+        save_file({"seen": torch.cat(self._seen), "params": params}, os.path.join(
+            self.out_dir, f"rank{self.context.rank}-epoch{epoch - 1}-pid{os.getpid()}.safetensors"))
         self._seen = []
+        return None
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -235,7 +236,8 @@ def test_worker_killed_mid_pack_resumes_the_member_it_was_training(ray_local, di
         while time.monotonic() < deadline:
             runs = _runs_with_key(cfgs[1], cfgs[1].run_key()) if client.get_experiment_by_name(exp) else []
             if runs and len(client.get_metric_history(runs[0].info.run_id, "epoch")) >= 3:
-                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                workers = list_actors(address=ray_local.get_runtime_context().gcs_address,  # not another instance's
+                                      filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
                 (w,) = workers
                 os.kill(w.pid, signal.SIGKILL)
                 killed.append(w.pid)
