@@ -108,31 +108,62 @@ def ensure_ray() -> None:
     local instance with at least LOCAL_CPUS_MIN logical CPUs."""
     import logging
 
+    quiet_console()
     import ray
 
     if ray.is_initialized():
         return
-    # A readable console: Tune's tables and per-trial lines off (verbose=0 is honoured by
-    # the classic reporter), MLflow's and Tune's INFO chatter off, here and in the local
-    # instance's processes (they inherit this environment). Run logs keep everything.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    for name in ("ray.tune", "mlflow"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, logging_level=logging.WARNING, runtime_env=shipped_library())
     else:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
-        for k, v in RAY_DATA_ENV.items():
+        for k, v in {**RAY_DATA_ENV, **LOCAL_RAY_ENV}.items():
             os.environ.setdefault(k, v)
         # the local instance's processes inherit this environment: the library this driver
         # runs comes first for its workers too (a second checkout next to an installed one)
         lib = str(Path(__file__).resolve().parents[2])
         if lib not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (lib, os.environ.get("PYTHONPATH")) if p)
+        # Ray turns token authentication on for a new local instance and warns that it did
+        # on every start: the job's own private instance, secured as Ray secures it, is not
+        # news. (Stating RAY_AUTH_MODE=token instead breaks the start once ray is imported.)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(num_cpus=max(LOCAL_CPUS_MIN, os.cpu_count() or 1), log_to_driver=True,
                  logging_level=logging.WARNING)
+
+
+# What a job's console shows: each run's own lines (engine.loop: one per finished run, an
+# epoch line a minute on long runs), errors and their tracebacks from any process, the
+# job's results last, and none of Ray's internal chatter. Run logs keep everything.
+CONSOLE_ENV = {
+    # Ray merges lines of different processes that differ only in numbers (seeds, hashes,
+    # metrics): a run's lines ("[<run key>] ...") are never merged, each run is its own.
+    "RAY_DEDUP_LOGS_ALLOW_REGEX": r"^\[[^\]\s]+\] ",
+    # The raylet's warning that it started more Python workers than 4x the physical cores:
+    # by design here (trial drivers, controllers and workers on a 2-core laptop).
+    "RAY_DEDUP_LOGS_SKIP_REGEX": r"PYTHON worker processes have been started",
+    "RAY_AIR_NEW_OUTPUT": "0",  # Tune: the classic reporter, which honours verbose=0
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+LOCAL_RAY_ENV = {
+    # Spot-instance preemption cannot happen on one machine; the watcher is one actor
+    # less per run, and its constructor logs an internal error line on every run.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def quiet_console() -> None:
+    """Console settings for this process and the processes it starts (CONSOLE_ENV;
+    a variable already set is kept). Ray reads its log filters when it is imported, so
+    this runs before the job's first ``import ray`` (``ensure_ray`` calls it first); an
+    earlier import keeps Ray's defaults, which only makes the console longer."""
+    import logging
+
+    for k, v in CONSOLE_ENV.items():
+        os.environ.setdefault(k, v)
+    for name in ("ray.tune", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def shipped_library() -> dict[str, Any]:
