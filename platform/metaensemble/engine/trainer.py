@@ -124,12 +124,40 @@ def ensure_ray() -> None:
         lib = str(Path(__file__).resolve().parents[2])
         if lib not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (lib, os.environ.get("PYTHONPATH")) if p)
-        # Ray turns token authentication on for a new local instance and warns that it did
-        # on every start: the job's own private instance, secured as Ray secures it, is not
-        # news. (Stating RAY_AUTH_MODE=token instead breaks the start once ray is imported.)
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(num_cpus=max(LOCAL_CPUS_MIN, os.cpu_count() or 1), log_to_driver=True,
+        _start_local_instance()
+
+
+def _start_local_instance() -> None:
+    """A new Ray instance on this machine, private to this job. Ray's own processes find
+    their instance by RAY_ADDRESS, else by scanning the machine, which fails when another
+    instance runs here too (another job, a test session): Ray Train's placement-group
+    cleaner then dies with a traceback and leaks the placement groups of a crashed run.
+    So the instance gets a port chosen here and its address in its processes' environment
+    (not in this driver's, where RAY_ADDRESS means "a cluster to join")."""
+    import logging
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    own = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}
+    saved = {k: os.environ.get(k) for k in own}
+    # Ray turns token authentication on for a new local instance and warns that it did
+    # on every start: the job's own private instance, secured as Ray secures it, is not
+    # news. (Stating RAY_AUTH_MODE=token instead breaks the start once ray is imported.)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    os.environ.update(own)
+    try:
+        ray.init(address="local", num_cpus=max(LOCAL_CPUS_MIN, os.cpu_count() or 1), log_to_driver=True,
                  logging_level=logging.WARNING)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # What a job's console shows: each run's own lines (engine.loop: one per finished run, an
