@@ -410,13 +410,13 @@ def sync_probe(cfg, splits, s: Settings, device, steps: int = 3) -> dict[str, An
     """Host-device synchronisations per step in the engine's per-step code, counted with
     ``torch.cuda.set_sync_debug_mode("warn")`` in this process (not through Ray): the
     ArrayLoader batch, Method.training_step, backward + optimiser + schedule, and the
-    loop's per-step bookkeeping (``_Totals.add``). GPU only; one unprobed step first."""
+    loop's per-step bookkeeping (``EpochTotals.add``). GPU only; one unprobed step first."""
     import warnings
 
     import torch
 
     from metaensemble import data
-    from metaensemble.engine.loop import _Totals
+    from metaensemble.engine.loop import EpochTotals
     from metaensemble.methods.base import Method
     from metaensemble.models import create_model
 
@@ -429,7 +429,7 @@ def sync_probe(cfg, splits, s: Settings, device, steps: int = 3) -> dict[str, An
     model = _channels_last(model, cfg, device).train()
     method = Method(cfg)
     opt, sched = method.configure_optimizer(model, s.steps)
-    totals, amp = _Totals(device), _amp(cfg, device)
+    totals, amp = EpochTotals(device), _amp(cfg, device)
     counts = {"loader_batch": 0, "training_step": 0, "backward_step_schedule": 0, "totals_add": 0}
     sites: dict[str, int] = {}
     it = iter(loader)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from metaensemble import data, engine, metrics, models, tracking
 from metaensemble.engine import fit
 from metaensemble.methods import Method
+from metaensemble.methods.base import RunContext
 from metaensemble.models import create_model, unwrap
 
 
@@ -63,10 +64,9 @@ class FoldedEnsembleMethod(Method):
     def training_step(self, model, batch):
         x = batch["x"] + 0.01 * torch.randn_like(batch["x"])  # the rank's own noise stream
         if not hasattr(self, "_drawn"):
-            import torch.distributed as dist
-
             self._drawn = True
-            save_file({"noise": x - batch["x"]}, os.path.join(self.out_dir, f"noise-rank{dist.get_rank()}.safetensors"))
+            save_file({"noise": x - batch["x"]},
+                      os.path.join(self.out_dir, f"noise-rank{self.context.rank}.safetensors"))
         logits = model(x)
         loss = sum(F.cross_entropy(z, batch["y"]) for z in logits) / 2
         mean = logits.mean(0)
@@ -132,11 +132,9 @@ class GrowingMethod(Method):
         x = batch["x"] + 0.05 * torch.randn_like(batch["x"])
         return super().training_step(model, {**batch, "x": x})
 
-    def on_epoch_end(self, model, epoch, rank):
-        if self.out_dir and rank == 0:
-            Path(self.out_dir, f"epoch{epoch}-pid{os.getpid()}").touch()
-
     def rebuild(self, model, epoch):
+        if self.out_dir and self.context.rank == 0:
+            Path(self.out_dir, f"epoch{epoch - 1}-pid{os.getpid()}").touch()
         if epoch == 2 and not self.grown:
             self.grown = True
             return self._grow(model, last_linear(model).out_features)
@@ -272,6 +270,17 @@ def test_param_groups_skip_decay_on_norms_and_biases_and_schedules_follow_timm(d
 
     everything = Method(cfg.with_overrides(["optim.decay_norm_bias=true"])).configure_optimizer(net, 5)[0]
     assert all(g["weight_decay"] == 0.01 for g in everything.param_groups)
+
+
+def test_a_run_context_sums_over_ranks_only_with_several_and_prepare_sweep_keeps_the_config(digits_cfg):
+    t = torch.ones(3)
+    assert RunContext().all_reduce(t) is t and torch.equal(t, torch.ones(3)), "one process: unchanged"
+    with pytest.raises(ValueError, match="reduce_sum"):
+        RunContext(rank=1, world_size=2)
+    two = RunContext(rank=1, world_size=2, reduce_sum=lambda x: x.mul_(2))  # as if the other rank held the same
+    assert torch.equal(two.all_reduce(torch.ones(2)), torch.full((2,), 2.0))
+    cfg = digits_cfg()
+    assert Method.prepare_sweep(cfg) is cfg
 
 
 def test_unwrap_strips_only_ddp_wrappers():

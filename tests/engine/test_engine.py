@@ -39,11 +39,12 @@ class RecordingMethod(Method):
             time.sleep(self.sleep)
         return super().training_step(model, batch)
 
-    def on_epoch_end(self, model, epoch, rank):
+    def rebuild(self, model, epoch):
         params = torch.cat([p.detach().flatten().cpu() for p in unwrap(model).parameters()])
-        save_file({"seen": torch.cat(self._seen), "params": params},
-                  os.path.join(self.out_dir, f"rank{rank}-epoch{epoch}-pid{os.getpid()}.safetensors"))
+        save_file({"seen": torch.cat(self._seen), "params": params}, os.path.join(
+            self.out_dir, f"rank{self.context.rank}-epoch{epoch - 1}-pid{os.getpid()}.safetensors"))
         self._seen = []
+        return None
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -236,7 +237,8 @@ def test_worker_killed_mid_pack_resumes_the_member_it_was_training(ray_local, di
         while time.monotonic() < deadline:
             runs = _runs_with_key(cfgs[1], cfgs[1].run_key()) if client.get_experiment_by_name(exp) else []
             if runs and len(client.get_metric_history(runs[0].info.run_id, "epoch")) >= 3:
-                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                workers = list_actors(address=ray_local.get_runtime_context().gcs_address,  # not another instance's
+                                      filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
                 (w,) = workers
                 os.kill(w.pid, signal.SIGKILL)
                 killed.append(w.pid)
@@ -355,3 +357,29 @@ def test_init_seed_fixes_the_initial_weights_and_leaves_the_rest_to_the_seed(dig
     w5, r5 = start("seed=1", "model.init_seed=7", rank=1)
     assert all(torch.equal(a, b) for a, b in zip(w1, w5, strict=True)), "every rank builds the same weights"
     assert not torch.equal(r1, r5), "each rank draws its own augmentation/dropout stream"
+
+
+def test_the_console_keeps_every_runs_line_and_drops_the_raylets_worker_count_warning():
+    """Ray's driver-side filter with the engine's settings: two runs' lines that differ
+    only in numbers both print (Ray would merge them), Ray's own log lines still merge,
+    and the raylet's worker-count warning is dropped."""
+    from ray._private.ray_logging import LogDeduplicator
+
+    from metaensemble.engine.trainer import CONSOLE_ENV
+
+    dedup = LogDeduplicator(5, CONSOLE_ENV["RAY_DEDUP_LOGS_ALLOW_REGEX"], CONSOLE_ENV["RAY_DEDUP_LOGS_SKIP_REGEX"])
+    default = LogDeduplicator(5, None, None)
+
+    def printed(d, pid, line):
+        return [x for b in d.deduplicate({"ip": "n", "pid": pid, "lines": [line]}) for x in b["lines"]]
+
+    runs = ["[teachers-convnet-ed4baf6294f4-s0] done: 2 epochs in 1s, val_acc 0.7309",
+            "[teachers-convnet-ed4baf6294f4-s1] done: 2 epochs in 1s, val_acc 0.7657"]
+    assert printed(default, 1, runs[0]) and not printed(default, 2, runs[1]), "Ray alone merges them"
+    assert printed(dedup, 1, runs[0]) == [runs[0]] and printed(dedup, 2, runs[1]) == [runs[1]]
+    ray_line = "[2026-12-06 02:14:53,060 E 5105 5204] core_worker.cc:2465: Actor with class name: 'X'"
+    assert printed(dedup, 1, ray_line) and not printed(dedup, 2, ray_line.replace("5105", "5106")), \
+        "Ray's own lines are still merged"
+    warning = ("WARNING: 8 PYTHON worker processes have been started on node: abc with address: 1.2.3.4, "
+               "which is 4x the maximum expected startup concurrency (2).")
+    assert printed(default, "raylet", warning) and not printed(dedup, "raylet", warning)

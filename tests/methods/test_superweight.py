@@ -265,7 +265,6 @@ def _unshare_epoch(method, model, threshold: float, x: torch.Tensor | None = Non
     # each conv's gradient covers the tiers it uses
     assert all(rec.grads[(m, i)].shape[0] == site[2] + 1 for m, row in enumerate(model.sites)
                for i, site in enumerate(row))
-    method.on_epoch_end(model, method.epochs_done, 0)
     before = None
     if x is not None:
         with torch.no_grad():
@@ -418,7 +417,7 @@ def test_the_search_phase_records_weight_gradients_in_its_last_epoch_only():
     batch = {"x": torch.randn(4, 1, 8, 8), "y": torch.randint(0, 10, (4,))}
     method.training_step(model, batch)[0].backward()
     assert method.recorder is None, "epoch 1 of a 2-epoch search records nothing"
-    method.on_epoch_end(model, 0, 0)
+    assert method.rebuild(model, 1) is None, "epoch 1 of 2 search epochs: nothing to rebuild yet"
     for _ in range(2):
         method.training_step(model, batch)[0].backward()
     rec = method.recorder
@@ -492,9 +491,11 @@ def _reduce_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    from metaensemble.engine.loop import run_context
+
     rec = sh.Recorder(weights=True)
     rec.grads = {(0, 0): torch.full((2, 2), float(rank + 1)), (0, 1): torch.full((3,), 10.0 * (rank + 1))}
-    torch.save(rec.reduced(), f"{out}/rank{rank}.pt")
+    torch.save(rec.reduced(run_context(rank, 2, torch.device("cpu")).all_reduce), f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 

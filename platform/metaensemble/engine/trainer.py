@@ -108,31 +108,90 @@ def ensure_ray() -> None:
     local instance with at least LOCAL_CPUS_MIN logical CPUs."""
     import logging
 
+    quiet_console()
     import ray
 
     if ray.is_initialized():
         return
-    # A readable console: Tune's tables and per-trial lines off (verbose=0 is honoured by
-    # the classic reporter), MLflow's and Tune's INFO chatter off, here and in the local
-    # instance's processes (they inherit this environment). Run logs keep everything.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    for name in ("ray.tune", "mlflow"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, logging_level=logging.WARNING, runtime_env=shipped_library())
     else:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
-        for k, v in RAY_DATA_ENV.items():
+        for k, v in {**RAY_DATA_ENV, **LOCAL_RAY_ENV}.items():
             os.environ.setdefault(k, v)
         # the local instance's processes inherit this environment: the library this driver
         # runs comes first for its workers too (a second checkout next to an installed one)
         lib = str(Path(__file__).resolve().parents[2])
         if lib not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (lib, os.environ.get("PYTHONPATH")) if p)
-        ray.init(num_cpus=max(LOCAL_CPUS_MIN, os.cpu_count() or 1), log_to_driver=True,
+        _start_local_instance()
+
+
+def _start_local_instance() -> None:
+    """A new Ray instance on this machine, private to this job. Ray's own processes find
+    their instance by RAY_ADDRESS, else by scanning the machine, which fails when another
+    instance runs here too (another job, a test session): Ray Train's placement-group
+    cleaner then dies with a traceback and leaks the placement groups of a crashed run.
+    So the instance gets a port chosen here and its address in its processes' environment
+    (not in this driver's, where RAY_ADDRESS means "a cluster to join")."""
+    import logging
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    own = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}
+    saved = {k: os.environ.get(k) for k in own}
+    # Ray turns token authentication on for a new local instance and warns that it did
+    # on every start: the job's own private instance, secured as Ray secures it, is not
+    # news. (Stating RAY_AUTH_MODE=token instead breaks the start once ray is imported.)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    os.environ.update(own)
+    try:
+        ray.init(address="local", num_cpus=max(LOCAL_CPUS_MIN, os.cpu_count() or 1), log_to_driver=True,
                  logging_level=logging.WARNING)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# What a job's console shows: each run's own lines (engine.loop: one per finished run, an
+# epoch line a minute on long runs), errors and their tracebacks from any process, the
+# job's results last, and none of Ray's internal chatter. Run logs keep everything.
+CONSOLE_ENV = {
+    # Ray merges lines of different processes that differ only in numbers (seeds, hashes,
+    # metrics): a run's lines ("[<run key>] ...") are never merged, each run is its own.
+    "RAY_DEDUP_LOGS_ALLOW_REGEX": r"^\[[^\]\s]+\] ",
+    # The raylet's warning that it started more Python workers than 4x the physical cores:
+    # by design here (trial drivers, controllers and workers on a 2-core laptop).
+    "RAY_DEDUP_LOGS_SKIP_REGEX": r"PYTHON worker processes have been started",
+    "RAY_AIR_NEW_OUTPUT": "0",  # Tune: the classic reporter, which honours verbose=0
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+LOCAL_RAY_ENV = {
+    # Spot-instance preemption cannot happen on one machine; the watcher is one actor
+    # less per run, and its constructor logs an internal error line on every run.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def quiet_console() -> None:
+    """Console settings for this process and the processes it starts (CONSOLE_ENV;
+    a variable already set is kept). Ray reads its log filters when it is imported, so
+    this runs before the job's first ``import ray`` (``ensure_ray`` calls it first); an
+    earlier import keeps Ray's defaults, which only makes the console longer."""
+    import logging
+
+    for k, v in CONSOLE_ENV.items():
+        os.environ.setdefault(k, v)
+    for name in ("ray.tune", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def shipped_library() -> dict[str, Any]:
@@ -229,15 +288,44 @@ def check_pack(cfgs: list[Config]) -> None:
 def _fit(cfgs: list[Config], names: list[str], *, method: methods.Method | None = None,
          parent_run_id: str | None = None, tags: dict[str, str] | None = None,
          in_tune: bool = False) -> list[RunOutcome]:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     for c in cfgs:
         validate(c, method)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     uri = tracking.ensure_tracking()
     ensure_ray()
     client = tracking.client(uri)
+    outcomes, members, all_ids = _open_runs(client, cfgs, names, parent_run_id, tags)
+    if not members:
+        return outcomes
+    cfg = cfgs[members[0][0]]
+    packed = len(cfgs) > 1
+    # The Ray run is named after the MLflow run(s) it trains: the same command again finds
+    # its checkpoints (the same run key opens the same MLflow run), while the same config
+    # in another experiment or store never shares a storage folder. A pack is named after
+    # all its members, so it finds its checkpoints whichever members have finished since.
+    ray_name = (f"{names[0]}-{all_ids[0][:8]}" if not packed
+                else f"pack-{names[0]}-n{len(names)}-{_digest(names + all_ids)}")
+    trainer = _torch_trainer(cfg, ray_name, {"members": [m for _, _, m in members], "tracking_uri": uri,
+                                             "method": method, "packed": packed}, in_tune)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        # Inside a sweep the trial's process is also torn down when the scheduler stops
+        # it early, possibly after the sweep has closed; the sweep, which knows which
+        # trials were stopped and which broke, sets those runs' final status instead.
+        if not in_tune:
+            for _, handle, _ in members:
+                if client.get_run(handle.run_id).info.status != "FINISHED":
+                    client.set_terminated(handle.run_id, status="FAILED")
+        raise
+    _close_runs(client, result, ray_name, members, outcomes, packed)
+    return outcomes
+
+
+def _open_runs(client, cfgs: list[Config], names: list[str], parent_run_id: str | None,
+               tags: dict[str, str] | None):
+    """Find or create each config's MLflow run: (outcomes, with those already FINISHED
+    filled in; the members left to train as (index, run handle, loop entry); every run id)."""
     outcomes: list[RunOutcome | None] = [None] * len(cfgs)
     members, all_ids = [], []
     for i, (c, key) in enumerate(zip(cfgs, names, strict=True)):
@@ -253,39 +341,24 @@ def _fit(cfgs: list[Config], names: list[str], *, method: methods.Method | None 
             client.update_run(handle.run_id, status="RUNNING")
         tracking.set_tags(client, handle.run_id, {TAG_DRIVER: _driver_id()})
         members.append((i, handle, {"cfg": c.to_dict(), "run_id": handle.run_id, "run_key": key}))
-    if not members:
-        return outcomes
-    cfg = cfgs[members[0][0]]
-    packed = len(cfgs) > 1
-    # The Ray run is named after the MLflow run(s) it trains: the same command again finds
-    # its checkpoints (the same run key opens the same MLflow run), while the same config
-    # in another experiment or store never shares a storage folder. A pack is named after
-    # all its members, so it finds its checkpoints whichever members have finished since.
-    ray_name = (f"{names[0]}-{all_ids[0][:8]}" if not packed
-                else f"pack-{names[0]}-n{len(names)}-{_digest(names + all_ids)}")
+    return outcomes, members, all_ids
 
-    datasets, dataset_config = None, None
-    if data.is_streaming(cfg.data):
-        from metaensemble.data.parquet import ray_datasets
 
-        datasets, _, _ = ray_datasets(cfg.data, seed=cfg.seed)
-        options = None
-        if cfg.data.data_cpus:
-            from ray.data import ExecutionOptions, ExecutionResources
+def _torch_trainer(cfg: Config, ray_name: str, loop_config: dict[str, Any], in_tune: bool):
+    """The TorchTrainer of one Ray Train run of the engine's loop (``cfg`` gives its
+    scaling, storage, retries and, for streamed data, its Ray datasets)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
 
-            # the train stream's budget; val/test (read by rank 0 between epochs) keep the default
-            options = {"train": ExecutionOptions(resource_limits=ExecutionResources(cpu=cfg.data.data_cpus))}
-        dataset_config = ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
-
+    datasets, dataset_config = _ray_datasets(cfg)
     callbacks = []
     if in_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _train_loop,
-        train_loop_config={"members": [m for _, _, m in members], "tracking_uri": uri, "method": method,
-                           "packed": packed},
+        train_loop_config=loop_config,
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=ray_name,
@@ -298,17 +371,30 @@ def _fit(cfgs: list[Config], names: list[str], *, method: methods.Method | None 
         datasets=datasets,
         dataset_config=dataset_config,
     )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        # Inside a sweep the trial's process is also torn down when the scheduler stops
-        # it early, possibly after the sweep has closed; the sweep, which knows which
-        # trials were stopped and which broke, sets those runs' final status instead.
-        if not in_tune:
-            for _, handle, _ in members:
-                if client.get_run(handle.run_id).info.status != "FINISHED":
-                    client.set_terminated(handle.run_id, status="FAILED")
-        raise
+
+
+def _ray_datasets(cfg: Config):
+    """(datasets, DataConfig) for streamed data (train split over the workers, with its
+    ``data.data_cpus`` budget); (None, None) for in-memory data."""
+    if not data.is_streaming(cfg.data):
+        return None, None
+    import ray.train
+
+    from metaensemble.data.parquet import ray_datasets
+
+    datasets, _, _ = ray_datasets(cfg.data, seed=cfg.seed)
+    options = None
+    if cfg.data.data_cpus:
+        from ray.data import ExecutionOptions, ExecutionResources
+
+        # the train stream's budget; val/test (read by rank 0 between epochs) keep the default
+        options = {"train": ExecutionOptions(resource_limits=ExecutionResources(cpu=cfg.data.data_cpus))}
+    return datasets, ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
+
+
+def _close_runs(client, result, ray_name: str, members, outcomes: list[RunOutcome | None], packed: bool) -> None:
+    """Every trained member's MLflow run FINISHED and tagged with its Ray run; its outcome
+    (a pack's from MLflow, a single run's from Ray's result and checkpoint)."""
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     for i, handle, m in members:
         client.set_terminated(handle.run_id, status="FINISHED")
@@ -321,7 +407,6 @@ def _fit(cfgs: list[Config], names: list[str], *, method: methods.Method | None 
                 tracking.set_tags(client, handle.run_id, {"metaensemble.ray_checkpoint": ckpt})
             outcomes[i] = RunOutcome(handle.run_id, m["run_key"], handle.experiment_id, dict(result.metrics or {}),
                                      False, ckpt)
-    return outcomes
 
 
 TAG_DRIVER = "metaensemble.driver"
@@ -375,30 +460,23 @@ def evaluate(model, cfg: Config, *, method: methods.Method | None = None, run_na
 
     The run is named after the model's weights and ``cfg`` (``run_name`` overrides), so
     evaluating the same model again returns the finished run instead of a second one."""
-    import tempfile
-
     import torch
 
-    from metaensemble import metrics
-    from metaensemble.engine.loop import _build_loaders, _concat, _predict
+    from metaensemble.engine.loop import build_loaders
+    from metaensemble.engine.report import concat_predictions, final_report, predict_named
+    from metaensemble.methods.base import RunContext
 
-    data.check(cfg.data)
-    if data.is_streaming(cfg.data):
-        raise ConfigError(f"engine.evaluate reads in-memory datasets; {cfg.data.name!r} streams through Ray Data")
-    method = method or methods.build(cfg)
     model = models.unwrap(model)
-    spec = getattr(model, "me_spec", None)
-    if spec is None:
-        raise ConfigError("engine.evaluate saves the model it reports on: pass a model built by "
-                          "metaensemble.models.create_model (or loaded with models.load)")
+    spec = _check_evaluable(model, cfg)
+    method = method or methods.build(cfg)
     device = next(model.parameters()).device
-    loaders, info, _ = _build_loaders(cfg, 0, 1, device)  # before any run exists: bad data fails here
+    method.context = RunContext(device=device)
+    loaders, info, _ = build_loaders(cfg, 0, 1, device)  # before any run exists: bad data fails here
     if spec["kwargs"].get("num_classes", info.num_classes) != info.num_classes:
         raise ConfigError(f"the model predicts {spec['kwargs']['num_classes']} classes, but {info.name} has "
                           f"{info.num_classes}")
     key = run_name or f"eval-{spec.get('arch', 'model')}-{_weights_digest(model)}-{cfg.config_hash()}"
-    uri = tracking.ensure_tracking()
-    client = tracking.client(uri)
+    client = tracking.client(tracking.ensure_tracking())
     handle = tracking.open_run(client, cfg, key, parent_run_id=parent_run_id, tags=tags)
     if handle.status == "FINISHED":
         return RunOutcome(handle.run_id, key, handle.experiment_id, dict(client.get_run(handle.run_id).data.metrics),
@@ -406,17 +484,10 @@ def evaluate(model, cfg: Config, *, method: methods.Method | None = None, run_na
     was_training = model.training
     try:
         with torch.no_grad():
-            (val_p, val_y), (test_p, test_y) = (_concat([_predict(method, model, loaders[s], s)]) for s in ("val", "test"))
-        names = list(val_p)
-        report = metrics.calibrated_report(val_p[names[0]], val_y, test_p[names[0]], test_y)
-        for name in names[1:]:
-            report.update({f"{name}/{k}": v for k, v in metrics.calibrated_report(
-                val_p[name], val_y, test_p[name], test_y).items()})
+            val, test = (concat_predictions([predict_named(method, model, loaders[s], s)]) for s in ("val", "test"))
+        report = final_report(val, test)
         tracking.log_metrics(client, handle.run_id, report, step=0)
-        with tempfile.TemporaryDirectory() as d:
-            models.save_model(model, d, dataset=info.name, dataset_info=info.to_dict(),
-                              run_id=handle.run_id, run_key=key, config_hash=cfg.config_hash(), metrics=report)
-            client.log_artifacts(handle.run_id, d, artifact_path="model")
+        _log_model(client, handle.run_id, model, info, key, cfg, report)
     except BaseException:
         client.set_terminated(handle.run_id, status="FAILED")
         raise
@@ -424,6 +495,27 @@ def evaluate(model, cfg: Config, *, method: methods.Method | None = None, run_na
         model.train(was_training)
     client.set_terminated(handle.run_id, status="FINISHED")
     return RunOutcome(handle.run_id, key, handle.experiment_id, report)
+
+
+def _check_evaluable(model, cfg: Config) -> dict[str, Any]:
+    """``model``'s registry spec; in-memory data only (no Ray here)."""
+    data.check(cfg.data)
+    if data.is_streaming(cfg.data):
+        raise ConfigError(f"engine.evaluate reads in-memory datasets; {cfg.data.name!r} streams through Ray Data")
+    spec = getattr(model, "me_spec", None)
+    if spec is None:
+        raise ConfigError("engine.evaluate saves the model it reports on: pass a model built by "
+                          "metaensemble.models.create_model (or loaded with models.load)")
+    return spec
+
+
+def _log_model(client, run_id: str, model, info, key: str, cfg: Config, report: dict[str, float]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        models.save_model(model, d, dataset=info.name, dataset_info=info.to_dict(),
+                          run_id=run_id, run_key=key, config_hash=cfg.config_hash(), metrics=report)
+        client.log_artifacts(run_id, d, artifact_path="model")
 
 
 def _weights_digest(model) -> str:

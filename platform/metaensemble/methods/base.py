@@ -1,17 +1,26 @@
 """The contract between a method and the engine.
 
 A method says *what* to train; the engine owns *how* (devices, DDP, AMP, checkpoints,
-resume, metrics, MLflow). A method never touches Ray. Every hook has a default, so the
-plain supervised method below is the whole contract with nothing overridden:
+resume, metrics, MLflow). A method never touches Ray or ``torch.distributed``: where it
+runs reaches it as ``self.context``. Every hook has a default, so the plain supervised
+method below is the whole contract with nothing overridden:
 
+    prepare_sweep(cfg)           static, on the driver before a sweep's trials: the config
+                                 with its external inputs resolved (teachers from the zoo,
+                                 trained first if missing); default: ``cfg`` unchanged
+    validate()                   method-specific checks before any work (raise ConfigError)
+    context                      a ``RunContext`` (rank, world_size, device, all_reduce) the
+                                 engine sets on each worker before any hook below runs there;
+                                 elsewhere (tests, ``engine.evaluate``) one process on the CPU
     build_model(info)            the module to train (built after ``load_state_dict`` on resume)
     param_groups(model)          optimiser parameter groups (default: no decay on norms/biases)
     configure_optimizer(model, steps_per_epoch)
                                  optimiser + per-step schedule (timm factories from ``cfg.optim``)
     training_step(model, batch)  loss and scalars; every scalar is averaged per epoch and
                                  logged as ``train_<name>`` ("correct" becomes train_acc)
-    rebuild(model, epoch)        between epochs: return a new/changed module to re-wrap
-                                 (the engine re-wraps DDP and rebuilds the optimiser) or None
+    rebuild(model, epoch)        after every epoch, on every rank: return a new/changed
+                                 module to re-wrap (the engine re-wraps DDP and rebuilds the
+                                 optimiser) or None; also the place to note that an epoch ended
     state_dict() / load_state_dict(state)
                                  the method's own state, saved with every checkpoint
     export(model)                the network that is evaluated, saved and registered
@@ -24,6 +33,8 @@ plain supervised method below is the whole contract with nothing overridden:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,16 +66,50 @@ def named(pred: Predictions) -> dict[str, torch.Tensor]:
     return pred if isinstance(pred, dict) else {"": pred}
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """Where a method's code runs: this process is ``rank`` of ``world_size`` training
+    processes (DDP ranks), computing on ``device``. ``reduce_sum`` is the in-place sum
+    over ranks the engine supplies (needed when ``world_size > 1``); a method calls
+    ``all_reduce`` instead of ``torch.distributed``."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    reduce_sum: Callable[[torch.Tensor], Any] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.world_size > 1 and self.reduce_sum is None:
+            raise ValueError(f"a RunContext of {self.world_size} processes needs the engine's reduce_sum")
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over every rank, in place, and returned. Every rank must call
+        it, with tensors of the same shape and dtype in the same order. One process:
+        ``tensor`` unchanged."""
+        if self.world_size > 1:
+            self.reduce_sum(tensor)
+        return tensor
+
+
 class Method:
     """Plain supervised training with cross-entropy; the base of every method."""
 
     name = "supervised"
+    context = RunContext()  # one process on the CPU until the engine sets the worker's own
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self._teachers: list[nn.Module] | None = None
 
     # ---- before any work -------------------------------------------------------------
+    @staticmethod
+    def prepare_sweep(cfg: Config) -> Config:
+        """Called once on the driver before a sweep's trials (``sweep.runner.prepare``):
+        ``cfg`` with the method's external inputs resolved (e.g. its teachers taken from
+        the zoo, trained first if missing), so every trial trains from the same inputs.
+        Default: ``cfg`` unchanged."""
+        return cfg
+
     def validate(self) -> None:
         """Method-specific checks of ``cfg`` before any work starts (raise ConfigError)."""
 
@@ -111,15 +156,14 @@ class Method:
         return loss, {"loss": loss.detach(), "correct": (logits.argmax(1) == batch["y"]).sum()}
 
     def rebuild(self, model: nn.Module, epoch: int) -> nn.Module | None:
-        """Called on every rank after ``epoch`` epochs (1-based count), on the unwrapped
-        model. Return a module (the same one with new parameters, or a new one) and the
-        engine re-wraps it for DDP and builds a fresh optimiser and schedule (continuing
-        at the current step); return None to change nothing. Must be deterministic (it
-        runs on every rank) and recorded in ``state_dict`` so a resume rebuilds it."""
+        """Called on every rank after each epoch's optimisation, before validation, with
+        ``epoch`` epochs done (1-based count), on the unwrapped model. Return a module (the
+        same one with new parameters, or a new one) and the engine re-wraps it for DDP and
+        builds a fresh optimiser and schedule (continuing at the current step); return
+        None to change nothing. Must be deterministic (it runs on every rank; the global
+        RNGs are seeded alike on every rank for the call) and recorded in ``state_dict``
+        so a resume rebuilds it."""
         return None
-
-    def on_epoch_end(self, model: nn.Module, epoch: int, rank: int) -> None:
-        """Hook after each epoch's optimisation, before validation."""
 
     def state_dict(self) -> dict[str, Any]:
         """The method's own state (JSON-like values and tensors), saved with every checkpoint."""

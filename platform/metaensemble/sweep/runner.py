@@ -198,13 +198,12 @@ def train_configs(runs: dict[str, Config], groups: list[list[str]], *, experimen
 
 def prepare(base: Config) -> Config:
     """Resolve a base config's external inputs once, before any trial, through the
-    method's own hook ``prepare_sweep(cfg) -> cfg`` if its class defines one (e.g. a
-    meta-learner's teachers come from the zoo, trained first if missing): every trial then
+    method contract's ``prepare_sweep(cfg) -> cfg`` (e.g. a meta-learner's teachers come
+    from the zoo, trained first if missing; the default changes nothing): every trial then
     trains from the same resolved inputs, and the sweep layer knows no method by name."""
     from metaensemble import methods
 
-    hook = getattr(methods.method_class(base.method), "prepare_sweep", None)
-    return base if hook is None else hook(base)
+    return methods.method_class(base.method).prepare_sweep(base)
 
 
 def run_sweep(space: SearchSpace, extra_overrides: list[str] | None = None) -> SweepOutcome:

@@ -193,11 +193,9 @@ class SuperWeight(Method):
         probs = F.softmax(logits.detach().float(), -1).mean(0)
         return loss, {"loss": loss.detach(), "correct": (probs.argmax(1) == y).sum()}
 
-    def on_epoch_end(self, model: nn.Module, epoch: int, rank: int) -> None:
-        self.epochs_done = epoch + 1
-
     def rebuild(self, model: nn.Module, epoch: int) -> nn.Module | None:
         sw = self.cfg.superweight
+        self.epochs_done = epoch  # which epoch's gradients the next one records (``_recording``)
         model.recorder = None
         if self.phase == "search" and epoch == sw.split_epochs:
             return self._split(model)
@@ -207,7 +205,7 @@ class SuperWeight(Method):
 
     def _split(self, model: SuperWeightEnsemble) -> nn.Module:
         sw, info = self.cfg.superweight, self.info
-        rec = self.recorder.reduced() if self.recorder is not None else {}
+        rec = self.recorder.reduced(self.context.all_reduce) if self.recorder is not None else {}
         self.recorder = None
         searched = search_members(sw.members)
         grads = {s: [rec[(j, i)] for i in range(len(model.members[j].convs))] for j, s in enumerate(searched)}
@@ -221,7 +219,7 @@ class SuperWeight(Method):
 
     def _unshare(self, model: SuperWeightEnsemble) -> nn.Module | None:
         sw = self.cfg.superweight
-        rec = self.recorder.reduced() if self.recorder is not None else {}
+        rec = self.recorder.reduced(self.context.all_reduce) if self.recorder is not None else {}
         self.recorder = None
         new, clones = unshare(self.sharing, rec, sw.unshare_threshold)
         self.phase = "unshared"

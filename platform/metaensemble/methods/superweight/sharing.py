@@ -17,6 +17,7 @@ the method attaches to the ensemble to collect them:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,14 +54,13 @@ class Recorder:
     def watch_coef(self, alpha: torch.Tensor, m: int, i: int) -> None:
         alpha.register_hook(self._hook((m, i)))
 
-    def reduced(self) -> dict[tuple[int, int], torch.Tensor]:
-        """The sums over every DDP rank (the same on each), on the CPU."""
-        import torch.distributed as dist
-
+    def reduced(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
+        """The sums over every DDP rank (the same on each), on the CPU; ``all_reduce`` is
+        the run context's in-place sum over ranks (``RunContext.all_reduce``), called on
+        every rank for the same keys in the same order."""
         out = {k: self.grads[k] for k in sorted(self.grads)}
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for k in out:
-                dist.all_reduce(out[k])
+        for k in out:
+            all_reduce(out[k])
         return {k: v.cpu() for k, v in out.items()}
 
 

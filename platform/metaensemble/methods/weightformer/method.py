@@ -122,10 +122,7 @@ class WeightFormerMethod(Method):
             "val": make_ensembles(len(self.pools["val"]), m.ensemble_size, m.val_ensembles, self.cfg.seed),
             "test": make_ensembles(len(self.pools["test"]), m.ensemble_size, m.test_ensembles, self.cfg.seed + 1),
         }
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self.rng = np.random.default_rng([self.cfg.seed, rank, 17])
+        self.rng = np.random.default_rng([self.cfg.seed, self.context.rank, 17])
         if getattr(self, "_sampler_state", None):
             self.rng.bit_generator.state = self._sampler_state
 
