@@ -16,6 +16,8 @@ from metaensemble.validation import load_config
 # e.g. it runs a job in a fresh process) is in the slow tier. The quick tier for the inner
 # loop is ``python -m pytest -q -m "not slow" tests``: no Ray, no MLflow server, no jobs.
 _SERVICE_FIXTURES = {"ray_local", "mlflow_uri", "ray_head", "cluster"}
+# modules that start servers or jobs themselves, or train a zoo in-process
+_SLOW_MODULES = {"test_store.py", "test_ui_browser.py", "test_weightformer_learns.py"}
 
 
 def pytest_configure(config):
@@ -24,7 +26,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if _SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if _SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in _SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
 
 
