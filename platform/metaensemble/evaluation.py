@@ -151,10 +151,11 @@ def bar_chart(rows: list[Row], path: str | Path, title: str, highlight: Iterable
         ax.set_title(name)
     axes[0].set_yticks(ypos, [r.label.strip() for r in rows])
     axes[0].invert_yaxis()
-    return _save(fig, title, path)
+    return save_figure(fig, title, path)
 
 
-def _save(fig, title: str, path: str | Path) -> Path:
+def save_figure(fig, title: str, path: str | Path) -> Path:
+    """Title, tighten and write ``fig`` as a PNG at ``path``; the figure is closed."""
     import matplotlib.pyplot as plt
 
     fig.suptitle(title)
@@ -288,7 +289,7 @@ def reliability_diagram(curves: dict[str, tuple[Any, Any]], path: str | Path, ti
         ax.set_xlabel("confidence")
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left", fontsize=8)
-    return _save(fig, title, path)
+    return save_figure(fig, title, path)
 
 
 # ---- paired comparisons over evaluation units ----------------------------------------------

@@ -14,7 +14,7 @@ _DEIT = {
 }
 
 
-def _default_patch(img_size: int) -> int:
+def default_patch(img_size: int) -> int:
     # 16 px patches at ImageNet scale; small images keep a 4x4..8x8 token grid.
     return 16 if img_size >= 64 else max(1, img_size // 8) if img_size >= 16 else max(1, img_size // 4)
 
@@ -27,7 +27,7 @@ def _deit(timm_name: str):
         kw = {"depth": depth} if depth is not None else {}
         return timm.create_model(
             timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-            img_size=img_size, patch_size=patch_size or _default_patch(img_size),
+            img_size=img_size, patch_size=patch_size or default_patch(img_size),
             drop_path_rate=drop_path_rate, **kw,
         )
 

@@ -439,7 +439,7 @@ def plot_alignment(alignment: Alignment, path: str | Path, title: str) -> Path:
     in) and the deep positions where balancing inserts a layer (hatched columns)."""
     import matplotlib
 
-    from metaensemble.evaluation import _save
+    from metaensemble.evaluation import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -476,4 +476,4 @@ def plot_alignment(alignment: Alignment, path: str | Path, title: str) -> Path:
     ax.set_xlabel("deep net unit   (*, hatched: identity layer inserted)")
     ax.set_ylabel("shallow net unit")
     ax.set_title("o: the deep unit each shallow unit maps to (its cost)", fontsize=9)
-    return _save(fig, title, path)
+    return save_figure(fig, title, path)

@@ -33,7 +33,7 @@ from timm.models.vision_transformer import Block
 
 from metaensemble.errors import ConfigError
 from metaensemble.models.registry import create_model, register_model
-from metaensemble.models.timm_models import _default_patch
+from metaensemble.models.timm_models import default_patch
 
 AUX_EPS, DEIT_EPS = 1e-5, 1e-6
 Style = Literal["preserving", "deit"]
@@ -234,7 +234,7 @@ def aux_vit(num_classes: int, in_chans: int, img_size: int, embed_dim: int = 384
             stages: str | list[int] = "L16_33433", patch_size: int | None = None, mlp_ratio: float = 4.0,
             drop_path_rate: float = 0.0) -> AuxViT:
     """Aux-S: embed_dim 384; Aux-B: embed_dim 768 (12 heads in both)."""
-    return AuxViT(num_classes, in_chans, img_size, patch_size or _default_patch(img_size), embed_dim, num_heads,
+    return AuxViT(num_classes, in_chans, img_size, patch_size or default_patch(img_size), embed_dim, num_heads,
                   stages, mlp_ratio, drop_path_rate)
 
 
@@ -243,7 +243,7 @@ def descendant_vit(num_classes: int, in_chans: int, img_size: int, depth: int = 
                    num_heads: int | None = None, patch_size: int | None = None, mlp_ratio: float = 4.0,
                    drop_path_rate: float = 0.0, style: Style = "preserving") -> DescendantViT:
     return DescendantViT(num_classes, in_chans, img_size, depth, embed_dim, num_heads,
-                         patch_size or _default_patch(img_size), mlp_ratio, drop_path_rate, style)
+                         patch_size or default_patch(img_size), mlp_ratio, drop_path_rate, style)
 
 
 # ---- learngene and expansion ----------------------------------------------------------------
