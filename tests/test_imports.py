@@ -24,8 +24,11 @@ On top of "no circles", the layering ARCHITECTURE.md asks for: ``config`` (the s
 imports nothing of the library but ``errors`` (a leaf: exception classes, no imports,
 where ``ConfigError`` lives for every layer); one method's folder never imports
 another's (shared helpers live beside them, ``methods/base.py``, ``methods/distill.py``,
-or below them, ``models/batchnorm.py``, ``transport.py``); the method registry, and the
-method config modules it discovers, import no torch (nor ray or mlflow).
+or below them, ``models/batchnorm.py``, ``transport.py``); a method never imports its
+own job: no ``methods/<x>/method.py`` reaches ``methods/<x>/experiment.py``, directly,
+inside a function or through other modules (what both need lives in a module both import,
+``fusion/parents.py``, ``latentbe/teachers.py``, ``learngene/teacher.py``); the method
+registry, and the method config modules it discovers, import no torch (nor ray or mlflow).
 
 ``python tests/test_imports.py`` prints the strongly connected components and the
 offending edges.
@@ -159,6 +162,38 @@ def cross_method_imports(graph: dict[str, set[str]]) -> list[str]:
                   if _method_folder(a) and _method_folder(b) and _method_folder(a) != _method_folder(b))
 
 
+def shortest_path(graph: dict[str, set[str]], start: str, goal: str) -> list[str] | None:
+    prev: dict[str, str] = {start: start}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph.get(v, ())):
+                if w not in prev:
+                    prev[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    if goal not in prev:
+        return None
+    path = [goal]
+    while path[-1] != start:
+        path.append(prev[path[-1]])
+    return path[::-1]
+
+
+def method_to_own_experiment(graph: dict[str, set[str]]) -> list[str]:
+    """Every ``methods.<x>.method`` that imports ``methods.<x>.experiment``, directly or
+    through other modules, as the shortest such chain."""
+    out = []
+    for m in sorted(graph):
+        folder = _method_folder(m)
+        if folder and m == f"{PKG}.methods.{folder}.method":
+            path = shortest_path(graph, m, f"{PKG}.methods.{folder}.experiment")
+            if path:
+                out.append(" -> ".join(path))
+    return out
+
+
 def closure(graph: dict[str, set[str]], roots: list[str]) -> set[str]:
     seen, todo = set(), list(roots)
     while todo:
@@ -189,6 +224,13 @@ def test_config_imports_nothing_of_the_library():
 def test_no_method_imports_another_methods_folder():
     graph, _ = import_graph()
     assert cross_method_imports(graph) == []
+
+
+def test_no_method_imports_its_own_experiment():
+    graph, _ = import_graph()
+    methods = [m for m in graph if _method_folder(m) and m.endswith(".method")]
+    assert len(methods) > 3 and f"{PKG}.methods.fusion.experiment" in graph
+    assert method_to_own_experiment(graph) == [], "a method imports its own job (issue 25 item 2)"
 
 
 def test_method_registry_and_method_configs_import_no_torch():
@@ -223,6 +265,7 @@ def main() -> None:
             print(f"    {a.removeprefix(PKG + '.')} -> {b.removeprefix(PKG + '.')}")
     print("\nconfig imports:", sorted(graph["metaensemble.config"]))
     print("cross-method imports:", *cross_method_imports(graph), sep="\n  ")
+    print("methods importing their own experiment:", *method_to_own_experiment(graph), sep="\n  ")
     try:
         import networkx as nx
 

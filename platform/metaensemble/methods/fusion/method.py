@@ -36,7 +36,7 @@ class FusionMethod(EnsembleKD):
     def prepare_sweep(cfg):
         """Before a sweep's trials: with no ``fusion.models``, one parent from each zoo
         of ``fusion.parent_configs`` (trained first if missing)."""
-        from metaensemble.methods.fusion.experiment import resolve_parents
+        from metaensemble.methods.fusion.parents import resolve_parents
 
         parents = resolve_parents(cfg)
         return cfg.with_overrides({"fusion.models": [p.uri for p in parents]})

@@ -174,7 +174,7 @@ class LatentBE(EnsembleKD):
     def prepare_sweep(cfg):
         """Before a sweep's trials: with no ``distill.teachers``, the first M teachers of
         ``distill.teacher_config``'s zoo (trained first if missing)."""
-        from metaensemble.methods.latentbe.experiment import resolve_teachers
+        from metaensemble.methods.latentbe.teachers import resolve_teachers
 
         return resolve_teachers(cfg)[0]
 

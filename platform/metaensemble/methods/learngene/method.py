@@ -125,7 +125,7 @@ class LearngeneAux(Method):
     def prepare_sweep(cfg):
         """Before a sweep's trials: with no ``learngene.teacher``, the first teacher of
         ``learngene.teacher_config``'s zoo (trained first if missing)."""
-        from metaensemble.methods.learngene.experiment import resolve_teacher
+        from metaensemble.methods.learngene.teacher import resolve_teacher
 
         return resolve_teacher(cfg)[0]
 
