@@ -4,6 +4,7 @@ input perturbation.
 
     config          the ``latentbe`` section and the two methods (torch-free)
     batchensemble   BatchEnsemble Conv2d/Linear, conversion of a model, the fold
+    teachers        the DE-M teachers and the checks before any work (method and job share them)
     method          the engine methods ``latentbe`` and ``tdiv_sdiv``
     experiment      the pipeline behind ``jobs/distill.py``: the paper's table
 """

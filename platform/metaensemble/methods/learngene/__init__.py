@@ -1,10 +1,11 @@
-"""Learngene via stage-wise weight sharing (Xia et al., IJCAI 2024; see
-methods/learngene.md in the design): an aux-net whose layers share one block per stage is
+"""Learngene via stage-wise weight sharing (Xia et al., IJCAI 2024;
+docs/learngene.md): an aux-net whose layers share one block per stage is
 distilled from a teacher; its stage blocks (the learngene) initialise plain ViTs of any depth.
 
     config     the ``learngene`` section (torch-free, read by the method registry)
     model      AuxViT, DescendantViT (registered models), the stage layout, ``expand``
     original   loading the original code's checkpoint.pth into an AuxViT
+    teacher    the aux-net's teacher (zoo, URI or file), shared by the method and the job
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""WeightFormer: meta-ensemble parameter learning (see methods/weightformer.md in the design).
+"""WeightFormer: meta-ensemble parameter learning (docs/weightformer.md).
 
     config      the ``meta`` section (torch-free, read by the method registry)
     tokens      state dict <-> per-layer neuron rows, the token layout
