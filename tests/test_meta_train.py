@@ -101,6 +101,17 @@ def _register_zoo(tmp: Path, overrides: list[str], mlflow_uri: str) -> None:
     does: an MLflow run with the model artifact, a registry version tagged with seed and
     recipe hash. (The job's own zoo training is tested in tests/tracking and tests/test_jobs.)"""
     import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: a second thread on two shared cores only synchronises
+    try:
+        _train_and_register(tmp, overrides, mlflow_uri)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_register(tmp: Path, overrides: list[str], mlflow_uri: str) -> None:
+    import torch
     import torch.nn.functional as F
     from mlflow.tracking import MlflowClient
 
@@ -167,7 +178,9 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
     args = _tiny(tmp_path, experiment, seed0)
     shutil.move(tmp_path / "teachers.yaml", copy / "tiny_teachers.yaml")
     args = [a if not a.startswith("meta.teacher_config=") else "meta.teacher_config=tiny_teachers.yaml" for a in args]
-    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri}})
+    # one torch thread in the driver, as the engine sets in its workers (tiny networks on
+    # two shared cores: a second thread only synchronises)
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri, "OMP_NUM_THREADS": "1"}})
     cmd = ["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--runtime-env-json", runtime_env,
            "--", "python", "jobs/meta_train.py", *args]
     for _ in range(10):  # the job agent comes up a little after the dashboard answers
@@ -255,7 +268,7 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
     # using it: jobs/generate.py on the two held-out teachers (zoo versions), registered as a student
     test_versions = [t["version"] for t in teachers if t["side"] == "test"]
     gen_uri = f"models:/weightformer.digits.convnet/{mine[0].version}"
-    env_g = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    env_g = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "jobs/generate.py", "--generator", gen_uri, "--teachers",
                            *map(str, test_versions)], cwd=REPO_ROOT, env=env_g, capture_output=True, text=True,
                           timeout=300)
@@ -267,9 +280,12 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
     assert made[0].tags["teachers"] == ",".join(f"models:/teacher.digits.convnet/{v}" for v in test_versions)
     student = load(f"models:/student.digits.convnet.weightformer/{made[0].version}")
     assert student.me_spec["kwargs"]["width"] == 4
-    # bad input: one clear line, nothing registered
-    proc = subprocess.run([sys.executable, "jobs/generate.py", "--generator", gen_uri, "--teachers",
-                           str(test_versions[0])], cwd=REPO_ROOT, env=env_g, capture_output=True, text=True, timeout=300)
+    # bad input: one clear line, nothing registered (in this process: it fails before any
+    # work, and the fresh-process path of the script is the run above)
+    from conftest import run_script
+
+    proc = run_script(["jobs/generate.py", "--generator", gen_uri, "--teachers", str(test_versions[0])],
+                      {"MLFLOW_TRACKING_URI": mlflow_uri})
     assert proc.returncode == 2 and "this generator takes 2..8 teachers; got 1" in proc.stderr, proc.stderr[-2000:]
     assert len(client.search_model_versions("name='student.digits.convnet.weightformer'")) == len(students)
 

@@ -14,16 +14,26 @@ from metaensemble.methods.weightformer.student import generate_student
 from metaensemble.models import create_model, save_model
 from metaensemble.validation import load_config
 
-ZOO = 24
+TRAIN, VAL, TEST = 8, 6, 4  # meta-train (train_k's largest K = 8), meta-val, meta-test
+ZOO = TRAIN + VAL + TEST
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these networks are tiny, and two threads on two shared cores
+    spend their time synchronising (measured: ~10x slower under load)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    """The embedded default's recipe in-process: 24 narrow digits convnets (width 4, 15
+    """The embedded default's recipe in-process: 18 narrow digits convnets (width 4, 15
     epochs) that share their initial weights (model.init_seed) and differ in data order
     and augmentation, on the default split (val: 30% of the non-test images)."""
     root = tmp_path_factory.mktemp("zoo")
-    torch.set_num_threads(2)
     tcfg = load_config("configs/teachers/digits_meta.yaml")
     assert tcfg.model.init_seed is not None
     splits = data.load(tcfg.data)
@@ -49,11 +59,11 @@ def zoo(tmp_path_factory):
 
 
 def meta_cfg(paths, *overrides):
-    """The embedded default's meta-training config on this zoo: 12 meta-train, 6 meta-val
-    and 6 meta-test teachers."""
+    """The embedded default's meta-training config on this zoo: 8 meta-train, 6 meta-val
+    and 4 meta-test teachers."""
     return load_config("configs/meta/digits.yaml", [
-        f"meta.train_teachers={paths[:12]}", f"meta.val_teachers={paths[12:18]}",
-        f"meta.test_teachers={paths[18:]}", *overrides])
+        f"meta.train_teachers={paths[:TRAIN]}", f"meta.val_teachers={paths[TRAIN:TRAIN + VAL]}",
+        f"meta.test_teachers={paths[TRAIN + VAL:]}", *overrides])
 
 
 def test_generator_fits_an_ensemble_through_the_student(zoo):
@@ -90,8 +100,10 @@ def test_generator_fits_an_ensemble_through_the_student(zoo):
 
 def test_meta_training_moves_the_generator_beyond_its_base_on_held_out_ensembles(zoo):
     """The generator learns something that transfers: meta-trained over random ensembles
-    (K = 2..8) of the 12 meta-train teachers with the default's optimiser, schedule,
-    clipping and step count, the zero-shot students it generates for 12 ensembles of the
+    (K = 2..8) of the 8 meta-train teachers with the default's optimiser, cosine schedule
+    and clipping for 200 steps (2 of the default's 6 epochs of 100 steps; 400 steps
+    measured no better on this zoo: margins +0.8..+1.2 over seeds 0..3), the zero-shot
+    students it generates for 12 ensembles of the
     6 meta-VALIDATION teachers (never trained on) are more accurate on the val split than
     its starting point, the naive weight average (what base=mix outputs with a zero
     correction, checked exactly). Every network's BN statistics are recomputed the same
@@ -103,7 +115,7 @@ def test_meta_training_moves_the_generator_beyond_its_base_on_held_out_ensembles
     from metaensemble.models.batchnorm import recompute_bn
 
     paths, _ = zoo
-    cfg = meta_cfg(paths, "meta.val_ensembles=12")
+    cfg = meta_cfg(paths, "meta.val_ensembles=12", "train.epochs=2")
     method = WeightFormerMethod(cfg)
     method.validate()
     splits = data.load(cfg.data)
@@ -153,6 +165,8 @@ def test_meta_training_moves_the_generator_beyond_its_base_on_held_out_ensembles
             if step == steps:
                 break
     learned = generated_accuracy()
+    # measured on this 18-teacher zoo (seed 0): the mean of the weights 85.00, generated
+    # after 200 steps 86.18, mean member 88.71
     # measured on the default's 64-teacher zoo (meta-val ensembles): the mean of the
     # weights 87.12, generated after 800 steps at 3e-4 88.37 (a tuning run), mean member 89.36,
     # ensemble 92.55
