@@ -31,16 +31,36 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def mlflow_uri(tmp_path_factory):
+def _mlflow_server(tmp_path_factory):
+    """The session's MLflow server, starting in a background thread (its URL is known at
+    once, so MLFLOW_TRACKING_URI is set before anything else starts: Ray's processes
+    inherit it); ``mlflow_uri`` waits for it to answer. Ray starts meanwhile."""
+    import threading
+
     from metaensemble.tracking import LocalTrackingServer
 
-    server = LocalTrackingServer(store=tmp_path_factory.mktemp("mlflow")).start()
+    server = LocalTrackingServer(store=tmp_path_factory.mktemp("mlflow"))
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = server.url
-    import mlflow
+    failed: list[BaseException] = []
 
-    mlflow.set_tracking_uri(server.url)
-    yield server.url
+    def start():
+        try:
+            server.start()
+        except BaseException as e:  # raised again by mlflow_uri, in the test that needs it
+            failed.append(e)
+
+    starting = threading.Thread(target=start, daemon=True)
+    starting.start()
+
+    def ready() -> str:
+        starting.join()
+        if failed:
+            raise failed[0]
+        return server.url
+
+    yield ready
+    starting.join()
     server.stop()
     if old is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -49,19 +69,35 @@ def mlflow_uri(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local(mlflow_uri):
-    """A real local Ray instance with 4 logical CPUs (2-worker gloo DDP + trial drivers)."""
+def mlflow_uri(_mlflow_server):
+    url = _mlflow_server()
+    import mlflow
+
+    mlflow.set_tracking_uri(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def ray_local(_mlflow_server, request):
+    """A real local Ray instance with 4 logical CPUs (2-worker gloo DDP + trial drivers),
+    started while the MLflow server starts; the tests that use it get that server too."""
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     from metaensemble.engine.trainer import REPORT_POLL_S
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
-    from metaensemble.engine.trainer import RAY_DATA_ENV
+    from metaensemble.engine.trainer import LOCAL_RAY_ENV, RAY_DATA_ENV
 
-    for k, v in RAY_DATA_ENV.items():  # what ensure_ray sets for the jobs' local instances
+    # what ensure_ray sets for the jobs' local instances (no preemption watcher per run)
+    for k, v in {**RAY_DATA_ENV, **LOCAL_RAY_ENV}.items():
         os.environ.setdefault(k, v)
     ray.init(num_cpus=4, log_to_driver=True, include_dashboard=True)
+    try:
+        request.getfixturevalue("mlflow_uri")  # torn down after this fixture
+    except BaseException:
+        ray.shutdown()
+        raise
     yield ray
     ray.shutdown()
 

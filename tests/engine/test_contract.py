@@ -224,9 +224,25 @@ def test_export_named_predictions_scalars_rank_rng_and_evaluate(ray_local, digit
 # ---- rebuild + method state + every rank's RNG survive a worker kill -----------------------------
 def test_rebuild_at_epoch_2_and_worker_killed_at_epoch_3_resumes_to_the_same_weights(ray_run_dir, worker_killer, ray_local, digits_cfg, tmp_path):
     base = ("scaling.num_workers=2", "train.epochs=4", "scaling.max_failures=2")
-    ref_cfg = digits_cfg(*base, "experiment=test/rebuild-ref")
+    # the uninterrupted reference, in its own Ray storage: the killed run's folder is then
+    # the only one under run_dir's root (both runs have one run key)
+    ref_cfg = digits_cfg(*base, "experiment=test/rebuild-ref", f"storage_path={tmp_path / 'ref'}")
     ref = fit(ref_cfg, method=GrowingMethod(ref_cfg))
+    outcome, killed = _killed_at_epoch_3(ray_run_dir, worker_killer, digits_cfg, tmp_path, base)
+    assert killed, "the worker was never killed"
+    run = tracking.client().get_run(outcome.run_id)
+    assert int(run.data.tags["metaensemble.resumed_from_epoch"]) >= 1
 
+    w_ref = load_file(str(Path(ref.checkpoint_path) / "model.safetensors"))
+    w = load_file(str(Path(outcome.checkpoint_path) / "model.safetensors"))
+    assert "bias" in w, "the rebuilt parameter was lost on resume"
+    assert set(w) == set(w_ref)
+    for k in w_ref:
+        assert torch.equal(w[k], w_ref[k]), f"{k} differs from the uninterrupted run"
+
+
+def _killed_at_epoch_3(ray_run_dir, worker_killer, digits_cfg, tmp_path, base):
+    """The run whose worker is killed in epoch 3: (its outcome, the pids killed)."""
     cfg = digits_cfg(*base, "experiment=test/rebuild-kill")
     out = tmp_path / "rec"
     out.mkdir()
@@ -239,17 +255,7 @@ def test_rebuild_at_epoch_2_and_worker_killed_at_epoch_3_resumes_to_the_same_wei
 
     killer = worker_killer(worker_in_epoch_3, delay=0.3)
     outcome = fit(cfg, method=GrowingMethod(cfg, out, sleep=0.05))
-    killed = killer.join()
-    assert killed, "the worker was never killed"
-    run = tracking.client().get_run(outcome.run_id)
-    assert int(run.data.tags["metaensemble.resumed_from_epoch"]) >= 1
-
-    w_ref = load_file(str(Path(ref.checkpoint_path) / "model.safetensors"))
-    w = load_file(str(Path(outcome.checkpoint_path) / "model.safetensors"))
-    assert "bias" in w, "the rebuilt parameter was lost on resume"
-    assert set(w) == set(w_ref)
-    for k in w_ref:
-        assert torch.equal(w[k], w_ref[k]), f"{k} differs from the uninterrupted run"
+    return outcome, killer.join()
 
 
 # ---- optimiser groups and schedules (no Ray) ----------------------------------------------------

@@ -83,62 +83,6 @@ def _runs_with_key(cfg, run_key):
     return c.search_runs([exp.experiment_id], f"tags.`metaensemble.run_key` = '{run_key}'")
 
 
-def test_two_worker_gloo_ddp_identical_params_and_disjoint_halves(ray_local, digits_cfg, tmp_path):
-    cfg = digits_cfg("scaling.num_workers=2", "train.epochs=2")
-    out = tmp_path / "rec"
-    out.mkdir()
-    outcome = fit(cfg, method=RecordingMethod(cfg, out))
-    recs = _records(out)
-    assert {(r["rank"], r["epoch"]) for r in recs} == {(0, 0), (1, 0), (0, 1), (1, 1)}
-    n_train = len(data.load(cfg.data).train)
-    for epoch in (0, 1):
-        r0, r1 = (next(r for r in recs if r["rank"] == k and r["epoch"] == epoch) for k in (0, 1))
-        s0, s1 = set(r0["seen"].tolist()), set(r1["seen"].tolist())
-        assert len(s0) == len(r0["seen"]) and not (s0 & s1), "ranks must see disjoint examples"
-        assert len(s0) == len(s1) >= n_train // 2 - cfg.data.batch_size, "each rank sees about half the data"
-        assert torch.equal(r0["params"], r1["params"]), "DDP must keep both ranks' parameters identical"
-    assert outcome.metrics["test_acc"] > 0.5 and not outcome.skipped
-
-
-def test_worker_killed_mid_run_resumes_from_checkpoint_in_same_mlflow_run(ray_run_dir, worker_killer, ray_local, digits_cfg, tmp_path):
-    cfg = digits_cfg("train.epochs=6", "scaling.max_failures=2")
-    out = tmp_path / "rec"
-    out.mkdir()
-    run_dir = ray_run_dir(cfg)
-    def worker_after_two_checkpoints():
-        if len(list(run_dir.glob("checkpoint_*"))) >= 2 and (recs := list(out.glob("rank0-epoch2-*"))):
-            return int(recs[0].stem.split("pid")[1])  # the RayTrainWorker process, mid epoch 3 or 4
-        return None
-
-    killer = worker_killer(worker_after_two_checkpoints)
-    outcome = fit(cfg, method=RecordingMethod(cfg, out, sleep=0.08))
-    killed = killer.join()
-    assert killed, "the worker was never killed"
-    recs = _records(out)
-    pids = sorted({r["pid"] for r in recs})
-    assert len(pids) == 2 and killed[0] in pids
-    after = [r for r in recs if r["pid"] != killed[0]]
-    runs = _runs_with_key(cfg, cfg.run_key())
-    assert len(runs) == 1 and runs[0].info.run_id == outcome.run_id
-    assert runs[0].info.status == "FINISHED"
-    # Resumed from the newest checkpoint Ray's controller had registered (the kill came
-    # after two were written; the second may not have been collected yet), never from 0,
-    # and training continued at exactly the epoch after it.
-    resumed_from = int(runs[0].data.tags["metaensemble.resumed_from_epoch"])
-    assert resumed_from >= 1, "training restarted from scratch instead of the checkpoint"
-    assert min(r["epoch"] for r in after) == resumed_from
-    assert max(r["epoch"] for r in after) == cfg.train.epochs - 1
-    assert "test_acc" in runs[0].data.metrics
-
-    # The same command again: nothing is retrained, nothing new is written.
-    n_files, n_ckpts = len(list(out.iterdir())), len(list(run_dir.glob("checkpoint_*")))
-    again = fit(cfg, method=RecordingMethod(cfg, out))
-    assert again.skipped and again.run_id == outcome.run_id
-    assert again.metrics["test_acc"] == pytest.approx(runs[0].data.metrics["test_acc"])
-    assert len(list(out.iterdir())) == n_files and len(list(run_dir.glob("checkpoint_*"))) == n_ckpts
-    assert len(_runs_with_key(cfg, cfg.run_key())) == 1
-
-
 def _digits_folder(root: Path) -> None:
     """The digits as 16x16 PNGs in the ImageNet layout (train/ = digits' train + val, val/ =
     its test split), so the encoded-image path has a task it can learn."""
@@ -185,23 +129,41 @@ def test_encoded_shards_stream_through_ray_data_into_ddp_training(ray_local, dig
     assert outcome.metrics["test_acc"] > 0.25, outcome.metrics
 
 
-def test_a_pack_trains_each_member_as_alone_and_skips_finished_members(ray_local, digits_cfg, tmp_path):
-    """fit_pack: several runs one after another in one 2-worker gloo group, each its own
-    MLflow run under its own run key. A member trained after another in the same worker
-    processes ends with exactly the weights and metrics it gets alone (so a seed gives one
-    result however it is run); finished members are not trained again."""
+def test_two_worker_gloo_ddp_and_a_pack_trains_each_member_as_alone_and_skips_finished_members(
+        ray_local, digits_cfg, tmp_path):
+    """A run on a 2-worker gloo DDP group: the ranks see disjoint halves of the data and
+    keep identical parameters. Then fit_pack: several runs one after another in one
+    2-worker gloo group, each its own MLflow run under its own run key. A member trained
+    after another in the same worker processes ends with exactly the weights and metrics
+    that run got alone (so a seed gives one result however it is run); finished members
+    are not trained again."""
     from metaensemble import models
     from metaensemble.engine import fit_pack
 
-    alone = fit(digits_cfg("scaling.num_workers=2", "seed=2", f"storage_path={tmp_path / 'alone'}"))
     exp = f"test/pack-{os.urandom(4).hex()}"
-    cfgs = [digits_cfg("scaling.num_workers=2", f"seed={s}", f"experiment={exp}") for s in (1, 2)]
+    cfgs = [digits_cfg("scaling.num_workers=2", f"seed={s}", f"experiment={exp}") for s in (1, 0)]
     before = _mlflow_state()
     with pytest.raises(ConfigError, match="same scaling section"):
         fit_pack([cfgs[0], cfgs[1].with_overrides({"scaling.num_workers": 1})])
     assert _mlflow_state() == before
 
+    # the run alone, recording what each rank trained on (the recording changes no weight)
+    cfg = digits_cfg("scaling.num_workers=2", "seed=0", f"storage_path={tmp_path / 'alone'}")
+    out = tmp_path / "rec"
+    out.mkdir()
+    alone = fit(cfg, method=RecordingMethod(cfg, out))
     outs = fit_pack(cfgs)
+    recs = _records(out)
+    assert {(r["rank"], r["epoch"]) for r in recs} == {(0, 0), (1, 0), (0, 1), (1, 1)}
+    n_train = len(data.load(cfg.data).train)
+    for epoch in (0, 1):
+        r0, r1 = (next(r for r in recs if r["rank"] == k and r["epoch"] == epoch) for k in (0, 1))
+        s0, s1 = set(r0["seen"].tolist()), set(r1["seen"].tolist())
+        assert len(s0) == len(r0["seen"]) and not (s0 & s1), "ranks must see disjoint examples"
+        assert len(s0) == len(s1) >= n_train // 2 - cfg.data.batch_size, "each rank sees about half the data"
+        assert torch.equal(r0["params"], r1["params"]), "DDP must keep both ranks' parameters identical"
+    assert alone.metrics["test_acc"] > 0.5 and not alone.skipped
+
     assert not any(o.skipped for o in outs)
     for c, o in zip(cfgs, outs, strict=True):
         (run,) = _runs_with_key(c, c.run_key())
@@ -222,13 +184,16 @@ def test_a_pack_trains_each_member_as_alone_and_skips_finished_members(ray_local
 def test_worker_killed_mid_pack_resumes_the_member_it_was_training(ray_local, digits_cfg):
     """A worker dies while the second member of a pack trains: Ray Train restarts the
     group from the latest checkpoint, which belongs to that member, so the first member
-    is not trained again and the second continues from its checkpoint."""
+    is not trained again and the second continues from its checkpoint. (The first member
+    is short; the second is long enough that the kill always lands while it trains.)"""
     from ray.util.state import list_actors
 
     from metaensemble.engine import fit_pack
 
     exp = f"test/packkill-{os.urandom(4).hex()}"
-    cfgs = [digits_cfg("train.epochs=24", "scaling.max_failures=2", f"seed={s}", f"experiment={exp}") for s in (0, 1)]
+    first_epochs, epochs = 2, 24
+    cfgs = [digits_cfg(f"train.epochs={e}", "scaling.max_failures=2", f"seed={s}", f"experiment={exp}")
+            for s, e in ((0, first_epochs), (1, epochs))]
     client = tracking.client()
     killed: list[int] = []
 
@@ -252,11 +217,11 @@ def test_worker_killed_mid_pack_resumes_the_member_it_was_training(ray_local, di
     assert killed, "the worker was never killed"
     first, second = (client.get_run(o.run_id) for o in outs)
     assert first.info.status == second.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(first.info.run_id, "epoch")] == list(range(1, 25)), \
-        "the finished member was trained again"
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "epoch")] == \
+        list(range(1, first_epochs + 1)), "the finished member was trained again"
     assert "metaensemble.resumed_from_epoch" not in first.data.tags
     resumed_from = int(second.data.tags["metaensemble.resumed_from_epoch"])
-    assert 1 <= resumed_from < 24
+    assert 1 <= resumed_from < epochs
     assert "test_acc" in second.data.metrics and "test_acc" in first.data.metrics
 
 
@@ -281,56 +246,118 @@ def test_bad_input_fails_before_anything_is_written(ray_local, digits_cfg, tmp_p
 
 
 DRIVER = """
-import sys, time
-from metaensemble.validation import load_config
+import os, sys, time
+import torch
+from safetensors.torch import save_file
 from metaensemble.engine import fit
 from metaensemble.methods import Method
+from metaensemble.models import unwrap
+from metaensemble.validation import load_config
 
-class SlowMethod(Method):
-    def training_step(self, model, batch):
-        time.sleep(0.08)
-        return super().training_step(model, batch)
-
-cfg = load_config("configs/teachers/digits.yaml", sys.argv[1:])
-fit(cfg, method=SlowMethod(cfg))
+{recording_method}
+cfg = load_config("configs/teachers/digits.yaml", sys.argv[2:])
+fit(cfg, method=RecordingMethod(cfg, sys.argv[1], sleep=0.08))
 """
 
 
-def test_driver_killed_then_same_command_resumes_same_mlflow_run(ray_run_dir, ray_local, mlflow_uri, digits_cfg, tmp_path):
+def test_a_worker_then_the_driver_killed_mid_run_resume_in_the_same_mlflow_run(
+        ray_run_dir, worker_killer, ray_local, mlflow_uri, digits_cfg, tmp_path):
+    """One run, two failures. A worker is killed mid-run: Ray Train restarts it from the
+    newest checkpoint its controller registered (never from 0), within the same driver and
+    MLflow run. Then the driver itself is killed, once the restarted worker has registered
+    a checkpoint of its own: the same command again resumes the same MLflow run from
+    there, to the last epoch. The same command once more trains and writes nothing."""
+    import inspect
     import subprocess
 
     from ray.util.state import list_actors
 
-    cfg = digits_cfg("train.epochs=6")
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER)
+    epochs = 10  # those after the driver's death train fast, in this process
+    cfg = digits_cfg(f"train.epochs={epochs}", "scaling.max_failures=2")
     # the same config as digits_cfg's (same run key), so both commands are one run
-    args = [f"storage_path={cfg.storage_path}", f"experiment={cfg.experiment}", "train.epochs=6", "model.kwargs.width=8",
-            "data.val_fraction=0.1", "model.init_seed=null"]
+    args = [f"storage_path={cfg.storage_path}", f"experiment={cfg.experiment}", f"train.epochs={epochs}",
+            "scaling.max_failures=2", "model.kwargs.width=8", "data.val_fraction=0.1", "model.init_seed=null"]
     assert load_config("configs/teachers/digits.yaml", args).run_key() == cfg.run_key()
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": mlflow_uri}
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.replace("{recording_method}", inspect.getsource(RecordingMethod)))
+    out = tmp_path / "rec"
+    out.mkdir()
+    run_dir = ray_run_dir(cfg)
+
+    def worker_after_two_checkpoints():
+        if len(list(run_dir.glob("checkpoint_*"))) >= 2 and (recs := list(out.glob("rank0-epoch2-*"))):
+            return int(recs[0].stem.split("pid")[1])  # the RayTrainWorker process, mid epoch 3 or 4
+        return None
+
+    client = tracking.client()
+
+    def resumed_tag() -> int | None:
+        if client.get_experiment_by_name(cfg.experiment_name) is None:
+            return None
+        runs = _runs_with_key(cfg, cfg.run_key())
+        tag = runs[0].data.tags.get("metaensemble.resumed_from_epoch") if runs else None
+        return None if tag is None else int(tag)
+
+    gcs = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_ADDRESS": gcs, "MLFLOW_TRACKING_URI": mlflow_uri}
     repo = Path(__file__).resolve().parents[2]
+    killer = worker_killer(worker_after_two_checkpoints)
     with open(tmp_path / "driver.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(script), *args], cwd=repo, env=env, stdout=log, stderr=log)
-        run_dir = ray_run_dir(cfg)
-        deadline = time.monotonic() + 240
-        while not (registered := _registered_epochs(run_dir)) and time.monotonic() < deadline and proc.poll() is None:
+        proc = subprocess.Popen([sys.executable, str(script), str(out), *args], cwd=repo, env=env, stdout=log,
+                                stderr=log)
+        # the worker dies; its driver restarts it from a registered checkpoint, which tags
+        # the run; wait until the restarted worker has registered a checkpoint of its own
+        deadline = time.monotonic() + 300
+        resumed_in_driver = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            if killer.killed and resumed_in_driver is None:
+                resumed_in_driver = resumed_tag()
+            if resumed_in_driver is not None and max(_registered_epochs(run_dir), default=0) > resumed_in_driver:
+                break
             time.sleep(0.1)
+        registered = _registered_epochs(run_dir)
         assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-        proc.kill()  # the driver dies mid-run, after Ray registered a checkpoint
+        proc.kill()  # the driver dies mid-run, after Ray registered the restarted worker's checkpoint
         proc.wait()
+    killed = killer.join()
+    assert killed, "the worker was never killed"
     deadline = time.monotonic() + 60  # Ray reaps the dead driver's controller and workers
-    while list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]) and time.monotonic() < deadline:
+    while list_actors(address=gcs, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]) \
+            and time.monotonic() < deadline:
         time.sleep(0.5)
+
+    # the worker's death, inside the driver: the restarted worker resumed from the newest
+    # checkpoint Ray's controller had registered (the kill came after two were written; the
+    # second may not have been collected yet), never from 0, at exactly the epoch after it
+    recs = _records(out)
+    pids = {r["pid"] for r in recs}
+    assert len(pids) == 2 and killed[0] in pids
+    restarted = [r for r in recs if r["pid"] != killed[0]]
+    assert resumed_in_driver >= 1, "training restarted from scratch instead of the checkpoint"
+    assert min(r["epoch"] for r in restarted) == resumed_in_driver
     first = _runs_with_key(cfg, cfg.run_key())
     assert len(first) == 1 and first[0].info.status == "RUNNING"
 
-    outcome = fit(cfg)  # the same command again
+    # the driver's death: the same command again resumes the same MLflow run
+    outcome = fit(cfg, method=RecordingMethod(cfg, out))
     runs = _runs_with_key(cfg, cfg.run_key())
     assert len(runs) == 1 and runs[0].info.run_id == first[0].info.run_id == outcome.run_id
     assert runs[0].info.status == "FINISHED" and not outcome.skipped
-    assert int(runs[0].data.tags["metaensemble.resumed_from_epoch"]) >= max(registered)
-    assert outcome.metrics["epoch"] == 6 and "test_acc" in outcome.metrics
+    resumed_from = int(runs[0].data.tags["metaensemble.resumed_from_epoch"])
+    assert resumed_from >= max(registered) > resumed_in_driver
+    after = [r for r in _records(out) if r["pid"] not in pids]
+    assert min(r["epoch"] for r in after) == resumed_from
+    assert max(r["epoch"] for r in after) == epochs - 1
+    assert outcome.metrics["epoch"] == epochs and "test_acc" in outcome.metrics
+    assert "test_acc" in runs[0].data.metrics
+
+    # The same command once more: nothing is retrained, nothing new is written.
+    n_files, n_ckpts = len(list(out.iterdir())), len(list(run_dir.glob("checkpoint_*")))
+    again = fit(cfg, method=RecordingMethod(cfg, out))
+    assert again.skipped and again.run_id == outcome.run_id
+    assert again.metrics["test_acc"] == pytest.approx(runs[0].data.metrics["test_acc"])
+    assert len(list(out.iterdir())) == n_files and len(list(run_dir.glob("checkpoint_*"))) == n_ckpts
+    assert len(_runs_with_key(cfg, cfg.run_key())) == 1
 
 
 def test_init_seed_fixes_the_initial_weights_and_leaves_the_rest_to_the_seed(digits_cfg):

@@ -15,8 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from metaensemble.tracking import LocalTrackingServer
-from metaensemble.tracking.store import ENV_HOME, SERVER_FILE, _group_alive, _healthy
+from metaensemble.tracking.store import ENV_HOME, SERVER_FILE, _group_alive
 
 # Waits on a "go" file so that both jobs call ensure_tracking() at the same moment, then
 # logs 5 runs and prints its tracking URI and the store's server record.
@@ -88,10 +87,22 @@ def _runs_in_db(store: Path) -> list:
     return c.search_runs([c.get_experiment_by_name("race").experiment_id], max_results=100)
 
 
-def test_jobs_started_together_share_one_server_and_the_last_stops_it(tmp_path):
+def test_jobs_started_together_replace_a_dead_server_share_one_new_one_and_the_last_stops_it(tmp_path):
+    """Two jobs at once on a store whose recorded server died without removing its record
+    (a crashed job's): the first to take the lock replaces it, the other joins that one,
+    and the last to leave stops it."""
     store = tmp_path / "store"
+    store.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    # a pid above pid_max: no process has it
+    dead = {"url": dead_url, "pid": 2**22 + 1, "owner": "job"}
+    (store / SERVER_FILE).write_text(json.dumps(dead))
+
     a, b = _run_jobs(store, ["a", "b"])
 
+    assert a["uri"] != dead_url and a["record"]["url"] == a["uri"], "the dead server was not replaced"
     assert a["uri"] == b["uri"], "two jobs on one store started two servers"
     assert a["record"] == b["record"] and a["record"]["owner"] == "job"
     assert len(list(store.glob("server-*.log"))) == 1, "more than one server was started"
@@ -104,35 +115,5 @@ def test_jobs_started_together_share_one_server_and_the_last_stops_it(tmp_path):
     assert sorted(r.info.run_name for r in runs) == [f"{j}-{i}" for j in "ab" for i in range(5)]
 
 
-def test_a_dead_recorded_server_is_replaced(tmp_path):
-    store = tmp_path / "store"
-    store.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_url = f"http://127.0.0.1:{s.getsockname()[1]}"
-    # a pid above pid_max: no process has it
-    record = {"url": dead_url, "pid": 2**22 + 1, "owner": "job"}
-    (store / SERVER_FILE).write_text(json.dumps(record))
-
-    (out,) = _run_jobs(store, ["a"])
-
-    assert out["uri"] != dead_url and out["record"]["url"] == out["uri"]
-    assert not (store / SERVER_FILE).exists()
-    assert _wait_stopped(out["record"])
-
-
-def test_jobs_use_the_ui_server_and_leave_it_running(tmp_path):
-    store = tmp_path / "store"
-    ui = LocalTrackingServer(store=store).start()
-    try:
-        ui.record()
-        (out,) = _run_jobs(store, ["a"])
-
-        assert out["uri"] == ui.url and out["record"]["owner"] == "ui"
-        assert _healthy(ui.url), "a job stopped the UI's server"
-        assert json.loads((store / SERVER_FILE).read_text())["url"] == ui.url
-        assert len(_runs_in_db(store)) == 5
-    finally:
-        ui.unrecord()
-        ui.stop()
-    assert not (store / SERVER_FILE).exists()
+# A job beside the UI's server (jobs/mlflow_ui.py): it uses that server and leaves it
+# running; tests/tracking/test_ui_browser.py runs such a job while its UI is up.

@@ -5,11 +5,14 @@ MLflow 3.17's UI opens an experiment in the view its sidebar switch holds, a per
 setting that starts at "GenAI" (trace overview, token usage); ``jobs/mlflow_ui.py`` makes
 "Model training" (the runs table) the default. The browser here has a fresh profile, as a
 first-time user's. Screenshots of the pages go to ``runs/ui/`` under the repository.
+While the UI runs, a job started from a shell logs through its server and leaves it
+running (the UI owns it; tests/tracking/test_store.py has the job-owned servers).
 """
 
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import shutil
@@ -22,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_store import _run_jobs, _runs_in_db
 
 from metaensemble import models, tracking
 from metaensemble.config import REPO_ROOT
@@ -30,6 +34,7 @@ from metaensemble.tracking.store import (
     ENV_HOME,
     SERVER_FILE,
     _free_port,
+    _healthy,
     _looks_like_server,
     _read_record,
     recorded_server,
@@ -175,6 +180,14 @@ def test_mlflow_ui_in_chromium(tmp_path):
         dom = browser.open(f"{run_url}/artifacts", SHOTS / "run-artifacts.png", 'artifact-name="model"')
         node = re.search(r'data-testid="artifact-tree-node" artifact-name="model".*?</div></div>', dom, re.S)
         assert node is not None and "fa-folder" in node.group(0), _text(dom)[:3000]
+
+        # a job started from a shell on this machine (a real process, its own store setting
+        # and no MLFLOW_TRACKING_URI) uses the UI's server, and leaves it running
+        (job,) = _run_jobs(store, ["job"])
+        assert job["uri"] == uri and job["record"]["owner"] == "ui"
+        assert _healthy(uri), "a job stopped the UI's server"
+        assert json.loads((store / SERVER_FILE).read_text())["url"] == uri
+        assert len(_runs_in_db(store)) == 5
     finally:
         _stop_ui(proc, store)
     assert proc.returncode == 0, (tmp_path / "mlflow_ui.log").read_text()

@@ -13,7 +13,7 @@ from metaensemble.tracking import TeacherEntry, TeacherZoo
 def test_zoo_trains_missing_seeds_concurrently_registers_and_skips_known(ray_local, digits_cfg):
     """Seeds 0-1 as one pack (one Ray Train run) beside seed 2 alone, as Tune trials side
     by side; every teacher its own run and registered version; then idempotent."""
-    cfg = digits_cfg("zoo.num_teachers=3", "zoo.pack_size=2", "train.epochs=2", "model.name=mlp", "model.kwargs={}")
+    cfg = digits_cfg("zoo.num_teachers=3", "zoo.pack_size=2", "train.epochs=1", "model.name=mlp", "model.kwargs={}")
     zoo = train_zoo(cfg)
     entries = zoo.teachers()
     assert zoo.name == "teacher.digits.mlp" and [e.seed for e in entries] == [0, 1, 2]
@@ -48,7 +48,7 @@ def test_zoo_trains_missing_seeds_concurrently_registers_and_skips_known(ray_loc
     # Another recipe of the same (dataset, arch) registers its own versions of seeds 0-1,
     # and neither recipe displaces the other's.
     first = [e.version for e in zoo.teachers(cfg.config_hash())]
-    other = cfg.with_overrides({"zoo.num_teachers": 2, "train.epochs": 1})
+    other = cfg.with_overrides({"zoo.num_teachers": 2, "optim.lr": 0.1})
     train_zoo(other)
     assert [e.seed for e in zoo.teachers(other.config_hash())] == [0, 1]
     assert [e.version for e in zoo.teachers(cfg.config_hash())] == first
