@@ -24,6 +24,20 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts Ray, an MLflow server or a job (left out of the quick tier)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op torch thread in the test process, as in the engine's Ray workers: the
+    networks here are tiny, and two threads on two shared cores spend their time
+    synchronising (measured: ~3x the CPU time of a generator's training, far more wall
+    time while Ray workers share the cores)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in _SLOW_MODULES:

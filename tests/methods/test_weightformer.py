@@ -26,16 +26,6 @@ from metaensemble.validation import load_config
 SHAPE = {"num_classes": 10, "in_chans": 1, "img_size": 8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these networks are tiny, and two threads on two shared cores
-    spend their time synchronising (the trained-generator tests: ~3x the CPU time, far
-    more wall time under load)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def nets(arch="convnet", n=4, **kw):
     out = []

@@ -18,15 +18,6 @@ TRAIN, VAL, TEST = 8, 6, 4  # meta-train (train_k's largest K = 8), meta-val, me
 ZOO = TRAIN + VAL + TEST
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these networks are tiny, and two threads on two shared cores
-    spend their time synchronising (measured: ~10x slower under load)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
