@@ -100,14 +100,7 @@ def _register_zoo(tmp: Path, overrides: list[str], mlflow_uri: str) -> None:
     Train runs cost minutes on 2 cores) and register them exactly as the teacher-zoo job
     does: an MLflow run with the model artifact, a registry version tagged with seed and
     recipe hash. (The job's own zoo training is tested in tests/tracking and tests/test_jobs.)"""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: a second thread on two shared cores only synchronises
-    try:
-        _train_and_register(tmp, overrides, mlflow_uri)
-    finally:
-        torch.set_num_threads(threads)
+    _train_and_register(tmp, overrides, mlflow_uri)  # one torch thread: conftest's session fixture
 
 
 def _train_and_register(tmp: Path, overrides: list[str], mlflow_uri: str) -> None:
