@@ -134,7 +134,8 @@ print(json.dumps({"fusion_s": dt, "peak_rss_mib": peak / 1024, "before_fusion_rs
                   "fused_arch": fused.model.me_spec["arch"], "layers": generic_spec(fused.model.me_spec)["kwargs"]["layers"],
                   "settings": "resnet34 + resnet18 (width 64, BN, CIFAR stem), 3x32x32, 10 classes, "
                               "configs/fusion/cifar10_resnet34_18.yaml's fusion options (activation metric, "
-                              "200 samples, exact EMD, width cost, pins 2/1), BatchNorm statistics on 1000 "
+                              "200 samples, exact EMD, squared width cost, each stage's first and last block "
+                              "pinned, the ResNet-18 as anchor), BatchNorm statistics on 1000 "
                               "synthetic images; random weights (timing only)"}))
 """
 

@@ -71,8 +71,9 @@ def test_the_job_prints_every_row_of_the_papers_table(job):
     assert by["cla_finetune"].train_s > 0 and by["kd"].train_s > 0
     for r in out.rows:
         assert 0.0 < r.mean["acc"] <= 1.0 and r.mean["nll"] > 0
-    assert out.extra["deep"] == 0 and out.extra["anchor"] == 0
-    assert out.extra["alignment"]["1"]["mapping"] == [[0, 1, 3]]  # 2 pinned at the start, 1 at the end
+    assert out.extra["deep"] == 0 and out.extra["anchor"] == 1  # the balanced shallow parent, as in the original
+    mapping = out.extra["alignment"]["1"]["mapping"][0]
+    assert mapping[0] == 0 and mapping[2] == 3  # first and last pinned; the middle one by its CKA cost
     text = experiment.format_outcome(out)
     assert "CLA one-shot" in text and "CLA + finetune 2 ep" in text and "KD, fused shape, 2 ep" in text
 
@@ -83,7 +84,9 @@ def test_the_registered_fused_network_is_the_driver_fusion_and_seeds_the_finetun
     client = tracking.client()
     name = "fused.digits.mlp"
     shot = load(f"models:/{name}/{out.versions['one-shot']}")
-    assert shot.me_spec["arch"] == "mlp" and shot.me_spec["kwargs"]["hidden"][:2] == [24, 20]
+    hidden = shot.me_spec["kwargs"]["hidden"]
+    assert shot.me_spec["arch"] == "mlp" and len(hidden) == 4 and hidden[0] == 24 and hidden[-1] == 12
+    assert 20 not in hidden  # the deep parent's depth at the shallow parent's widths (24, 16, 12)
     splits = data.load(cfg.data)
     again = fuse_parents([load(deep), load(shallow)], cfg.fusion, splits.train, splits.info).model
     for (k, a), b in zip(shot.state_dict().items(), again.state_dict().values(), strict=True):
@@ -140,7 +143,7 @@ def test_skill_transfer_reports_the_special_label_apart(ray_local, tmp_path):
 
 def test_transfer_initialises_the_deep_architecture_from_the_shallow_parent(ray_local, parents, tmp_path):
     deep, shallow, _ = parents
-    cfg = _cfg(tmp_path, f"fusion.models=[{deep},{shallow}]", "train.epochs=1",
+    cfg = _cfg(tmp_path, f"fusion.models=[{deep},{shallow}]", "train.epochs=1", "fusion.pin_start=2",
                config="configs/fusion/digits_transfer.yaml")
     out = experiment.run(cfg)
     assert [r.key for r in out.rows] == ["parent0", "parent1", "balanced", "from_shallow", "scratch"]

@@ -1,9 +1,10 @@
 """Cross-layer alignment: testable properties 6-8 of OT fusion (docs/fusion.md).
 
-    6. DP = brute force        align (pins, forced pairs, allowed mask, errors)
+    6. DP = brute force        align (pins, forced pairs, allowed mask, errors); per stage
     7. Identity insertion      balance: MLP, VGG (+BN), ResNet (basic, bottleneck, no norm)
     8. CKA                     linear_cka; and the CCA cost on an invertible transform
    (models)                    align_models costs and stages; plot_alignment
+   (original's defaults)       one leading pin, squared width cost, pins in every stage
 
 Everything runs on tiny CPU models (1x8x8 inputs, widths 4-16).
 """
@@ -27,6 +28,7 @@ from metaensemble.methods.fusion.cla import (
     plot_alignment,
     representations,
 )
+from metaensemble.methods.fusion.config import FusionConfig
 from metaensemble.methods.fusion.structure import generic_spec, structure
 from metaensemble.models import create_model, load, save_model
 
@@ -135,6 +137,22 @@ def test_dp_pins_override_cheaper_maps():
     assert align(c, 0, 0) == [3, 4, 5]  # the free map takes both reachable cheap entries
 
 
+def test_default_pins_are_the_originals_first_and_last_hidden_layer():
+    """The original's start_layer_idx=2 is 1-based and counts the input: it pins the first
+    hidden layer only (free_end_layers=1 pins the last). So a shallow parent of two hidden
+    layers aligns under the defaults, and its second unit is not pinned at the start."""
+    cfg = FusionConfig()
+    assert (cfg.pin_start, cfg.pin_end) == (1, 1)
+    c = np.ones((5, 3))
+    c[2, 0] = c[3, 1] = -10.0  # unit 0 is cheapest at deep 2, unit 1 at deep 3
+    assert align(c) == align(c, cfg.pin_start, cfg.pin_end) == [0, 3, 4]  # only unit 0 is held at the start
+    assert align(c, 2, 1) == [0, 1, 4]  # two pinned units: what pin_start=2 means
+    deep, shallow = make("mlp", hidden=(8, 8, 8, 8)), make("mlp", seed=1, hidden=(8, 8))
+    al = align_models(deep, shallow, pin_start=cfg.pin_start, pin_end=cfg.pin_end, scope=cfg.cla_scope)
+    assert al.mapping == [[0, 3]]
+    assert_balanced(deep, shallow, al)
+
+
 def test_dp_errors():
     with pytest.raises(ConfigError, match="fewer units.*swap"):
         align(np.zeros((3, 4)))
@@ -208,7 +226,7 @@ def test_vgg_insertion_at_a_stage_head_after_the_pool():
     deep = make("vgg", plan=[8, 8, "M", 16, 16, 16], batch_norm=True)
     shallow = make("vgg", seed=1, plan=[4, 6, "M", 8], batch_norm=True)
     randomise_bn(shallow)
-    al = align_models(deep, shallow, pin_start=2, pin_end=1)
+    al = align_models(deep, shallow, pin_start=2, pin_end=1, scope="network")
     assert al.mapping == [[0, 1], [2]]  # stage 2's first two positions are inserted copies of width 6
     bal = assert_balanced(deep, shallow, al)
     assert bal.model.me_spec["kwargs"]["plan"] == [4, 6, "M", 6, 6, 8]
@@ -219,11 +237,12 @@ def test_resnet_identity_insertion(block, norm):
     deep = make("resnet", layers=[2, 2, 1, 2], block=block, width=4, norm=norm, stem="cifar")
     shallow = make("resnet", seed=1, layers=[1, 1, 1, 1], block=block, width=4, norm=norm, stem="cifar")
     randomise_bn(shallow)
-    # pin_end=1 would send layer4.0 to layer4.1, but a stage head maps to the head
+    # one DP over the network: pin_end=1 would send layer4.0 to layer4.1, but a stage head maps to the head
     with pytest.raises(ConfigError, match="no strictly increasing map.*first block maps to"):
-        align_models(deep, shallow, pin_start=1, pin_end=1)
-    al = align_models(deep, shallow, pin_start=1, pin_end=0)
+        align_models(deep, shallow, pin_start=1, pin_end=1, scope="network")
+    al = align_models(deep, shallow)  # per stage (the default): a one-block stage takes the start pin
     assert al.pairs == [(f"layer{s}.0", f"layer{s}.0") for s in range(1, 5)]
+    assert align_models(deep, shallow, pin_start=1, pin_end=0, scope="network").mapping == al.mapping
     bal = balance(shallow, al)
     assert bal.inserted == ["layer1.1", "layer2.1", "layer4.1"]
     if block == "basic":  # both convs as wide as the stream: its map at the block input
@@ -240,9 +259,8 @@ def test_resnet_identity_insertion(block, norm):
 def test_resnet18_to_resnet34_shape_and_degenerate_chain():
     deep, shallow = make("resnet34", width=4), make("resnet18", seed=1, width=4)
     randomise_bn(shallow)
-    al = align_models(deep, shallow)  # default pins (2, 1)
-    assert [mp[0] for mp in al.mapping] == [0, 0, 0, 0]  # stage heads map to heads
-    assert al.mapping[0] == [0, 1] and al.mapping[3] == [0, 2]
+    al = align_models(deep, shallow)  # the original's defaults: per stage, its first and last block pinned
+    assert al.mapping == [[0, 2], [0, 3], [0, 5], [0, 2]]
     bal = assert_balanced(deep, shallow, al)
     assert bal.model.me_spec["kwargs"]["layers"] == [3, 4, 6, 3]
     # consecutive inserted blocks each reuse the stream just before them
@@ -351,9 +369,24 @@ def test_wasserstein_cost_is_zero_for_permuted_and_scaled_neurons():
 def test_width_cost_values():
     deep, shallow = make("mlp", hidden=(16, 12, 8, 4)), make("mlp", hidden=(16, 4))
     al = align_models(deep, shallow, pin_start=1, pin_end=1)
-    np.testing.assert_array_equal(al.cost, [[0, 12], [4, 8], [8, 4], [12, 0]])
+    np.testing.assert_array_equal(al.cost, [[0, 144], [16, 64], [64, 16], [144, 0]])  # squared differences
     assert al.mapping == [[0, 3]] and al.cost_name == "width"
     assert al.pairs == [("1", "1"), ("3", "7")] and al.skipped == [[1, 2]]
+    absolute = align_models(deep, shallow, cost="width_abs")
+    np.testing.assert_array_equal(absolute.cost, [[0, 12], [4, 8], [8, 4], [12, 0]])
+
+
+def test_width_cost_is_squared_by_default_and_absolute_as_an_option():
+    """The original's width cost is the squared difference; where the absolute one picks
+    another map, the default follows the original."""
+    assert FusionConfig().cla_cost == "width"
+    deep, shallow = make("mlp", hidden=(20, 12, 20, 8, 32)), make("mlp", seed=1, hidden=(16, 32, 24, 20))
+    squared = align_models(deep, shallow)  # first and last pinned: 32 and 24 go into 12, 20, 8
+    absolute = align_models(deep, shallow, cost="width_abs")
+    # squared: two moderate misses, 12^2 + 16^2 = 400 < 20^2 + 4^2 = 416; absolute: 20 + 4 = 24 < 12 + 16 = 28
+    assert squared.mapping == [[0, 2, 3, 4]]
+    assert absolute.mapping == [[0, 1, 2, 4]]
+    np.testing.assert_array_equal(squared.cost, absolute.cost ** 2)
 
 
 @pytest.mark.parametrize("cost", ["width", "cka", "cca", "wasserstein"])
@@ -399,6 +432,52 @@ def test_vgg_alignment_never_crosses_stages():
         align_models(make("vgg", plan=[8, 8, "M", 16]), make("vgg", plan=[8, "M", 16, 16]), pin_start=1)
 
 
+def stage_optimum(c: np.ndarray, pin_start: int, pin_end: int, heads: bool) -> tuple[float, int, int]:
+    """Brute force within one stage (cost [n, m]): the pins applied in the stage, a one-unit
+    stage taking the start pin (the original's), ResNet heads to heads."""
+    first, last = (1, 0) if c.shape[1] == 1 and pin_start >= 1 else (pin_start, pin_end)
+    return brute_force(c, first, last, {0: 0} if heads else None), first, last
+
+
+@pytest.mark.parametrize("pins", [(1, 1), (0, 0), (1, 0), (0, 1), (2, 0)])
+def test_per_stage_alignment_equals_brute_force_in_every_stage(pins):
+    x = inputs()
+    pairs = [(make("vgg", plan=[8, 8, 8, "M", 16, 16, "M", 16, 16, 16]),
+              make("vgg", seed=1, plan=[8, 8, "M", 16, "M", 16, 16])),
+             (make("vgg", plan=[8, 8, "M", 16, 16, 16, 16]), make("vgg", seed=1, plan=[8, "M", 16, 16, 16])),
+             (make("resnet", layers=[3, 2, 4, 2], width=4), make("resnet", seed=1, layers=[2, 1, 3, 2], width=4))]
+    checked = 0
+    for deep, shallow in pairs:
+        heads = structure(deep).family == "resnet"
+        cost = align_models(deep, shallow, cost="cka", x=x, pin_start=0, pin_end=0).cost  # the pins change no cost
+        d_off = np.cumsum([0] + [len(s) for s in structure(deep).stages])
+        s_off = np.cumsum([0] + [len(s) for s in structure(shallow).stages])
+        stages = [cost[d_off[s]:d_off[s + 1], s_off[s]:s_off[s + 1]] for s in range(len(d_off) - 1)]
+        optima = [stage_optimum(c, *pins, heads) for c in stages]
+        if not all(np.isfinite(best) for best, _, _ in optima):
+            with pytest.raises(ConfigError, match="stage .*(no strictly increasing map|overlap)"):
+                align_models(deep, shallow, cost="cka", x=x, pin_start=pins[0], pin_end=pins[1])
+            continue
+        al = align_models(deep, shallow, cost="cka", x=x, pin_start=pins[0], pin_end=pins[1])
+        for c, mp, (best, first, last) in zip(stages, al.mapping, optima, strict=True):
+            check_map(mp, *c.shape, first, last)
+            assert map_cost(c, mp) == pytest.approx(best, abs=1e-12)
+            checked += 1
+    assert checked >= 5
+
+
+def test_pins_apply_in_every_stage_by_default_and_at_the_ends_with_network_scope():
+    assert FusionConfig().cla_scope == "stage"
+    deep = make("vgg", plan=[8, 8, 8, "M", 16, 16, 16])
+    shallow = make("vgg", seed=1, plan=[8, 8, "M", 16, 16])  # the width cost is flat in each stage: pins decide
+    assert align_models(deep, shallow).mapping == [[0, 2], [0, 2]]  # each stage's first and last pinned
+    # one DP: the first unit and the last pinned; the rest take the earliest deep units
+    assert align_models(deep, shallow, scope="network").mapping == [[0, 1], [0, 2]]
+    resnet_d, resnet_s = make("resnet", layers=[3, 3, 1, 1], width=4), make("resnet", seed=1, layers=[2, 2, 1, 1], width=4)
+    assert align_models(resnet_d, resnet_s).mapping == [[0, 2], [0, 2], [0], [0]]
+    assert align_models(resnet_d, resnet_s, scope="network", pin_end=0).mapping == [[0, 1], [0, 1], [0], [0]]
+
+
 def test_resnet_stage_heads_map_to_heads():
     deep = make("resnet", layers=[2, 3, 2, 2], width=4)
     shallow = make("resnet", seed=1, layers=[1, 2, 1, 2], width=4)
@@ -414,8 +493,10 @@ def test_align_models_errors():
     mlp, vgg = make("mlp", hidden=(8, 8)), make("vgg", plan=[8, "M", 8])
     with pytest.raises(ConfigError, match="one family"):
         align_models(vgg, mlp)
-    with pytest.raises(ConfigError, match="valid: width, cka, cca, wasserstein"):
+    with pytest.raises(ConfigError, match="valid: width, width_abs, cka, cca, wasserstein"):
         align_models(mlp, mlp, cost="l2")
+    with pytest.raises(ConfigError, match="valid: stage, network"):
+        align_models(mlp, mlp, scope="global")
     with pytest.raises(ConfigError, match="pass inputs x"):
         align_models(mlp, mlp, cost="cka")
     with pytest.raises(ConfigError, match="at most the deep net's units"):

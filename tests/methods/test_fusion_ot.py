@@ -352,6 +352,39 @@ def test_past_correction_off_needs_equal_widths():
         fuse([make("mlp", 0, hidden=(16, 10)), f], opts=FusionOptions(past_correction=False), x=x)
 
 
+def test_past_correction_off_costs_the_aligned_weights_and_moves_the_unaligned_ones():
+    """As the original: with past_correction=False the weight ground metric still compares
+    W0 T_prev with the anchor's rows; only the moved weights are T^T W0 instead of
+    T^T W0 T_prev. Two hidden layers of two neurons, by hand."""
+    def mlp(first, second, head):
+        torch.manual_seed(0)
+        m = create_model("mlp", num_classes=2, in_chans=2, img_size=1, hidden=(2, 2), bias=False)
+        for name, w in zip(("1", "3", "5"), (first, second, head), strict=True):
+            m.get_submodule(name).weight.data = torch.tensor(w, dtype=torch.float32)
+        return m.eval()
+
+    m0 = mlp([[1, 0], [0, 3]], [[1, 4], [4, 0]], [[1, 2], [3, 4]])
+    anchor = mlp([[0, 3], [1, 0]], [[4, 1], [0, 4]], [[5, 6], [7, 8]])
+    opts = FusionOptions(ground_metric="weight", past_correction=False)
+    res = fuse([m0, anchor], opts=opts)
+    swap, eye = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    assert torch.equal(2 * res.maps["1"][0], swap)  # layer 1: model 0's neurons are the anchor's, swapped
+    # layer 3 costed on W0 P = [[4, 1], [0, 4]], the anchor's own rows: the identity. (On the
+    # unaligned rows [[1, 4], [4, 0]] the cost would be [[sqrt 18, 1], [1, sqrt 32]]: a swap.)
+    torch.testing.assert_close(res.costs["3"][0], torch.tensor([[0.0, 5.0], [5.0, 0.0]], dtype=torch.float64))
+    assert torch.equal(2 * res.maps["3"][0], eye)
+    w = {k: res.model.get_submodule(k).weight.detach().double() for k in ("1", "3", "5")}
+    torch.testing.assert_close(w["1"], torch.tensor([[0.0, 3.0], [1.0, 0.0]], dtype=torch.float64))
+    # moved unaligned: 0.5 (I^T [[1, 4], [4, 0]]) + 0.5 [[4, 1], [0, 4]]
+    torch.testing.assert_close(w["3"], torch.tensor([[2.5, 2.5], [2.0, 2.0]], dtype=torch.float64))
+    torch.testing.assert_close(w["5"], torch.tensor([[3.0, 4.0], [5.0, 6.0]], dtype=torch.float64))
+    # past correction on: the same maps, the aligned rows moved (here the anchor's own)
+    on = fuse([m0, anchor], opts=FusionOptions(ground_metric="weight"))
+    assert torch.equal(on.maps["3"][0], res.maps["3"][0])
+    torch.testing.assert_close(on.model.get_submodule("3").weight.detach().double(),
+                               torch.tensor([[4.0, 1.0], [0.0, 4.0]], dtype=torch.float64))
+
+
 def test_linear_after_a_flatten_is_aligned_per_spatial_position():
     g = torch.Generator().manual_seed(0)
     c, k, out = 4, 6, 3

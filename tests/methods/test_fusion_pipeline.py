@@ -12,6 +12,7 @@ import torch.nn as nn
 from metaensemble import data
 from metaensemble.errors import ConfigError
 from metaensemble.methods.fusion import cla, ot
+from metaensemble.methods.fusion.config import FusionConfig
 from metaensemble.methods.fusion.pipeline import average, bn_batches, fuse_parents
 from metaensemble.methods.fusion.structure import generic_spec, structure
 from metaensemble.models import create_model
@@ -164,5 +165,30 @@ def test_pins_that_leave_no_alignment_are_one_clear_error(digits):
     cfg, splits = digits
     teacher = net("vgg", 0, plan=[16, 16, "M", 32, 32, "M", 64, 64], batch_norm=True)
     student = net("vgg", 1, plan=[8, "M", 16, "M", 32], batch_norm=True)
+    network = cfg.fusion.model_copy(update={"pin_start": 2, "cla_scope": "network"})
     with pytest.raises(ConfigError, match="no strictly increasing map"):  # unit 1 is in stage 1, deep unit 1 in stage 0
+        fuse_parents([teacher, student], network, splits.train, splits.info)
+    student = net("vgg", 1, plan=[8, 8, "M", 16, "M", 32], batch_norm=True)
+    with pytest.raises(ConfigError, match="stage 0: pinned units overlap"):  # per stage: 2 + 1 pins, 2 units
         fuse_parents([teacher, student], cfg.fusion.model_copy(update={"pin_start": 2}), splits.train, splits.info)
+
+
+def test_the_defaults_fuse_the_deep_net_onto_the_balanced_shallow_one(digits):
+    """FusionConfig's defaults are the original's: a shallow parent of two hidden layers
+    aligns (its first and last pinned), the anchor is the balanced shallow net (the fused
+    network has the deep net's depth and the shallow net's widths), and a VGG aligns per
+    pooling stage with the pins in each."""
+    _, splits = digits
+    deep, shallow = net("mlp", 0, hidden=[16, 16, 16, 16]), net("mlp", 1, hidden=[12, 10])
+    f = fuse_parents([deep, shallow], FusionConfig(act_samples=64), splits.train, splits.info)
+    assert f.anchor == 1 and f.deep == 0 and f.alignments[1].mapping == [[0, 3]]
+    assert f.model.me_spec["kwargs"]["hidden"] == [12, 12, 12, 10]
+    # s = 1 returns the anchor exactly: the balanced shallow net
+    whole = fuse_parents([deep, shallow], FusionConfig(act_samples=64, weight=1.0), splits.train, splits.info)
+    want = f.balanced[1].state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in whole.model.state_dict().items())
+    teacher = net("vgg", 0, plan=[16, 16, 16, "M", 32, 32, 32], batch_norm=True)
+    student = net("vgg", 1, plan=[8, 8, "M", 16, 16], batch_norm=True)
+    f = fuse_parents([teacher, student], FusionConfig(act_samples=64, bn_samples=256), splits.train, splits.info)
+    assert f.alignments[1].mapping == [[0, 2], [0, 2]]  # each stage's first and last pinned
+    assert f.model.me_spec["kwargs"]["plan"] == [8, 8, 8, "M", 16, 16, 16]

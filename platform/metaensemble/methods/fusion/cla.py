@@ -8,7 +8,10 @@ hidden units into a deeper one's and balance the depths, so OT fusion can fuse t
 Units are what ``structure(model).stages`` lists: an MLP's hidden linears (one stage), a
 VGG's convs per pooling stage, a ResNet's residual blocks per stage. Costs C[i, k] are
 between deep unit i and shallow unit k; ``align`` finds the strictly increasing map A of
-shallow units into deep ones minimising sum_k C[A(k), k] by dynamic programming.
+shallow units into deep ones minimising sum_k C[A(k), k] by dynamic programming. As in
+the original, each stage is aligned on its own with the pins applied in it
+(``scope="stage"``); ``scope="network"`` is one alignment with the pins at the network's
+two ends.
 
 Balancing inserts at every deep position A skips a layer that is the identity on
 non-negative inputs (every unit's input follows a ReLU, except the network's first unit's,
@@ -30,7 +33,11 @@ import torch.nn as nn
 from metaensemble.errors import ConfigError
 from metaensemble.methods.fusion.structure import capture, family, generic_spec, spec_of, structure
 
-COSTS = ("width", "cka", "cca", "wasserstein")
+COSTS = ("width", "width_abs", "cka", "cca", "wasserstein")
+WIDTH_COSTS = ("width", "width_abs")
+"""Costs from the units' widths alone: squared difference (the original's default,
+``get_cost(..., "euclidean")`` on neuron counts) or absolute difference."""
+SCOPES = ("stage", "network")
 
 
 # ---- layer representations ------------------------------------------------------------
@@ -162,19 +169,22 @@ def pair_cost(a: torch.Tensor, b: torch.Tensor, cost: str) -> float:
         return 1.0 - cca_similarity(pa, pb)
     if cost == "wasserstein":
         return wasserstein_cost(as_neurons(a), as_neurons(b))
-    raise ConfigError(f"unknown activation cost {cost!r}; valid: {', '.join(c for c in COSTS if c != 'width')}")
+    raise ConfigError(f"unknown activation cost {cost!r}; valid: "
+                      f"{', '.join(c for c in COSTS if c not in WIDTH_COSTS)}")
 
 
 # ---- dynamic programming ----------------------------------------------------------------
-def align(cost: np.ndarray | torch.Tensor, pin_start: int = 2, pin_end: int = 1,
+def align(cost: np.ndarray | torch.Tensor, pin_start: int = 1, pin_end: int = 1,
           forced: dict[int, int] | None = None, allowed: np.ndarray | torch.Tensor | None = None) -> list[int]:
     """The strictly increasing map A (shallow unit k -> deep unit A[k]) minimising
     sum_k C[A[k], k], for a cost C [n deep, m shallow], in O(mn).
 
     Pinned: A[k] = k for the first ``pin_start`` shallow units, A[m-1-j] = n-1-j for the
-    last ``pin_end`` (0: a free end). ``forced`` {k: i} fixes more pairs; ``allowed``, a
-    boolean [n, m] mask, lists the pairs A may use (cost entries outside it are ignored
-    and may be NaN). Ties go to the earliest deep units."""
+    last ``pin_end`` (0: a free end). The original's ``start_layer_idx`` is 1-based and
+    counts the input, so its default 2 is ``pin_start=1``; its ``free_end_layers``
+    (default 1) is ``pin_end``. ``forced`` {k: i} fixes more pairs; ``allowed``, a boolean
+    [n, m] mask, lists the pairs A may use (cost entries outside it are ignored and may be
+    NaN). Ties go to the earliest deep units."""
     c = np.asarray(cost, dtype=np.float64)
     if c.ndim != 2:
         raise ConfigError(f"the cost matrix must be 2-D [deep units, shallow units], got shape {c.shape}")
@@ -253,18 +263,31 @@ class Alignment:
         return [int(offsets[s] + i) for s, mp in enumerate(self.mapping) for i in mp]
 
 
-def align_models(deep: nn.Module, shallow: nn.Module, cost: str = "width", x: torch.Tensor | None = None,
-                 pin_start: int = 2, pin_end: int = 1) -> Alignment:
-    """Align ``shallow``'s units into ``deep``'s (same family, same number of stages).
+def _unit_costs(deep: nn.Module, shallow: nn.Module, d_units: list[str], s_units: list[str], same: np.ndarray,
+                cost: str, x: torch.Tensor | None) -> np.ndarray:
+    """C [n deep, m shallow] between units of one stage (``same``), NaN elsewhere."""
+    c = np.full(same.shape, np.nan)
+    if cost in WIDTH_COSTS:
+        wd = np.array([unit_width(deep, u) for u in d_units], dtype=np.float64)
+        ws = np.array([unit_width(shallow, u) for u in s_units], dtype=np.float64)
+        diff = wd[:, None] - ws[None, :]
+        c[same] = (np.square(diff) if cost == "width" else np.abs(diff))[same]
+    else:
+        rd, rs = representations(deep, x, d_units), representations(shallow, x, s_units)
+        for i, k in zip(*np.nonzero(same), strict=True):
+            c[i, k] = pair_cost(rd[d_units[i]], rs[s_units[k]], cost)
+    return c
 
-    One DP over all units, allowed only within a stage, so the pins apply to the whole
-    network; a ResNet stage's first block (which downsamples and changes width) maps to
-    the deep stage's first block. ``x`` [N, ...] (inputs, same for both nets) is needed by
-    every cost but "width"; pairs of different stages are never compared (NaN)."""
-    if cost not in COSTS:
-        raise ConfigError(f"unknown alignment cost {cost!r}; valid: {', '.join(COSTS)}")
-    if cost != "width" and x is None:
-        raise ConfigError(f"alignment cost {cost!r} compares activations: pass inputs x (or use cost='width')")
+
+def stage_pins(m: int, pin_start: int, pin_end: int) -> tuple[int, int]:
+    """The pins within a stage of ``m`` shallow units. One unit cannot honour both ends: with
+    ``pin_start`` >= 1 it maps to the stage's first deep unit, as the original's ``align``
+    maps a one-layer chunk. Otherwise the pins are as given (and must fit in ``m``)."""
+    return (1, 0) if m == 1 and pin_start >= 1 else (pin_start, pin_end)
+
+
+def _paired_stages(deep: nn.Module, shallow: nn.Module) -> tuple[str, list[list[str]], list[list[str]]]:
+    """The family and both nets' units per stage, checked to be alignable."""
     fam_d, fam_s = family(spec_of(deep)["arch"]), family(spec_of(shallow)["arch"])
     if fam_d != fam_s:
         raise ConfigError(f"cross-layer alignment needs one family: the deep net is {fam_d}, the shallow {fam_s}")
@@ -276,35 +299,64 @@ def align_models(deep: nn.Module, shallow: nn.Module, cost: str = "width", x: to
         if len(sh) > len(d):
             raise ConfigError(f"stage {s}: the shallow net has {len(sh)} units, the deep net only {len(d)}; "
                               "the shallow net must have at most the deep net's units in every stage")
+    return fam_d, d_st, s_st
+
+
+def align_models(deep: nn.Module, shallow: nn.Module, cost: str = "width", x: torch.Tensor | None = None,
+                 pin_start: int = 1, pin_end: int = 1, scope: str = "stage") -> Alignment:
+    """Align ``shallow``'s units into ``deep``'s (same family, same number of stages).
+
+    ``scope="stage"`` (the original's, for VGG pooling chunks and ResNet stages): one DP per
+    stage, ``pin_start``/``pin_end`` applied in each (``stage_pins``: a one-unit stage
+    takes the start pin). ``"network"``: one DP over all units, allowed only within a
+    stage, the pins at the network's two ends. An MLP has one stage: both agree there.
+    Either way a ResNet stage's first block (which downsamples and changes width) maps to
+    the deep stage's first block. ``x`` [N, ...] (inputs, same for both nets) is needed by
+    every cost but the width ones; pairs of different stages are never compared (NaN)."""
+    if cost not in COSTS:
+        raise ConfigError(f"unknown alignment cost {cost!r}; valid: {', '.join(COSTS)}")
+    if scope not in SCOPES:
+        raise ConfigError(f"unknown alignment scope {scope!r}; valid: {', '.join(SCOPES)}")
+    if cost not in WIDTH_COSTS and x is None:
+        raise ConfigError(f"alignment cost {cost!r} compares activations: pass inputs x (or use cost='width')")
+    fam_d, d_st, s_st = _paired_stages(deep, shallow)
     d_units, s_units = list(itertools.chain(*d_st)), list(itertools.chain(*s_st))
     d_stage = np.repeat(np.arange(len(d_st)), [len(s) for s in d_st])
     s_stage = np.repeat(np.arange(len(s_st)), [len(s) for s in s_st])
     same = d_stage[:, None] == s_stage[None, :]
-
-    c = np.full(same.shape, np.nan)
-    if cost == "width":
-        wd = np.array([unit_width(deep, u) for u in d_units], dtype=np.float64)
-        ws = np.array([unit_width(shallow, u) for u in s_units], dtype=np.float64)
-        c[same] = np.abs(wd[:, None] - ws[None, :])[same]
-    else:
-        rd, rs = representations(deep, x, d_units), representations(shallow, x, s_units)
-        for i, k in zip(*np.nonzero(same), strict=True):
-            c[i, k] = pair_cost(rd[d_units[i]], rs[s_units[k]], cost)
-
-    forced = {}
-    if fam_d == "resnet":
-        d_off, s_off = np.cumsum([0] + [len(s) for s in d_st]), np.cumsum([0] + [len(s) for s in s_st])
-        forced = {int(s_off[s]): int(d_off[s]) for s in range(len(s_st))}
+    c = _unit_costs(deep, shallow, d_units, s_units, same, cost, x)
+    heads = fam_d == "resnet"
     try:
-        flat = align(c, pin_start, pin_end, forced=forced, allowed=same)
+        if scope == "stage":
+            mapping = [_align_stage(c[np.ix_(d_stage == s, s_stage == s)], s, pin_start, pin_end, heads)
+                       for s in range(len(s_st))]
+        else:
+            mapping = _align_network(c, same, [len(s) for s in d_st], [len(s) for s in s_st], pin_start, pin_end,
+                                     heads)
     except ConfigError as e:
-        heads = "; a ResNet stage's first block maps to the deep stage's first block" if forced else ""
+        rule = "; a ResNet stage's first block maps to the deep stage's first block" if heads else ""
         raise ConfigError(f"{e}. Units per stage: deep {[len(s) for s in d_st]}, shallow "
-                          f"{[len(s) for s in s_st]}{heads}") from None
-    offsets = np.cumsum([0] + [len(s) for s in d_st])
-    mapping = [[flat[k] - int(offsets[s_stage[k]]) for k in range(len(flat)) if s_stage[k] == s]
-               for s in range(len(s_st))]
+                          f"{[len(s) for s in s_st]} (alignment scope {scope!r}){rule}") from None
     return Alignment(fam_d, [list(s) for s in d_st], [list(s) for s in s_st], mapping, c, cost)
+
+
+def _align_stage(c: np.ndarray, stage: int, pin_start: int, pin_end: int, heads: bool) -> list[int]:
+    """One stage's DP with the pins applied in it (``stage_pins``)."""
+    first, last = stage_pins(c.shape[1], pin_start, pin_end)
+    try:
+        return align(c, first, last, forced={0: 0} if heads else None)
+    except ConfigError as e:
+        raise ConfigError(f"stage {stage}: {e}") from None
+
+
+def _align_network(c: np.ndarray, same: np.ndarray, d_sizes: list[int], s_sizes: list[int], pin_start: int,
+                   pin_end: int, heads: bool) -> list[list[int]]:
+    """One DP over all units (allowed within a stage), split back into stages of
+    ``s_sizes`` shallow units."""
+    d_off, s_off = np.cumsum([0, *d_sizes]), np.cumsum([0, *s_sizes])
+    forced = {int(s_off[s]): int(d_off[s]) for s in range(len(s_sizes))} if heads else None
+    flat = align(c, pin_start, pin_end, forced=forced, allowed=same)
+    return [[flat[k] - int(d_off[s]) for k in range(s_off[s], s_off[s + 1])] for s in range(len(s_sizes))]
 
 
 # ---- depth balancing --------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """The ``fusion`` section and the ``fusion`` method, declared to the method registry (no torch).
 
 Every option of OT fusion (Singh & Jaggi 2020) and of cross-layer alignment (CLAFusion,
-Nguyen et al. 2023) is a key here. Defaults follow the originals (activation ground
-metric, exact EMD, correction, past correction, s = 0.5, width cost) except
-``act_samples`` (200 here, the original 100) and ``sinkhorn_reg``, which is relative to
-each cost's maximum.
+Nguyen et al. 2023) is a key here. Defaults follow the settings of the original's fusion
+scripts (its sh/fuse_*.sh, not its argparse defaults): activation ground metric, exact
+EMD, correction, past correction, s = 0.5, 200 activation samples, the balanced shallow
+net as anchor, and its alignment defaults (squared width cost, first and last hidden
+layer pinned, per pooling chunk / stage). ``sinkhorn_reg`` is relative to each cost's
+maximum. docs/fusion.md lists what differs from the original code, and why.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ class FusionConfig(Section):
     """The parents: checkpoint folders or MLflow URIs (``models:/teacher.digits.mlp/3``,
     ``runs:/<id>/model``). Empty: jobs/fuse.py takes one from each zoo of
     ``parent_configs`` (training it first if missing)."""
-    anchor: Literal["deep", "shallow", "first", "last"] = "deep"
+    anchor: Literal["deep", "shallow", "first", "last"] = "shallow"
     """The parent whose widths and neuron order the fused network keeps (model 1 of the
-    papers): the deepest (ties: the last of them), the shallowest (the teacher-student
-    setting: the student's widths at the teacher's depth), or by position."""
+    papers): the shallowest (ties: the last of them; the original's: the deep net is
+    aligned onto the depth-balanced shallow one, so the fused net has the deep net's depth
+    and the shallow net's widths), the deepest (ties: the last), or by position."""
 
     # ---- OT fusion --------------------------------------------------------------------
     ground_metric: Literal["activation", "weight"] = "activation"
@@ -44,7 +47,9 @@ class FusionConfig(Section):
     of the other model's neurons; off: the plan as solved (its entries about 1/n, the
     aligned weights shrink by the width), as the original with its flag off."""
     past_correction: bool = True
-    """Align each layer's incoming side with the previous layer's map."""
+    """Align each layer's incoming side with the previous layer's map. Off: each layer's
+    moved weights keep their unaligned inputs, while the weight ground metric still
+    compares the aligned ones (as the original); needs equal input widths."""
     weight: float = Field(0.5, ge=0.0, le=1.0)
     """The anchor's weight s with two parents (the other gets 1 - s); k > 2 parents are
     averaged with 1/k each."""
@@ -58,17 +63,24 @@ class FusionConfig(Section):
     (None: the whole train split)."""
 
     # ---- cross-layer alignment ---------------------------------------------------------
-    cla_cost: Literal["width", "cka", "cca", "wasserstein"] = "width"
-    """Cost between a deep and a shallow layer: width difference, 1 - linear CKA, 1 - mean
-    CCA, or the Wasserstein distance between their neuron sets."""
-    pin_start: int = Field(2, ge=0)
-    """The first ``pin_start`` alignment units of the shallow net map to the deep net's
-    first. Units are counted over the whole network: an MLP's hidden layers, a VGG's convs
-    (across pooling stages: a VGG-11 has one conv in each of its first two stages, so
-    pin_start 2 cannot hold there), a ResNet's residual blocks (each stage's first block
-    always maps to the deep stage's first)."""
+    cla_cost: Literal["width", "width_abs", "cka", "cca", "wasserstein"] = "width"
+    """Cost between a deep and a shallow layer: squared width difference (the original's
+    default), absolute width difference, 1 - linear CKA, 1 - mean CCA, or the Wasserstein
+    distance between their neuron sets."""
+    cla_scope: Literal["stage", "network"] = "stage"
+    """``stage``: align each stage on its own (a VGG's pooling chunk, a ResNet's stage; an
+    MLP is one stage) with the pins applied in each, as the original; ``network``: one
+    alignment over all units (still within stages), the pins at the network's ends."""
+    pin_start: int = Field(1, ge=0)
+    """How many leading alignment units (an MLP's hidden layers, a VGG's convs, a ResNet's
+    residual blocks) of the shallow net map to the deep net's first ones, per stage or
+    per network (``cla_scope``). The original's ``start_layer_idx`` counts from the input,
+    1-based: its default 2 is ``pin_start: 1`` (the first hidden layer). In a stage of
+    one unit the start pin wins over ``pin_end``. A ResNet stage's first block always maps
+    to the deep stage's first."""
     pin_end: int = Field(1, ge=0)
-    """The last ``pin_end`` units map to the deep net's last; 0 leaves the end free."""
+    """How many trailing units map to the deep net's last ones (the original's
+    ``free_end_layers``, default 1); 0 leaves the end free."""
 
     # ---- after fusion (the ``fusion`` engine method, and jobs/fuse.py's rows) ---------------
     finetune: Literal["ce", "kd"] = "ce"

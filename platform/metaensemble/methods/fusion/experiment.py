@@ -238,7 +238,8 @@ def prepare(cfg: Config, nets, splits):
         raise ConfigError(f"fusion.experiment=transfer initialises a deeper network from a shallower one; the "
                           f"parents all have {depths[deep]} alignable layers")
     x = sample_inputs(splits.train, splits.info, f.act_samples, f.act_seed)
-    al = cla.align_models(nets[deep], nets[shallow], cost=f.cla_cost, x=x, pin_start=f.pin_start, pin_end=f.pin_end)
+    al = cla.align_models(nets[deep], nets[shallow], cost=f.cla_cost, x=x, pin_start=f.pin_start, pin_end=f.pin_end,
+                          scope=f.cla_scope)
     return al, cla.balance(nets[shallow], al), deep, shallow
 
 

@@ -41,9 +41,11 @@ class FusionOptions:
 
     ``sinkhorn_reg`` is the entropic regularisation relative to the cost's scale: the cost
     is divided by its maximum before Sinkhorn, so the same value suits any layer.
-    ``past_correction=False`` leaves every incoming side unaligned (the original's option;
-    only valid where each layer's input widths are equal). ``s`` is the anchor's weight
-    when fusing two models (model 0 gets 1 - s); k > 2 models get 1/k each."""
+    ``past_correction=False`` moves every layer's unaligned weights (T^T W0, not
+    T^T W0 T_prev); the weight ground metric still compares the aligned incoming rows
+    W0 T_prev, as the original does. Only valid where each layer's input widths are
+    equal. ``s`` is the anchor's weight when fusing two models (model 0 gets 1 - s); k > 2
+    models get 1/k each."""
 
     ground_metric: str = "activation"
     distance: str = "euclidean"
@@ -191,18 +193,19 @@ def _mixing(weights: Sequence[float] | None, k: int, a: int, s: float) -> list[f
     return w
 
 
-def _incoming(state: dict, layer: Layer, plans: dict, opts: FusionOptions) -> torch.Tensor:
-    """``layer``'s weight (float64, CPU) with its input side aligned to the anchor's."""
+def _incoming(state: dict, layer: Layer, plans: dict, opts: FusionOptions, aligned: bool = True) -> torch.Tensor:
+    """``layer``'s weight (float64, CPU), its input side aligned to the anchor's (W0 T_prev)
+    unless ``aligned`` is false."""
     w = state[f"{layer.name}.weight"].detach().cpu().double()
     if layer.input == "input":
         return w
     t = plans[layer.input]
-    if not opts.past_correction:
-        if t.shape[0] != t.shape[1]:
-            raise ConfigError(f"past_correction=False leaves {layer.name}'s inputs unaligned, which needs equal input "
-                              f"widths; got {t.shape[0]} vs the anchor's {t.shape[1]} (use past_correction=True)")
-        return w
-    return align_inputs(w, corrected(t, opts.correction))
+    if aligned:
+        return align_inputs(w, corrected(t, opts.correction))
+    if t.shape[0] != t.shape[1]:
+        raise ConfigError(f"past_correction=False leaves {layer.name}'s inputs unaligned, which needs equal input "
+                          f"widths; got {t.shape[0]} vs the anchor's {t.shape[1]} (use past_correction=True)")
+    return w
 
 
 def _solve_maps(state: dict, anchor_state: dict, struct: Structure, opts: FusionOptions,
@@ -231,7 +234,7 @@ def _solve_maps(state: dict, anchor_state: dict, struct: Structure, opts: Fusion
         if opts.ground_metric == "activation":
             cost = ground_cost(acts[st.name], anchor_acts[st.name], opts.distance)
         else:
-            rows = _incoming(state, st, plans, opts).flatten(1)
+            rows = _incoming(state, st, plans, opts).flatten(1)  # aligned, whatever past_correction says
             cost = ground_cost(rows, anchor_state[f"{st.name}.weight"].detach().cpu().flatten(1), opts.distance)
         costs[st.name] = cost.cpu()
         plans[st.name] = transport(cost, opts.solver, opts.sinkhorn_reg)
@@ -242,7 +245,7 @@ def _moved(state: dict, struct: Structure, plans: dict, opts: FusionOptions) -> 
     """Phase 2: every fused tensor of one model, aligned to the anchor (float64)."""
     out: dict[str, torch.Tensor] = {}
     for layer in struct.layers():
-        tensors = {f"{layer.name}.weight": _incoming(state, layer, plans, opts)}
+        tensors = {f"{layer.name}.weight": _incoming(state, layer, plans, opts, aligned=opts.past_correction)}
         for key in _layer_keys(layer, state)[1:]:
             tensors[key] = state[key].detach().cpu().double()
         if not layer.classifier:

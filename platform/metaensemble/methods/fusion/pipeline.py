@@ -132,7 +132,7 @@ def fuse_parents(parents: list[nn.Module], fcfg, train_split, info, weights: lis
             degenerate.append({})
             continue
         al = cla.align_models(parents[deep], p, cost=fcfg.cla_cost, x=x, pin_start=fcfg.pin_start,
-                              pin_end=fcfg.pin_end)
+                              pin_end=fcfg.pin_end, scope=fcfg.cla_scope)
         b = cla.balance(p, al)
         balanced.append(b.model.eval())
         alignments[i], inserted[i] = al, list(b.inserted)
