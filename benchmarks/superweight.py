@@ -1,5 +1,5 @@
 """SuperWeight ensembles on the digits default: jobs/superweight.py's three ensembles, the
-paper's claim checked (met or not), and the step time of the shared ensemble.
+paper's claim checked (``evaluation.verdict``, paired over seeds), and the step time of the shared ensemble.
 
     python benchmarks/superweight.py                 # one run of the default (about 2 min on 2 cores)
     python benchmarks/superweight.py --seeds 0 1 2   # more runs: mean +- std over seeds
@@ -140,10 +140,13 @@ def markdown(payload: dict) -> str:
                      f"templates per bank; scaled widths x {run['scale']:.3f}; step {st['superweight_ms']:.1f} ms "
                      f"(SuperWeight) vs {st['independent_ms']:.1f} ms (four independent WRNs), ratio {st['ratio']:.2f} "
                      f"at batch {st['batch_size']}; whole run {run['wall_s']:.0f} s")
-    lines += ["", "Claims (the paper: better than the independent ensemble with fewer parameters):", ""]
-    for claim in runs[0]["claims"]:
-        held = sum(run["claims"][claim] for run in runs)
-        lines.append(f"- {claim}: {'met' if held == len(runs) else 'not met'} ({held}/{len(runs)} runs)")
+    from metaensemble.methods.superweight.experiment import claims
+
+    lines += ["", "Claims (the paper: better than the independent ensemble with fewer parameters; holds: the "
+              f"paired 95% t-interval over the {len(runs)} seed{'s' * (len(runs) > 1)} excludes 0 (a single seed never "
+              "does); same direction, not significant: only the means agree):", ""]
+    for claim, v in claims([run["rows"] for run in runs]).items():
+        lines.append(f"- {claim}: **{v}**")
     head = [next(r for r in run["rows"] if r["key"] == "independent") for run in runs]
     room = statistics.fmean(100 * (h["acc"] - h["member_acc"]) for h in head)
     lines += ["", f"Headroom: the independent ensemble is {room:.2f} points above its mean member."]

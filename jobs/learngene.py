@@ -3,6 +3,7 @@
     python jobs/learngene.py aux                          # stage 1 on the embedded default (digits)
     python jobs/learngene.py descendants                  # stage 2: depths 4, 6, 8 vs random init
     python jobs/learngene.py descendants depths=[12] layers_source=[0,0,0,1,1,1,2,2,3,3,4,4]
+    python jobs/learngene.py descendants depths=[6,12] "layers_source={12: [0,0,0,1,1,1,2,2,3,3,4,4]}" head=auto
     python jobs/learngene.py descendants learngene=models:/learngene.digits.aux_vit/2    # or an original checkpoint.pth
     python jobs/learngene.py aux --config configs/learngene/imagenet_aux_s.yaml data.root=/data/imagenet
 
@@ -27,7 +28,7 @@ def main() -> int:
     args = p.parse_args()
     from metaensemble.validation import load_config
 
-    short = ("depths=", "layers_source=", "learngene=", "teacher=", "style=")  # learngene.<key> shorthands
+    short = ("depths=", "layers_source=", "learngene=", "teacher=", "style=", "head=")  # learngene.<key> shorthands
     overrides = [f"learngene.{o}" if o.startswith(short) else o for o in args.overrides]
     cfg = load_config(args.config, overrides)  # validated before Ray or MLflow start
     from metaensemble import tracking

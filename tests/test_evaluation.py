@@ -167,3 +167,100 @@ def test_calibrated_columns_and_the_reliability_diagram(tmp_path):
     assert cols["temperature"] > 1.3 and cols["cnll"] < cols["nll"]
     png = reliability_diagram({"a": (logp, y), "b": (logp / 2, y)}, tmp_path / "r.png", "t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- verdicts on the papers' claims: paired over seeds ------------------------------------------
+KD_NLL = [0.2589, 0.2883, 0.2681, 0.2894, 0.2752]
+LATENTBE_NLL = [0.2588, 0.2923, 0.2734, 0.2696, 0.2411]
+"""The distillation benchmark's test NLL per seed (benchmarks/results/distill.json)."""
+
+
+def _t(d) -> float:
+    import numpy as np
+
+    d = np.asarray(d, dtype=float)
+    return float(d.mean() / (d.std(ddof=1) / np.sqrt(len(d))))
+
+
+def test_paired_interval_is_the_student_t_interval_over_seeds():
+    from metaensemble.evaluation import paired_interval
+
+    a, b = [1.0, 2.0, 4.0, 3.0, 5.0], [0.5, 1.0, 1.0, 2.5, 1.0]
+    d = paired_interval(a, b)
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    half = 2.7764451051977987 * torch.tensor(diffs).std().item() / math.sqrt(5)  # t(0.975, 4 df)
+    assert d.n == 5 and d.mean == pytest.approx(sum(diffs) / 5)
+    assert (d.lo, d.hi) == (pytest.approx(d.mean - half), pytest.approx(d.mean + half))
+    one = paired_interval([0.3, 0.5, 0.4], 0.1)  # one number against every seed (a single DE-M)
+    assert one.mean == pytest.approx(0.3) and one.n == 3
+    assert paired_interval([0.3, 0.5, 0.4], 0.1).lo == pytest.approx(-paired_interval(0.1, [0.3, 0.5, 0.4]).hi)
+    assert math.isinf(paired_interval([0.9], [0.1]).lo)  # one seed establishes nothing
+    assert paired_interval([5.0], [7.0], exact=True).hi == -2.0  # no seed noise: the value itself
+
+
+def test_verdict_holds_only_when_the_interval_over_seeds_excludes_zero():
+    """The issue's case: LatentBE minus KD in NLL, t = -1.16 over 5 seeds, is noise: the
+    means agree with the claim (lower), the interval contains 0: not 'holds'."""
+    from metaensemble.evaluation import FAILS, HOLDS, NOT_SIGNIFICANT, paired_interval, verdict
+
+    kd = KD_NLL
+    latentbe = LATENTBE_NLL
+    diffs = [x - y for x, y in zip(latentbe, kd, strict=True)]
+    assert _t(diffs) == pytest.approx(-1.16, abs=0.01)
+    d = paired_interval(latentbe, kd)
+    assert d.mean < 0 < d.hi
+    assert verdict(d, "lower") == NOT_SIGNIFICANT != HOLDS
+    assert verdict(d, "higher") == FAILS
+    # the same mean difference over seeds that agree: the interval excludes 0
+    tight = [k - 0.009 + 0.001 * (i % 2) for i, k in enumerate(kd)]
+    assert verdict(paired_interval(tight, kd), "lower") == HOLDS
+    # a claim over several differences holds only if every one does
+    assert verdict([paired_interval(tight, kd), d], "lower") == NOT_SIGNIFICANT
+    assert verdict([paired_interval(tight, kd), paired_interval(kd, tight)], "lower") == FAILS
+    assert verdict(paired_interval([1.0], [0.0]), "higher") == NOT_SIGNIFICANT  # one seed
+    assert verdict(paired_interval(10, 20, exact=True), "lower") == HOLDS  # e.g. parameter counts
+    with pytest.raises(ValueError, match="better"):
+        verdict(d, "smaller")
+
+
+def test_the_distillation_claims_table_uses_the_verdict_rule():
+    """Every claim of jobs/distill.py's table (distill_table.md, the MLflow artifact, the
+    benchmark's results) is judged by evaluation.verdict on the per-seed rows."""
+    from metaensemble.evaluation import COLUMNS, seed_row
+    from metaensemble.methods.latentbe.experiment import directions
+
+    def rows(kd_nll, lbe_nll, td_nll):
+        per = lambda nll, acc: [{**{k: 0.1 for k in (*COLUMNS, "temperature")}, "acc": acc, "nll": v}  # noqa: E731
+                                for v in nll]
+        return [seed_row("teacher", "Teacher DE-4", per([0.15], 0.97)),
+                seed_row("kd", "Student KD", per(kd_nll, 0.92)),
+                seed_row("latentbe", "+ LatentBE", per(lbe_nll, 0.925)),
+                seed_row("tdiv_sdiv", "+ TDiv-SDiv", per(td_nll, 0.93))]
+
+    kd, noisy = KD_NLL, LATENTBE_NLL  # t = -1.16
+    out = directions(rows(kd, noisy, [v - 0.05 for v in noisy]))
+    assert out["LatentBE at or above KD in NLL"] == "same direction, not significant"
+    assert out["TDiv-SDiv best student in NLL"] == "holds"
+    assert out["every student below DE-M"] == "holds"
+    assert set(out.values()) <= {"holds", "same direction, not significant", "does not hold"}
+    out = directions(rows(kd, [v - 0.02 for v in kd], [v + 0.01 for v in kd]))
+    assert out["LatentBE at or above KD in NLL"] == "holds"
+    assert out["TDiv-SDiv best student in NLL"] == "does not hold"
+
+
+def test_the_superweight_claims_table_uses_the_verdict_rule():
+    """One run (one seed) cannot establish the accuracy claims; parameter counts are exact;
+    over seeds the paired interval decides."""
+    from metaensemble.methods.superweight.experiment import claims
+
+    def run(sw_acc: float, ind_acc: float) -> list[dict]:
+        return [{"key": "superweight", "acc": sw_acc, "nll": 0.2, "params": 100},
+                {"key": "independent", "acc": ind_acc, "nll": 0.3, "params": 200}]
+
+    one = claims([run(0.95, 0.90)])
+    assert one["SuperWeight ACC above Independent, same WRNs"] == "same direction, not significant"
+    assert one["SuperWeight has fewer parameters than the independent ensemble"] == "holds"
+    three = claims([run(0.95, 0.90), run(0.96, 0.90), run(0.955, 0.91)])
+    assert three["SuperWeight ACC above Independent, same WRNs"] == "holds"
+    assert three["SuperWeight NLL below Independent, same WRNs"] == "holds"
+    assert claims([run(0.90, 0.95)])["SuperWeight ACC above Independent, same WRNs"] == "does not hold"

@@ -70,6 +70,11 @@ class DataConfig(_Strict):
     (digits, synthetic, cifar) have their own augmentation and take only ``standard``."""
     auto_augment: str = "rand-m9-mstd0.5-inc1"
     re_prob: float = Field(0.25, ge=0.0, le=1.0)
+    repeated_aug: int = Field(1, ge=1)
+    """Repeated augmentation (DeiT's default, 3; timm's ``RepeatAugSampler``): each image an
+    epoch draws comes this many times, each copy on another rank and augmented anew; an
+    epoch keeps the steps of a plain one, so it draws about 1/repeated_aug of the images.
+    1: off. File datasets (imagefolder) only."""
     loader_workers: int = Field(0, ge=0)
     shuffle_buffer: int = Field(2000, ge=0)
     """Streamed (parquet) training: rows in each training worker's local shuffle buffer,
@@ -137,6 +142,8 @@ class TrainConfig(_Strict):
     channels_last: bool = False
     """channels_last memory format; only takes effect on GPU."""
     grad_clip: float | None = Field(None, gt=0.0)
+    """Clip the gradient's global norm to this before every update (None: no clipping),
+    after any gradient transform the method registers on its optimiser (LatentBE's)."""
     select_metric: str = "val_acc"
     select_mode: Literal["max", "min"] = "max"
     log_every: int = Field(0, ge=0)
@@ -204,6 +211,9 @@ class Section(_Strict):
     nothing, so they do not enter the run hash."""
 
     eval_only: ClassVar[tuple[str, ...]] = ()
+    added_later: ClassVar[tuple[str, ...]] = ()
+    """Fields added after runs were named by this section: at their default they stay out
+    of the run hash, so a rerun of an earlier command still finds its runs."""
 
 
 _SECTIONS: dict[str, type[Section]] = {}
@@ -327,12 +337,17 @@ class Config(BaseModel):
             else:
                 for k in cls.eval_only:
                     d[name].pop(k, None)
+                for k in cls.added_later:
+                    if d[name].get(k) == cls.model_fields[k].get_default(call_default_factory=True):
+                        d[name].pop(k, None)
         if d["model"].get("init_from") is None:
             d["model"].pop("init_from", None)  # an unset init_from does not name a run
         if d["data"].get("label_split") is None:
             d["data"].pop("label_split", None)  # nor does an unset label split
         if not d["data"].get("cutout"):
             d["data"].pop("cutout", None)  # nor does cutout off
+        if d["data"].get("repeated_aug") == 1:
+            d["data"].pop("repeated_aug", None)  # off names no run (hashes from before it stay)
         d["data"].pop("data_cpus", None)  # resources, not what is trained
         if d["data"].get("shuffle_buffer") == DataConfig.model_fields["shuffle_buffer"].default:
             d["data"].pop("shuffle_buffer", None)  # the default names no run (hashes from before it stay)

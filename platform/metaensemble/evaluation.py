@@ -15,6 +15,10 @@ A job whose candidates are trained once per seed (the distillation students) rep
 ``SeedRow``s instead: mean +- std over seeds of test ACC, NLL, ECE and the calibrated
 cNLL, cECE (``calibrated_columns``), printed by ``format_seed_table``, with
 ``reliability_diagram`` for the calibration.
+
+Every claims table (a paper's claim checked on a job's results) prints ``verdict``'s
+words: "holds" only when the paired interval over seeds (``paired_interval``) excludes 0
+on the claimed side, "same direction, not significant" when only the means agree.
 """
 
 from __future__ import annotations
@@ -353,3 +357,52 @@ def format_differences(diffs: list[Difference], unit: str = "points") -> str:
         mark = "" if d.excludes_zero else "   (interval contains 0)"
         lines.append(f"{d.label:<{width}}  {s * d.mean:+7.2f}  [{s * d.lo:+7.2f}, {s * d.hi:+7.2f}]  n={d.n}{mark}")
     return "\n".join(lines)
+
+
+# ---- the paper's claims: verdicts over seeds -----------------------------------------------
+HOLDS, NOT_SIGNIFICANT, FAILS = "holds", "same direction, not significant", "does not hold"
+VERDICTS = (HOLDS, NOT_SIGNIFICANT, FAILS)
+"""What every claims table prints: the claimed direction with a paired interval over seeds
+that excludes 0; the claimed direction on the means only; the other direction."""
+
+
+def paired_interval(a: Iterable[float] | float, b: Iterable[float] | float, label: str = "",
+                    confidence: float = 0.95, exact: bool = False) -> Difference:
+    """Mean of ``a - b`` over paired seeds and its Student-t interval (n - 1 degrees of
+    freedom). Either side may be one number, compared with every seed of the other (a
+    single teacher ensemble). One seed gives an unbounded interval: it cannot establish a
+    difference. ``exact``: the values carry no seed noise (parameter counts, a timing
+    against its threshold), and the interval is the mean itself."""
+    a, b = (np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (a, b))
+    if a.size == 1 and b.size > 1:
+        a = np.full_like(b, a[0])
+    elif b.size == 1:
+        b = np.full_like(a, b[0])
+    n = min(len(a), len(b))
+    if n == 0:
+        raise ValueError(f"{label or 'difference'}: no paired seeds to compare")
+    d = a[:n] - b[:n]
+    mean = float(d.mean())
+    if exact:
+        return Difference(label, mean, mean, mean, n)
+    if n == 1:
+        return Difference(label, mean, -np.inf, np.inf, 1)
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / np.sqrt(n))
+    return Difference(label, mean, mean - half, mean + half, n)
+
+
+def verdict(diffs: Difference | Iterable[Difference], better: str = "higher") -> str:
+    """The verdict on a claim that every difference lies on the ``better`` side of 0
+    (``higher``: a > b; ``lower``: a < b): ``HOLDS`` when every interval excludes 0 on that
+    side, ``FAILS`` when any mean is not on that side, else ``NOT_SIGNIFICANT``."""
+    if better not in ("higher", "lower"):
+        raise ValueError(f"better must be 'higher' or 'lower', got {better!r}")
+    diffs = [diffs] if isinstance(diffs, Difference) else list(diffs)
+    if not diffs:
+        raise ValueError("a verdict needs at least one difference")
+    sign = 1.0 if better == "higher" else -1.0
+    if any(sign * d.mean <= 0 for d in diffs):
+        return FAILS
+    return HOLDS if all(d.lo > 0 if sign > 0 else d.hi < 0 for d in diffs) else NOT_SIGNIFICANT

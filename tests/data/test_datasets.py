@@ -145,3 +145,49 @@ def test_the_deit_transform_is_timms_factory_with_randaugment_and_random_erasing
     assert tuple(x.shape) == (3, 16, 16)
     with pytest.raises(Exception, match="data.transform='deit' applies to images read from files"):
         data.check(DataConfig(name="digits", transform="deit"))
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Example i is (a 1x1x1 image of value i, label i % 3, index i)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.full((1, 1, 1), float(i)), i % 3, i
+
+
+def test_repeated_augmentation_draws_each_image_on_several_ranks():
+    """data.repeated_aug=3 (DeiT's): an epoch has the steps of a plain one, and every image
+    it draws appears 3 times, each copy on another rank (so about n / 3 distinct images an
+    epoch); another seed or epoch draws others; 1 leaves the plain sharded sampler."""
+    n, world, batch = 24, 3, 2
+
+    def epoch(seed: int, e: int, repeats: int = 3) -> list[list[int]]:
+        out = []
+        for rank in range(world):
+            loader = data.DatasetLoader(_Indexed(n), batch, rank=rank, world_size=world, shuffle=True, seed=seed,
+                                        drop_last=True, repeats=repeats)
+            loader.set_epoch(e)
+            out.append([int(i) for b in loader for i in b["index"]])
+        return out
+
+    ranks = epoch(0, 0)
+    seen = [i for r in ranks for i in r]
+    assert all(len(r) == n // world for r in ranks)  # the steps of a plain epoch
+    drawn = sorted(set(seen))
+    assert len(drawn) == n // 3 and sorted(seen) == sorted(drawn * 3)
+    assert all(sum(i in r for r in ranks) == 3 for i in drawn)  # each copy on another rank
+    assert epoch(0, 1) != ranks and epoch(1, 0) != ranks
+    plain = epoch(0, 0, repeats=1)
+    assert sorted(i for r in plain for i in r) == list(range(n))
+
+
+def test_repeated_augmentation_is_refused_for_array_datasets():
+    from metaensemble.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.repeated_aug=3 applies to images read from files"):
+        data.check(DataConfig(name="digits", repeated_aug=3))

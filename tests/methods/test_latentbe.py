@@ -432,6 +432,51 @@ def test_folded_grouped_conv_equals_mean_factor_conv():
         torch.testing.assert_close(F.conv2d(x, w, b, padding=1, groups=2), ref, atol=1e-5, rtol=1e-5)
 
 
+def _member(model: nn.Module, m: int) -> nn.Module:
+    """A copy of the BatchEnsemble ``model`` whose every member is member ``m``: its fold is
+    member m's own plain network (its effective weights W * s_m r_m^T, b * s_m)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in factor_parameters(out):
+            p.copy_(p[m:m + 1].expand_as(p))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_exact_fold_is_the_average_of_the_members_own_weights(name):
+    """3 (latentbe.fold=exact): every tensor of fold(exact=True) is the average over the K
+    members of that member's own plain network (to 1e-6), for every family; it differs from
+    the mean-of-factors fold by the covariance of r and s, and is still one plain network."""
+    k = 3
+    model = _be_model(name, k)
+    exact, mean = fold(model, exact=True), fold(model)
+    members = [fold(_member(model, m)).state_dict() for m in range(k)]
+    assert type(exact) is type(mean) and not any(isinstance(mod, BE_LAYERS) for mod in exact.modules())
+    for key, v in exact.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, sum(s[key] for s in members) / k, atol=1e-6, rtol=0)
+    gap = max((exact.state_dict()[n] - mean.state_dict()[n]).abs().max() for n in mean.state_dict()
+              if n.endswith("weight") and mean.state_dict()[n].ndim > 1)
+    assert gap > 1e-3  # r and s both vary: the two folds differ
+
+
+def test_exact_fold_of_a_grouped_conv_and_one_varying_factor():
+    """3: the exact fold maps each member's r onto its group's input channels; with only r
+    (or only s) varying, the two folds coincide (mean_m s r_m^T = s r_bar^T)."""
+    torch.manual_seed(19)
+    be = _single(nn.Conv2d(4, 6, 3, padding=1, groups=2), 3)
+    _randomise_factors(be, 20, spread=0.5)
+    w, _ = be.folded(exact=True)
+    per_member = []
+    for m in range(3):
+        r = be.r[m].detach().view(2, 2).repeat_interleave(3, dim=0)  # [out, in/g]: group o // 3
+        per_member.append(be.weight.detach() * (be.s[m].detach()[:, None] * r)[:, :, None, None])
+    torch.testing.assert_close(w, sum(per_member) / 3, atol=1e-6, rtol=0)
+    only_r = _single(nn.Linear(5, 4), 3)
+    _randomise_factors(only_r, 21, spread=0.5, s=False)
+    torch.testing.assert_close(only_r.folded(exact=True)[0], only_r.folded()[0], atol=1e-6, rtol=0)
+
+
 def test_fold_needs_the_model_spec():
     """3: a model without me_spec cannot be folded back into an architecture."""
     with pytest.raises(ValueError, match="me_spec"):
@@ -919,6 +964,68 @@ def test_export_is_the_fold(digits):
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), with_mean_factors(model)(tile(x, 3))[:4], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("choice, other", [("mean_factors", "fold_exact"), ("exact", "fold_mean_factors")])
+def test_the_chosen_fold_is_exported_and_the_other_is_evaluated_beside_it(digits, choice, other):
+    """14: latentbe.fold picks what is exported; predict gives the other fold's
+    log-probabilities under its own name, so every epoch logs the gap between them."""
+    from metaensemble.data import ArrayLoader
+    from metaensemble.data import load as load_data
+    from metaensemble.engine.report import split_metrics
+    from metaensemble.methods.base import predict_logp
+
+    info, _ = digits
+    method = _method(LatentBE, f"latentbe.fold={choice}")
+    model = _student(method, info).eval()
+    exported = method.export(model)
+    want = fold(model, exact=choice == "exact")
+    for k, v in want.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[k], v, atol=0, rtol=0)
+    loader = ArrayLoader(load_data(method.cfg.data).val, info, 64)
+    pred, y = method.predict(exported, loader)
+    assert list(pred) == ["fold", other]
+    torch.testing.assert_close(pred["fold"], predict_logp(want, loader)[0])
+    torch.testing.assert_close(pred[other], predict_logp(fold(model, exact=choice != "exact"), loader)[0])
+    assert (pred["fold"] - pred[other]).abs().max() > 1e-4
+    assert {"val_acc", f"{other}/val_acc", f"{other}/val_nll"} <= set(split_metrics((pred, y), "val"))
+    plain, _ = method.predict(want, loader)  # not this method's export: one prediction
+    assert torch.is_tensor(plain)
+
+
+def test_gradients_are_clipped_after_the_factor_scaling():
+    """14: train.grad_clip clips the gradient the update uses, after LatentBE's factor
+    hook (x M, decay toward 1): one SGD step at lr 1 moves every parameter by exactly the
+    clipped transformed gradient, which differs from transforming a clipped one."""
+    from metaensemble.engine.loop import configure_optimizer
+
+    wd, m, max_norm = 0.1, 3, 0.05
+    method = LatentBE(_optim_cfg(wd, 1.0, f"train.grad_clip={max_norm}"))
+    model = to_batchensemble(create_model("mlp", num_classes=3, in_chans=1, img_size=2, hidden=(4,)), m)
+    _randomise_factors(model, 31)
+    optimizer, _ = configure_optimizer(method, model, method.cfg, 1)  # as the engine's workers build it
+    params = list(model.parameters())
+    torch.manual_seed(32)
+    grads = [torch.randn_like(p) for p in params]
+    factors = {id(p) for p in factor_parameters(model)}
+
+    def transform(p, g):
+        return g * m + wd * (p.detach() - 1.0) if id(p) in factors else g
+
+    def clip(gs):
+        total = torch.cat([g.flatten() for g in gs]).norm()
+        return [g * min(1.0, max_norm / (float(total) + 1e-6)) for g in gs]
+
+    after = clip([transform(p, g) for p, g in zip(params, grads, strict=True)])
+    before = [transform(p, g) for p, g in zip(params, clip(grads), strict=True)]
+    assert max((a - b).abs().max() for a, b in zip(after, before, strict=True)) > 1e-3
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}  # SGD's own, after
+    p0 = [p.detach().clone() for p in params]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    optimizer.step()
+    for p, q, a in zip(params, p0, after, strict=True):
+        torch.testing.assert_close(q - p.detach(), a + decay[id(p)] * q, atol=1e-6, rtol=1e-5)
 
 
 def _write_teachers(root, n, width=4):

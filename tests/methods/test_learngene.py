@@ -174,6 +174,99 @@ def test_a_teacher_with_another_class_count_is_refused(tmp_path):
         LearngeneAux(cfg).validate()
 
 
+# ---- stage 2's recipe: method learngene_descendant ------------------------------------------
+def _descendant(tmp: Path, *overrides: str, init_uri: str | None = None):
+    """A depth-4 descendant's finetuning config (``experiment.finetune_config``), its method,
+    model and a batch."""
+    from metaensemble import methods
+
+    cfg = _cfg(tmp, *overrides)
+    aux = create_model("aux_vit", num_classes=10, in_chans=1, img_size=8, **cfg.model.kwargs)
+    fc = experiment.finetune_config(cfg, aux, 4, init_uri)
+    m = methods.build(fc)
+    m.validate()
+    splits = data.load(fc.data)
+    torch.manual_seed(3)
+    model = m.build_model(splits.info)
+    batch = next(iter(data.ArrayLoader(splits.train, splits.info, 16, shuffle=True)))
+    return fc, m, model, batch
+
+
+def test_descendants_finetune_with_cross_entropy_and_read_no_stage_1_field(tmp_path):
+    """12: a descendant run is method learngene_descendant; without Mixup its loss is the
+    supervised label-smoothed cross-entropy (the digits default's numbers stay); the
+    teacher, alpha and T are reset, so they do not name the descendants' runs."""
+    import torch.nn.functional as F
+
+    fc, m, model, batch = _descendant(tmp_path, "learngene.teacher=/a/teacher", "learngene.alpha=0.5")
+    assert fc.method == "learngene_descendant" and type(m).__name__ == "LearngeneDescendant"
+    assert fc.learngene.teacher is None and fc.learngene.alpha == 1.0
+    other, *_ = _descendant(tmp_path, "learngene.teacher=/b/teacher", "learngene.temperature=4")
+    assert fc.config_hash() == other.config_hash()
+    loss, logs = m.training_step(model, batch)
+    expected = F.cross_entropy(model(batch["x"]), batch["y"], label_smoothing=0.1)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    assert fc.train.label_smoothing == 0.1
+    assert "ema" not in logs and torch.is_tensor(m.predict(model.eval(), [batch])[0])  # no EMA: one prediction
+
+
+def test_descendants_take_deits_mixup_cutmix_and_model_ema(tmp_path):
+    """12: with learngene.mixup/cutmix the descendant trains on timm's mixed images and soft
+    targets; with learngene.model_ema an EMA follows every optimiser step (decay d:
+    ema <- d ema + (1 - d) w), is evaluated beside the network as 'ema', and comes back
+    from the method's checkpoint state."""
+    import numpy as np
+
+    overrides = ("learngene.mixup=0.8", "learngene.cutmix=1.0", "learngene.model_ema=true",
+                 "learngene.model_ema_decay=0.9")
+    fc, m, model, batch = _descendant(tmp_path, *overrides)
+    assert m._mixup is not None and m._mixup.mixup_alpha == 0.8 and m._mixup.cutmix_alpha == 1.0
+    opt, _ = m.configure_optimizer(model, steps_per_epoch=5)
+    w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    np.random.seed(0)
+    torch.manual_seed(0)
+    loss, _ = m.training_step(model, batch)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    x, target = m._mixup(batch["x"].clone(), batch["y"])
+    soft = torch.sum(-target * torch.log_softmax(model(x), -1), -1).mean()
+    assert float(loss.detach()) == pytest.approx(float(soft.detach()), rel=1e-5)
+    assert not torch.equal(x, batch["x"])  # the caller's batch is left alone, the model saw mixed images
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    ema = m._ema.module.state_dict()
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(ema[k], 0.9 * w0[k] + 0.1 * v.detach(), atol=1e-6, rtol=1e-5)
+    pred, _ = m.predict(model.eval(), [batch])
+    assert list(pred) == ["model", "ema"] and not torch.equal(pred["model"], pred["ema"])
+    # the EMA in the checkpoint's method state, restored on resume
+    state = m.state_dict()
+    _, again, model2, _ = _descendant(tmp_path, *overrides)
+    again.load_state_dict(state)
+    again.configure_optimizer(model2, steps_per_epoch=5)
+    assert all(torch.equal(again._ema.module.state_dict()[k], v) for k, v in state["ema"].items())
+
+
+def test_the_aux_net_keeps_the_ema_too(tmp_path):
+    """12: learngene.model_ema applies to stage 1 as well (DeiT's default in both stages)."""
+    m, s = _method(tmp_path, "learngene.model_ema=true")
+    m.configure_optimizer(s["model"], steps_per_epoch=2)
+    pred, _ = m.predict(s["model"].eval(), [s["batch"]])
+    assert list(pred) == ["model", "ema"] and set(m.state_dict()) == {"ema"}
+
+
+def test_a_descendant_run_needs_a_descendant_and_an_even_batch_with_mixup(tmp_path):
+    from metaensemble.methods.learngene.method import LearngeneDescendant
+
+    fc, *_ = _descendant(tmp_path)
+    with pytest.raises(ConfigError, match="set model.name=descendant_vit"):
+        LearngeneDescendant(fc.with_overrides({"model.name": "aux_vit"})).validate()
+    with pytest.raises(ConfigError, match="batch_size must be even"):
+        LearngeneDescendant(fc.with_overrides({"learngene.mixup": 0.8, "data.batch_size": 63})).validate()
+
+
 # ---- both stages through the job's pipeline, on a real Ray instance -------------------------
 @pytest.fixture(scope="module")
 def stages(ray_local, tmp_path_factory):
@@ -264,3 +357,30 @@ def test_the_imagenet_configs_build_the_papers_aux_nets(name, params):
     assert sum(p.numel() for p in aux.parameters()) == params
     assert cfg.scaling.num_workers * cfg.data.batch_size == 512 and cfg.data.transform == "deit"
     assert cfg.learngene.teacher_arch == "levit_384" and cfg.train.amp
+
+
+@pytest.mark.parametrize("name, lr", [("imagenet_aux_s", 5e-5), ("imagenet_aux_b", 1e-5)])
+def test_the_imagenet_configs_give_the_papers_descendants_with_deits_recipe(name, lr):
+    """12: depth 12 from the paper's list in the same run as the other depths (their default
+    spread), the learngene's head (the original's ImageNet branch), and DeiT's defaults for
+    the descendants: Mixup 0.8, CutMix 1.0, label smoothing 0.1, model EMA 0.99996,
+    repeated augmentation x3; every descendant config validates."""
+    from metaensemble import methods
+    from metaensemble.methods.learngene.model import check_layers_source, default_layers_source
+
+    cfg = load_config(f"configs/learngene/{name}.yaml")
+    lg = cfg.learngene
+    assert lg.depths == [6, 9, 12, 15] and lg.source_for(12) == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert [lg.source_for(d) for d in (6, 9, 15)] == [None] * 3
+    assert lg.head == "auto" and experiment.copies_head(lg.head, "imagenet", True)
+    assert (lg.mixup, lg.cutmix, lg.mixup_prob, lg.label_smoothing) == (0.8, 1.0, 1.0, 0.1)
+    assert lg.model_ema and lg.model_ema_decay == 0.99996 and cfg.data.repeated_aug == 3
+    with torch.device("meta"):
+        aux = create_model(cfg.model.name, num_classes=1000, in_chans=3, img_size=224, **cfg.model.kwargs)
+    for d in lg.depths:
+        src = check_layers_source(lg.source_for(d) or default_layers_source(aux.stage_sizes, d), d, 5)
+        fc = experiment.finetune_config(cfg, aux, d, f"runs:/parent/descendant_init/{experiment.init_name(d, src)}")
+        methods.build(fc).validate()
+        assert fc.method == "learngene_descendant" and fc.model.kwargs["style"] == "deit"
+        assert fc.optim.lr == pytest.approx(lr) and fc.optim.warmup_epochs == 0 and fc.train.epochs == 10
+        assert fc.learngene.mixup == 0.8 and fc.learngene.model_ema and fc.data.repeated_aug == 3

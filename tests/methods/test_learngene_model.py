@@ -284,9 +284,36 @@ def test_head_copied_only_for_the_same_classes(aux):
     assert torch.equal(other.blocks[0].attn.qkv.weight, aux.stages[0].attn.qkv.weight)  # the rest still copied
 
 
+@pytest.mark.parametrize("mode, family, same, copied", [
+    ("auto", "imagenet", True, True), ("auto", "digits", True, False), ("auto", "cifar", True, False),
+    ("auto", "imagenet", False, False), ("copy", "digits", True, True), ("copy", "imagenet", False, False),
+    ("fresh", "imagenet", True, False), ("fresh", "digits", True, False)])
+def test_learngene_head_modes(aux, mode, family, same, copied):
+    """10: learngene.head: auto is the original's rule (the learngene's head on ImageNet
+    only), copy whenever the class counts match, fresh never; expand follows it."""
+    from metaensemble.methods.learngene.experiment import copies_head, init_name
+
+    assert copies_head(mode, family, same) is copied
+    d = expand(aux, 4, copy_head=copies_head(mode, family, True))
+    assert torch.equal(d.head.weight, aux.head.weight) is (copies_head(mode, family, True))
+    assert torch.equal(d.blocks[0].attn.qkv.weight, aux.stages[0].attn.qkv.weight)
+    assert init_name(4, [0, 2, 3, 4], copied) != init_name(4, [0, 2, 3, 4], not copied)  # another init, another run
+
+
+def test_learngene_head_is_validated_with_one_clear_error():
+    from metaensemble.methods.learngene.experiment import copies_head
+
+    assert load_config("configs/teachers/digits.yaml").learngene.head == "auto"
+    with pytest.raises(ConfigError, match=r"^invalid config: learngene.head: Input should be 'auto', 'copy' or "
+                                          r"'fresh'$"):
+        load_config("configs/teachers/digits.yaml", ["learngene.head=always"])
+    with pytest.raises(ConfigError, match="learngene.head='always' is unknown; valid: auto, copy, fresh"):
+        copies_head("always", "imagenet", True)
+
+
 # ---- the original code's checkpoints ------------------------------------------------------------
 
-def write_original(aux: AuxViT, path) -> None:
+def write_original(aux: AuxViT, path, model: str = "aux_deit_small_patch16_224") -> None:
     opt = torch.optim.AdamW(aux.parameters(), lr=5e-4)
     aux.train()
     aux(torch.randn(2, 3, 16, 16)).sum().backward()
@@ -294,7 +321,7 @@ def write_original(aux: AuxViT, path) -> None:
     opt.zero_grad()
     aux.eval()
     torch.save({"model": to_original_state(aux),
-                "args": argparse.Namespace(model="aux_deit_small_patch16_224", lr=5e-4, drop_path=0.0, input_size=16,
+                "args": argparse.Namespace(model=model, lr=5e-4, drop_path=0.0, input_size=16,
                                            teacher_model="levit_384", distillation_alpha=1.0, epochs=150),
                 "optimizer": opt.state_dict(), "lr_scheduler": {"base_lrs": [5e-4], "last_epoch": 3},
                 "epoch": 3, "scaler": {"scale": 65536.0, "growth_factor": 2.0},
@@ -344,6 +371,51 @@ def test_original_checkpoint_with_other_shapes_refused(tmp_path):
     assert "the file has 4 stages" in msg and "missing 12" in msg and "stages.4.mlp.fc1.weight" in msg
 
 
+def test_original_checkpoint_layout_and_heads_are_checked_against_args_model(tmp_path, x):
+    """11: the file's args.model names the layout and the heads (the original's
+    aux_deit_small_patch16_224_L16_33433: 12 heads); a caller who asks for another layout
+    of the same stage count (which loads without a shape error and computes another
+    function) or other heads is refused, naming both; None takes the file's."""
+    aux = small_aux(seed=8)
+    path = tmp_path / "checkpoint.pth"
+    write_original(aux, path, model="aux_deit_small_patch16_224_L16_33433")
+    got = load_original(path, img_size=16, patch_size=4)  # layout and heads from args.model
+    assert got.stage_sizes == [3, 3, 4, 3, 3] and got.num_heads == 12
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), aux(x), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=r"args.model='aux_deit_small_patch16_224_L16_33433': stage layout "
+                                              r"L16_33433 in the file, L16_43333 asked"):
+        load_original(path, "L16_43333", num_heads=12, img_size=16, patch_size=4)
+    with pytest.raises(CheckpointError, match="12 heads in the file, 4 asked"):
+        load_original(path, "L16_33433", num_heads=4, img_size=16, patch_size=4)
+    # the silent failure the check prevents: the same tensors under another layout load and differ
+    raw = tmp_path / "raw.pth"
+    torch.save(to_original_state(aux), raw)  # no args: the caller's layout is trusted
+    wrong = load_original(raw, "L16_43333", num_heads=12, img_size=16, patch_size=4)
+    with torch.no_grad():
+        assert (wrong(x) - aux(x)).abs().max() > 1e-3
+    # an _H<n> token names the heads (LeTs-style names)
+    heads = tmp_path / "heads.pth"
+    write_original(small_aux("L4_22", num_heads=4, seed=9), heads, model="aux_deit_tiny_patch16_224_L4_22_H4")
+    assert load_original(heads, img_size=16, patch_size=4).num_heads == 4
+
+
+def test_original_raw_state_dict_loads_without_a_model_key(tmp_path, x):
+    """11: a file that is the state dict itself (no 'model', no 'args'), as the original's
+    loader accepts, loads to the same logits; the Namespace allowance stays local to the read."""
+    aux = small_aux(seed=10)
+    path = tmp_path / "learngene.pth"
+    torch.save(to_original_state(aux), path)
+    got = load_original(path, "L16_33433", num_heads=12, img_size=16, patch_size=4)
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), aux(x), rtol=0, atol=0)
+    ns = tmp_path / "ns.pth"
+    write_original(aux, ns)
+    load_original(ns, "L16_33433", num_heads=12, img_size=16, patch_size=4)
+    with pytest.raises(pickle.UnpicklingError, match="Namespace"):  # not allowlisted for the process
+        torch.load(ns, map_location="cpu", weights_only=True)
+
+
 def test_original_checkpoint_other_failures(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_original(tmp_path / "none.pth")
@@ -391,6 +463,15 @@ def test_config_section_and_registration():
         load_config("configs/teachers/digits.yaml", ["learngene.depths=[3]", "learngene.layers_source=[0,1]"])
     with pytest.raises(ConfigError):
         load_config("configs/teachers/digits.yaml", ["learngene.style=other"])
+    # a list per depth (12: the paper's), the others the default spread
+    cfg = load_config("configs/teachers/digits.yaml", ["learngene.depths=[6,12]",
+                                                       "learngene.layers_source={12: [0,0,0,1,1,1,2,2,3,3,4,4]}"])
+    assert cfg.learngene.source_for(12) == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4] and cfg.learngene.source_for(6) is None
+    with pytest.raises(ConfigError, match=r"depth 9 is not in learngene.depths \[6, 12\]; depth 12: 2 entries"):
+        load_config("configs/teachers/digits.yaml", ["learngene.depths=[6,12]",
+                                                     "learngene.layers_source={9: [0], 12: [0,1]}"])
+    with pytest.raises(ConfigError, match="or a list per depth"):
+        load_config("configs/teachers/digits.yaml", ["learngene.depths=[6,12]", "learngene.layers_source=[0,1]"])
 
 
 def test_package_is_torch_free_and_models_register_on_lookup():

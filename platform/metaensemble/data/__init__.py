@@ -78,6 +78,11 @@ def check(cfg) -> None:
 
         raise ConfigError(f"data.transform={cfg.transform!r} applies to images read from files (data.name="
                           f"imagefolder); {cfg.name!r} augments its arrays itself: use data.transform=standard")
+    if cfg.repeated_aug > 1 and cfg.name != "imagefolder":
+        from metaensemble.errors import ConfigError
+
+        raise ConfigError(f"data.repeated_aug={cfg.repeated_aug} applies to images read from files (data.name="
+                          f"imagefolder), whose sampler it replaces; {cfg.name!r} has its own: use data.repeated_aug=1")
     if cfg.cutout and cfg.name == "imagefolder":
         from metaensemble.errors import ConfigError
 

@@ -141,11 +141,18 @@ class DatasetLoader:
     """Sharded DataLoader over a map-style Dataset yielding (x, y, index)."""
 
     def __init__(self, dataset, batch_size, *, rank=0, world_size=1, shuffle=False, seed=0,
-                 device="cpu", num_workers=0, drop_last=False) -> None:
+                 device="cpu", num_workers=0, drop_last=False, repeats: int = 1) -> None:
         from torch.utils.data import DataLoader, DistributedSampler
 
         self.device = torch.device(device)
-        if shuffle:
+        self.epoch_offset = 0
+        if shuffle and repeats > 1:  # repeated augmentation: each image ``repeats`` times, across ranks
+            from timm.data.distributed_sampler import RepeatAugSampler
+
+            self.sampler = RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                            num_repeats=repeats, selected_round=0)  # ceil(N / world) per rank
+            self.epoch_offset = seed * 1_000_003  # timm seeds its shuffle with the epoch alone
+        elif shuffle:
             self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                               drop_last=True)
         elif world_size > 1:  # evaluation: every example on exactly one rank
@@ -166,7 +173,7 @@ class DatasetLoader:
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
+            self.sampler.set_epoch(self.epoch_offset + epoch)
         self.generator.manual_seed((self.seed * 1_000_003 + self.rank * 7_919 + epoch) % 2**63)
 
     def __len__(self) -> int:

@@ -41,6 +41,7 @@ from metaensemble.engine.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from metaensemble.engine.optim import clip_after_transforms
 from metaensemble.engine.report import (
     concat_predictions,
     final_report,
@@ -56,6 +57,15 @@ line: a small run prints its final line alone, a long one a line a minute or so.
 
 
 # ---- the pieces every rank builds the same way ---------------------------------------------
+def configure_optimizer(method, model: torch.nn.Module, cfg: Config, steps_per_epoch: int):
+    """The method's optimiser and schedule for ``model``, with ``train.grad_clip`` clipping
+    the gradient after every transform the method registered on the optimiser."""
+    optimizer, scheduler = method.configure_optimizer(model, steps_per_epoch)
+    if cfg.train.grad_clip:
+        clip_after_transforms(optimizer, model.parameters(), cfg.train.grad_clip)
+    return optimizer, scheduler
+
+
 def build_initial_model(method, info, cfg) -> torch.nn.Module:
     """The method's model with its initial weights drawn from ``model.init_seed`` when set
     (else from ``seed``), then overwritten by ``model.init_from`` when set. Every rank
@@ -174,7 +184,7 @@ class MemberRun:
             model = model.to(memory_format=torch.channels_last)
         self.model = ray.train.torch.prepare_model(model)
         self.base = unwrap(self.model)
-        self.optimizer, self.scheduler = self.method.configure_optimizer(self.base, self.steps_per_epoch)
+        self.optimizer, self.scheduler = configure_optimizer(self.method, self.base, self.cfg, self.steps_per_epoch)
         self.scheduler.set_step(self.state["global_step"])
 
     def say(self, msg: str) -> None:
@@ -290,9 +300,7 @@ def _optimisation_step(run: MemberRun, batch: dict[str, torch.Tensor]):
         loss, logs = run.method.training_step(run.model, batch)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if run.cfg.train.grad_clip:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.grad_clip)
-    run.optimizer.step()
+    run.optimizer.step()  # clips to train.grad_clip first (a step pre-hook: configure_optimizer)
     run.scheduler.step()
     run.state["global_step"] += 1
     return loss, logs
@@ -534,7 +542,8 @@ def build_loaders(cfg, rank: int, world: int, device: torch.device):
         ev = lambda s: data.ArrayLoader(s, info, d.eval_batch_size, rank=rank, world_size=world, device=device)  # noqa: E731
     else:
         train = data.DatasetLoader(splits.train, d.batch_size, rank=rank, world_size=world, shuffle=True,
-                                   seed=cfg.seed, device=device, num_workers=d.loader_workers, drop_last=True)
+                                   seed=cfg.seed, device=device, num_workers=d.loader_workers, drop_last=True,
+                                   repeats=d.repeated_aug)
         ev = lambda s: data.DatasetLoader(s, d.eval_batch_size, rank=rank, world_size=world, device=device,  # noqa: E731
                                           num_workers=d.loader_workers)
     return {"train": train, "val": ev(splits.val), "test": ev(splits.test)}, info, len(splits.train)

@@ -35,6 +35,19 @@ def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
                                **kwargs)
 
 
+def clip_after_transforms(optimizer: torch.optim.Optimizer, params, max_norm: float):
+    """Clip the gradient norm of ``params`` to ``max_norm`` in a step pre-hook registered
+    now, after the ones the method's ``configure_optimizer`` registered: the clip sees the
+    gradient the update will use (LatentBE's factor gradients x M and decay toward 1
+    included), not the raw one. Returns the hook's handle."""
+    params = list(params)
+
+    def clip(opt, args, kwargs) -> None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    return optimizer.register_step_pre_hook(clip)
+
+
 class StepSchedule:
     """A timm scheduler stepped once per optimiser update. ``offset``: the update at
     which this schedule starts (a method that restarts its schedule at a rebuild, as

@@ -13,7 +13,9 @@ other norm stay shared.
 mean factors r_bar, s_bar: W' = W * r_bar[in] * s_bar[out], b' = b * s_bar. The folded
 model is exactly the BatchEnsemble model with every member's factors set to the means; it
 is not the mean of the members' outputs (the gap is the covariance of r and s across
-members).
+members). ``fold(exact=True)`` gives each layer the mean of the members' own weights
+instead, W' = W * mean_m(s_m r_m^T) (the same b'): still one plain layer, it differs from
+the mean-factor fold by that covariance, and is still not the mean of the outputs.
 """
 
 from __future__ import annotations
@@ -47,6 +49,16 @@ def _rows(factor: torch.Tensor, n: int, members: int, x: torch.Tensor, dim: int)
     return f.view(shape)
 
 
+def members_mean_scale(r: torch.Tensor, s: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """mean_m s_m[o] * r_m[i(o, j)], the factor on each entry of W [out, in/groups] that
+    makes W the mean of the members' own weights. r [M, in], s [M, out]; output o (of
+    group o // (out/groups)) reads input i(o, j) = group * in/groups + j."""
+    m, n_in = r.shape
+    n_out = s.shape[1]
+    per_group = torch.einsum("mgo,mgi->goi", s.view(m, groups, n_out // groups), r.view(m, groups, n_in // groups))
+    return per_group.reshape(n_out, n_in // groups) / m
+
+
 class BEConv2d(nn.Conv2d):
     """A Conv2d with ``members`` rank-1 factors: r over input, s over output channels."""
 
@@ -63,9 +75,13 @@ class BEConv2d(nn.Conv2d):
             y = y + self.bias.view(1, -1, 1, 1)
         return y * _rows(self.s, n, self.members, y, 1)
 
-    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W', b') of the plain conv with the mean factors."""
+    def folded(self, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W', b') of the plain conv with the mean factors (``exact``: W' the mean of the
+        members' own weights); b' = b * s_bar either way."""
         r, s = self.r.mean(0), self.s.mean(0)
+        if exact:
+            w = self.weight * members_mean_scale(self.r, self.s, self.groups)[:, :, None, None]
+            return w, None if self.bias is None else self.bias * s
         g = self.groups
         per_group_in = self.in_channels // g
         # weight [out, in/g, kh, kw]: output o (group o // (out/g)) reads input channels
@@ -92,9 +108,10 @@ class BELinear(nn.Linear):
         y = F.linear(x * _rows(self.r, n, self.members, x, x.dim() - 1), self.weight, self.bias)
         return y * _rows(self.s, n, self.members, y, y.dim() - 1)
 
-    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def folded(self, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W', b') as ``BEConv2d.folded``."""
         r, s = self.r.mean(0), self.s.mean(0)
-        w = self.weight * r[None, :] * s[:, None]
+        w = self.weight * members_mean_scale(self.r, self.s) if exact else self.weight * r[None, :] * s[:, None]
         return w, None if self.bias is None else self.bias * s
 
     def extra_repr(self) -> str:
@@ -168,9 +185,10 @@ def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def fold(model: nn.Module) -> nn.Module:
+def fold(model: nn.Module, exact: bool = False) -> nn.Module:
     """The plain network of ``model``'s architecture (``me_spec``) whose convs and linears
-    carry the mean factors folded in; every other tensor (BatchNorm affine and running
+    carry the mean factors folded in (``exact``: each the mean of the members' own
+    weights, W * mean_m s_m r_m^T); every other tensor (BatchNorm affine and running
     statistics included) is copied. Same device, eval mode."""
     from metaensemble.models import create_model
 
@@ -180,7 +198,7 @@ def fold(model: nn.Module) -> nn.Module:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name, mod in model.named_modules():
         if isinstance(mod, BE_LAYERS):
-            w, b = mod.folded()
+            w, b = mod.folded(exact)
             prefix = f"{name}." if name else ""
             state[f"{prefix}weight"] = w.detach().clone()
             if b is not None:

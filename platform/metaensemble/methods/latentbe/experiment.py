@@ -30,12 +30,15 @@ from metaensemble import data, engine, metrics, tracking
 from metaensemble.config import Config
 from metaensemble.evaluation import (
     COLUMNS,
+    Difference,
     SeedRow,
     calibrated_columns,
     format_seed_table,
+    paired_interval,
     reliability_diagram,
     seed_row,
     train_seconds,
+    verdict,
 )
 from metaensemble.methods.base import predict_logp
 from metaensemble.methods.latentbe.teachers import (  # noqa: F401 (jobs/ and tests read them here)
@@ -90,22 +93,35 @@ def score(val: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torc
     return Scored(test[0], test[1], calibrated_columns(val, test))
 
 
-def directions(rows: list[SeedRow]) -> dict[str, bool]:
-    """The paper's claims, checked on the table's means: every student below DE-M (lower
-    ACC and higher NLL); LatentBE at or above KD in NLL (NLL no higher); TDiv-SDiv the best
-    student in NLL and in ECE. A claim whose rows are missing is left out."""
+def _per_seed(row: SeedRow, k: str) -> list[float] | float:
+    """``row``'s column ``k`` per seed, paired by seed index; a row of one (DE-M) as its value."""
+    return [p[k] for p in row.per_seed] if row.n > 1 else row.mean[k]
+
+
+def _minus(a: SeedRow, b: SeedRow, k: str) -> Difference:
+    """``a - b`` in column ``k`` with its paired interval over seeds."""
+    return paired_interval(_per_seed(a, k), _per_seed(b, k), f"{a.key} - {b.key} {k}")
+
+
+def directions(rows: list[SeedRow]) -> dict[str, str]:
+    """The paper's claims, each with its ``evaluation.verdict`` (paired over seeds):
+    every student below DE-M (lower ACC and higher NLL); LatentBE at or above KD in NLL
+    (lower NLL); TDiv-SDiv the best student in NLL and in ECE. A claim whose rows are
+    missing is left out."""
     by = {r.key: r for r in rows}
     students = [by[k] for k in METHODS if k in by]
-    out: dict[str, bool] = {}
+    out: dict[str, str] = {}
     if "teacher" in by and students:
-        t = by["teacher"].mean
-        out["every student below DE-M"] = all(s.mean["acc"] < t["acc"] and s.mean["nll"] > t["nll"] for s in students)
+        t = by["teacher"]
+        below = [d for s in students for d in (_minus(t, s, "acc"), _minus(s, t, "nll"))]
+        out["every student below DE-M"] = verdict(below, "higher")
     if "kd" in by and "latentbe" in by:
-        out["LatentBE at or above KD in NLL"] = by["latentbe"].mean["nll"] <= by["kd"].mean["nll"]
+        out["LatentBE at or above KD in NLL"] = verdict(_minus(by["latentbe"], by["kd"], "nll"), "lower")
     if "tdiv_sdiv" in by and len(students) > 1:
         others = [s for s in students if s.key != "tdiv_sdiv"]
         for k in ("nll", "ece"):
-            out[f"TDiv-SDiv best student in {k.upper()}"] = all(by["tdiv_sdiv"].mean[k] < s.mean[k] for s in others)
+            out[f"TDiv-SDiv best student in {k.upper()}"] = verdict(
+                [_minus(by["tdiv_sdiv"], s, k) for s in others], "lower")
     return out
 
 
@@ -167,7 +183,7 @@ class DistillOutcome:
     rows: list[SeedRow]
     run_ids: dict[str, str]
     versions: dict[str, str]
-    directions: dict[str, bool]
+    directions: dict[str, str]
     teachers: list[Teacher]
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -210,12 +226,12 @@ def run(cfg: Config, *, train_missing: bool = True) -> DistillOutcome:
     return DistillOutcome(parent, rows, run_ids, versions, dirs, p.teachers, seconds)
 
 
-def log_results(client, run_id: str, rows: list[SeedRow], curves, dirs: dict[str, bool], title: str) -> None:
+def log_results(client, run_id: str, rows: list[SeedRow], curves, dirs: dict[str, str], title: str) -> None:
     """``distill_table.md`` / ``.json``, ``reliability.png`` and ``<key>_<column>``
     metrics (means, and ``_std``) on the parent run."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d)
-        claims = "\n".join(f"- {k}: {'holds' if v else 'does not hold'}" for k, v in dirs.items())
+        claims = "\n".join(f"- {k}: {v}" for k, v in dirs.items())
         (out / "distill_table.md").write_text(f"{title}\n\n{format_seed_table(rows)}\n\n{claims}\n")
         (out / "distill_table.json").write_text(json.dumps({"rows": [r.to_dict() for r in rows],
                                                             "directions": dirs}, indent=2))

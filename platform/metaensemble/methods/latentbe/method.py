@@ -6,9 +6,12 @@ BatchEnsemble layer of M members (``batchensemble``). The batch is tiled M times
 ``methods.distill``; the loss is the mean over members. The factors r and s decay toward 1
 (not 0) and their gradients are multiplied by M, so each member's factors follow its own
 loss: the effective gradient of r_m is dL_m/dr_m + wd * (r_m - 1). This is done by the
-optimiser (``configure_optimizer`` adds a step pre-hook for the factors' group). Every
+optimiser (``configure_optimizer`` adds a step pre-hook for the factors' group; the
+engine's gradient clipping, a later pre-hook, clips the scaled gradient). Every
 epoch the engine evaluates ``export(model)``: the plain network with the mean factors
-folded in, which is what is selected on val, saved and registered.
+folded in (or, with ``latentbe.fold=exact``, each layer the mean of the members' own
+weights), which is what is selected on val, saved and registered; the other fold is
+evaluated beside it.
 
 TDiv-SDiv: before each LatentBE step, one step of input perturbation on the augmented
 batch in pixel space [0, 1] (``diversifying_perturbation``): for a pair of members
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 
 from metaensemble.data import DatasetInfo
 from metaensemble.errors import CheckpointError, ConfigError
-from metaensemble.methods.base import without
+from metaensemble.methods.base import predict_logp, without
 from metaensemble.methods.distill import EnsembleKD, teacher_logits
 from metaensemble.methods.latentbe.batchensemble import (
     check_convertible,
@@ -129,6 +132,7 @@ class LatentBE(EnsembleKD):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self.info: DatasetInfo | None = None
+        self._other_fold: tuple[nn.Module, nn.Module] | None = None
 
     @property
     def members(self) -> int:
@@ -212,8 +216,23 @@ class LatentBE(EnsembleKD):
 
     # ---- what is evaluated, saved and registered -----------------------------------------
     def export(self, model: nn.Module) -> nn.Module:
-        """The plain network with the mean factors folded in (``batchensemble.fold``)."""
-        return fold(model)
+        """The plain network of ``latentbe.fold`` (``batchensemble.fold``); the other fold is
+        kept for ``predict``, which evaluates it beside this one."""
+        exact = self.cfg.latentbe.fold == "exact"
+        net = fold(model, exact=exact)
+        self._other_fold = (net, fold(model, exact=not exact))
+        return net
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, loader, split: str = "val"):
+        """The exported fold's log-probabilities, and the other fold's as
+        ``fold_<mean_factors|exact>`` (its metrics are logged beside the selected ones)."""
+        logp, y = predict_logp(model, loader)
+        net, other = self._other_fold or (None, None)
+        if net is not model:  # not an export of this method (engine.evaluate of a saved fold)
+            return logp, y
+        name = "fold_exact" if self.cfg.latentbe.fold == "mean_factors" else "fold_mean_factors"
+        return {"fold": logp, name: predict_logp(other, loader)[0]}, y
 
 
 class TDivSDiv(LatentBE):

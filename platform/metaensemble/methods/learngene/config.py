@@ -25,10 +25,16 @@ class LearngeneConfig(Section):
     depths: list[int] = Field(default_factory=lambda: [4, 6, 8], min_length=1)
     """Descendant depths; each gets the default layers_source for its depth unless
     ``layers_source`` is given."""
-    layers_source: list[int] | None = None
-    """Stage index of each descendant block (length = the one depth in ``depths``,
-    non-decreasing, each < the learngene's stage count); None: spread the stages
-    proportionally (``model.default_layers_source``)."""
+    layers_source: list[int] | dict[int, list[int]] | None = None
+    """Stage index of each descendant block (non-decreasing, each < the learngene's stage
+    count): a list for the one depth in ``depths``, or a list per depth (``{12: [0, 0, 0, 1,
+    1, 1, 2, 2, 3, 3, 4, 4]}``, each of that length, each key one of ``depths``); a depth
+    without one spreads the stages proportionally (``model.default_layers_source``)."""
+    head: Literal["auto", "copy", "fresh"] = "auto"
+    """The descendants' classifier head: ``copy`` the learngene's whenever the class counts
+    match; ``fresh`` (random init) always; ``auto`` is the original code's rule, the copy
+    only on ImageNet (the descendants' dataset of the ImageNet family: ``imagefolder`` or
+    its parquet shards, with the learngene's class count), else fresh."""
     style: Literal["preserving", "deit"] = "preserving"
     """Descendant style: ``preserving`` keeps the aux-net's heads, norm placement and eps
     (a descendant of the aux depth and layout reproduces it); ``deit`` is the original's
@@ -56,27 +62,51 @@ class LearngeneConfig(Section):
     """Descendants: AdamW lr before the batch scaling (the paper: 5e-5 for S, 1e-5 for B)."""
     finetune_min_lr: float = Field(1e-6, ge=0)
     finetune_weight_decay: float = Field(0.05, ge=0)
+    model_ema: bool = False
+    """Keep an exponential moving average of the weights, updated after every optimiser
+    step (timm's ``ModelEmaV3``), in both stages, as DeiT's default does; it is evaluated
+    beside the trained network (metrics ``ema/val_acc``, ...) and kept in its checkpoints,
+    while selection, export and registration stay with the network itself, as in DeiT."""
+    model_ema_decay: float = Field(0.99996, gt=0, lt=1)
+    """The EMA's decay per optimiser step (DeiT's 0.99996)."""
 
     eval_only: ClassVar[tuple[str, ...]] = ("teacher_config", "learngene", "depths", "layers_source", "style",
-                                            "finetune_epochs", "finetune_lr", "finetune_min_lr",
+                                            "head", "finetune_epochs", "finetune_lr", "finetune_min_lr",
                                             "finetune_weight_decay")
+    added_later: ClassVar[tuple[str, ...]] = ("model_ema", "model_ema_decay")
+    stage1_only: ClassVar[tuple[str, ...]] = ("teacher", "teacher_arch", "teacher_kwargs", "alpha", "temperature")
+    """What the descendants' runs do not read: set to its defaults in their configs, so that
+    it does not name them (``experiment.finetune_config``)."""
+
+    def source_for(self, depth: int) -> list[int] | None:
+        """The ``layers_source`` given for ``depth`` (None: the default spread)."""
+        if isinstance(self.layers_source, dict):
+            return self.layers_source.get(depth)
+        return self.layers_source
 
     @model_validator(mode="after")
     def _layers_source(self) -> LearngeneConfig:
         # Range and order need the learngene's stage count: model.check_layers_source checks them.
         if any(d < 1 for d in self.depths):
             raise ValueError(f"learngene.depths must be >= 1, got {self.depths}")
-        if self.layers_source is not None:
+        src = self.layers_source
+        if isinstance(src, list):
             if len(self.depths) != 1:
-                raise ValueError(f"learngene.layers_source is for one depth; give exactly one depth in "
-                                 f"learngene.depths (got {self.depths}), or leave layers_source null")
-            if len(self.layers_source) != self.depths[0]:
-                raise ValueError(f"learngene.layers_source has {len(self.layers_source)} entries; it needs "
-                                 f"one stage index per descendant block, {self.depths[0]} for depth {self.depths[0]}")
+                raise ValueError(f"learngene.layers_source as one list is for one depth; give exactly one depth in "
+                                 f"learngene.depths (got {self.depths}), or a list per depth, e.g. "
+                                 f"{{{self.depths[-1]}: [...]}}")
+            src = {self.depths[0]: src}
+        problems = [f"depth {d} is not in learngene.depths {self.depths}" for d in (src or {}) if d not in self.depths]
+        problems += [f"depth {d}: {len(s)} entries, it needs one stage index per descendant block ({d})"
+                     for d, s in (src or {}).items() if d in self.depths and len(s) != d]
+        if problems:
+            raise ValueError(f"learngene.layers_source: {'; '.join(problems)}")
         return self
 
 
 SECTIONS = {"learngene": LearngeneConfig}
 METHODS = {"learngene": {"impl": "metaensemble.methods.learngene.method:LearngeneAux", "sections": ("learngene",),
                          "models": ("aux_vit", "descendant_vit"),
-                         "models_module": "metaensemble.methods.learngene.model"}}
+                         "models_module": "metaensemble.methods.learngene.model"},
+           "learngene_descendant": {"impl": "metaensemble.methods.learngene.method:LearngeneDescendant",
+                                    "sections": ("learngene",)}}

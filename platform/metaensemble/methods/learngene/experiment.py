@@ -114,8 +114,12 @@ def load_learngene(uri: str, cfg: Config):
 
 
 def finetune_config(cfg: Config, aux, depth: int, init_uri: str | None) -> Config:
-    """The descendant recipe (the same budget for both inits): AdamW at
-    ``finetune_lr`` x global batch / 512, cosine to ``finetune_min_lr``, no warm-up."""
+    """The descendant recipe (the same budget for both inits): ``method:
+    learngene_descendant`` (DeiT's Mixup/CutMix and EMA as configured), AdamW at
+    ``finetune_lr`` x global batch / 512, cosine to ``finetune_min_lr``, no warm-up. What
+    only stage 1 reads (the teacher, alpha, T) is reset, so it does not name these runs."""
+    from metaensemble.methods.learngene.config import LearngeneConfig
+
     lg = cfg.learngene
     ref = lg.lr_batch_reference
     scale = cfg.data.batch_size * cfg.scaling.num_workers / ref if ref else 1.0
@@ -123,8 +127,10 @@ def finetune_config(cfg: Config, aux, depth: int, init_uri: str | None) -> Confi
               "style": lg.style, "drop_path_rate": float(cfg.model.kwargs.get("drop_path_rate", 0.0))}
     if lg.style == "preserving":
         kwargs["num_heads"] = aux.num_heads
+    fields = LearngeneConfig.model_fields
+    stage1 = {f"learngene.{k}": fields[k].get_default(call_default_factory=True) for k in LearngeneConfig.stage1_only}
     return cfg.with_overrides({
-        "method": "supervised", "task": "descendant" if init_uri else "descendant_scratch",
+        **stage1, "method": "learngene_descendant", "task": "descendant" if init_uri else "descendant_scratch",
         "model.name": "descendant_vit", "model.kwargs": kwargs, "model.init_from": init_uri,
         "optim.name": "adamw", "optim.lr": lg.finetune_lr * scale, "optim.weight_decay": lg.finetune_weight_decay,
         "optim.warmup_epochs": 0, "optim.schedule": "cosine", "optim.min_lr": lg.finetune_min_lr,
@@ -169,10 +175,19 @@ def _accuracies(client, run_id: str) -> dict[str, float]:
             "train_s": sum(m.value for m in client.get_metric_history(run_id, "train_time_s"))}
 
 
-def init_name(depth: int, layers_source: list[int]) -> str:
-    """The initial descendant's artifact folder: by depth and layers_source, so another
-    layers_source is another ``model.init_from`` and so another run."""
-    return f"d{depth}-{'_'.join(map(str, layers_source))}"
+def init_name(depth: int, layers_source: list[int], head: bool = True) -> str:
+    """The initial descendant's artifact folder: by depth, layers_source and whether the
+    head was copied, so another of these is another ``model.init_from`` and so another run."""
+    return f"d{depth}-{'_'.join(map(str, layers_source))}" + ("" if head else "-fresh_head")
+
+
+def copies_head(mode: str, family: str, same_classes: bool) -> bool:
+    """Whether the descendants start from the learngene's head (``learngene.head``):
+    ``copy`` when the class counts match, ``fresh`` never, ``auto`` (the original code's
+    rule) only on ImageNet, here a dataset of the ImageNet family with the same classes."""
+    if mode not in ("auto", "copy", "fresh"):
+        raise ConfigError(f"learngene.head={mode!r} is unknown; valid: auto, copy, fresh")
+    return same_classes and (mode == "copy" or (mode == "auto" and family == "imagenet"))
 
 
 def run_descendants(cfg: Config) -> DescendantsOutcome:
@@ -191,23 +206,23 @@ def run_descendants(cfg: Config) -> DescendantsOutcome:
         raise ConfigError(f"learngene {uri} takes {aux.in_chans}x{aux.img_size}x{aux.img_size} images, "
                           f"{cfg.data.name} has {info.in_chans}x{info.img_size}x{info.img_size}")
     lg = cfg.learngene
-    sources = {d: (list(lg.layers_source) if lg.layers_source is not None else default_layers_source(aux.stage_sizes, d))
-               for d in lg.depths}
+    sources = {d: list(lg.source_for(d) or default_layers_source(aux.stage_sizes, d)) for d in lg.depths}
+    head = copies_head(lg.head, info.family, info.num_classes == aux.num_classes)
     client = tracking.client(tracking.ensure_tracking())
     key = f"descendants-{cfg.run_key()}-{uri.replace('/', '_').replace(':', '')}"[:200]
     with tempfile.TemporaryDirectory() as tmp:
         inits, params = {}, {}
         for d, src in sources.items():
-            desc = expand(aux, d, src, lg.style, num_classes=info.num_classes)  # checks layers_source
-            save_model(desc, Path(tmp) / init_name(d, src), dataset=cfg.data.name)
+            desc = expand(aux, d, src, lg.style, num_classes=info.num_classes, copy_head=head)  # checks layers_source
+            save_model(desc, Path(tmp) / init_name(d, src, head), dataset=cfg.data.name)
             params[d] = sum(p.numel() for p in desc.parameters())
         runs: dict[str, Config] = {}
         with tracking.job_run(client, cfg, key, "learngene_descendants") as parent:
             tracking.set_tags(client, parent, {"learngene": uri, "depths": ",".join(map(str, lg.depths)),
-                                               "style": lg.style})
+                                               "style": lg.style, "head": "copied" if head else "fresh"})
             client.log_artifacts(parent, tmp, artifact_path="descendant_init")
             for d in lg.depths:
-                inits[d] = f"runs:/{parent}/descendant_init/{init_name(d, sources[d])}"
+                inits[d] = f"runs:/{parent}/descendant_init/{init_name(d, sources[d], head)}"
                 runs[f"learngene/d{d}"] = finetune_config(cfg, aux, d, inits[d])
                 runs[f"scratch/d{d}"] = finetune_config(cfg, aux, d, None)
             for c in runs.values():

@@ -287,13 +287,13 @@ def descendant_state(aux: AuxViT, layers_source: Sequence[int], head: bool = Tru
 
 
 def expand(aux: AuxViT, depth: int, layers_source: Sequence[int] | None = None, style: Style = "preserving",
-           num_classes: int | None = None, *, drop_path_rate: float = 0.0) -> DescendantViT:
+           num_classes: int | None = None, *, drop_path_rate: float = 0.0, copy_head: bool = True) -> DescendantViT:
     """A depth-``depth`` descendant of ``aux`` (a registered ``descendant_vit``, saveable).
 
     Block i is an independent copy of stage ``layers_source[i]`` (default:
     ``default_layers_source``); patch and position embedding and final norm are copied; the
-    head only when ``num_classes`` (default: the aux-net's) equals the aux-net's, else it
-    keeps its fresh init. A ``preserving`` descendant with the aux depth and layout computes
+    head only with ``copy_head`` and when ``num_classes`` (default: the aux-net's) equals
+    the aux-net's, else it keeps its fresh init. A ``preserving`` descendant with the aux depth and layout computes
     exactly the aux-net's function. A ``deit`` one gets the same tensors (every shape
     matches: heads only split qkv differently) but embed/64 heads, the norm after pooling
     and eps 1e-6, so it is a different function: an initialisation, not a copy.
@@ -301,7 +301,7 @@ def expand(aux: AuxViT, depth: int, layers_source: Sequence[int] | None = None, 
     src = (default_layers_source(aux.stage_sizes, depth) if layers_source is None
            else check_layers_source(layers_source, depth, len(aux.stage_sizes)))
     num_classes = aux.num_classes if num_classes is None else num_classes
-    same_head = num_classes == aux.num_classes
+    same_head = copy_head and num_classes == aux.num_classes
     desc = create_model("descendant_vit", num_classes=num_classes, in_chans=aux.in_chans, img_size=aux.img_size,
                         depth=depth, embed_dim=aux.embed_dim, num_heads=aux.num_heads if style == "preserving" else None,
                         patch_size=aux.patch_size, mlp_ratio=aux.mlp_ratio, drop_path_rate=drop_path_rate, style=style)

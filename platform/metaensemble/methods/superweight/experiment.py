@@ -30,7 +30,7 @@ import torch.nn as nn
 from metaensemble import data, engine, metrics, tracking
 from metaensemble.config import Config
 from metaensemble.errors import ConfigError
-from metaensemble.evaluation import measure, train_seconds
+from metaensemble.evaluation import measure, paired_interval, train_seconds, verdict
 from metaensemble.methods.base import predict_logp
 
 LABELS = {"superweight": "SuperWeight ensemble", "independent": "Independent, same WRNs",
@@ -161,7 +161,7 @@ class Outcome:
     run_ids: dict[str, str]
     scale: float | None
     split: dict[str, Any]
-    claims: dict[str, bool]
+    claims: dict[str, str]
     seconds: dict[str, float] = field(default_factory=dict)
     version: str | None = None
     test: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
@@ -179,19 +179,24 @@ def row(e: Ensemble) -> dict[str, Any]:
             "members": ", ".join(e.members)}
 
 
-def claims(rows: list[dict[str, Any]]) -> dict[str, bool]:
-    """The paper's claim, checked on this run: the SuperWeight ensemble above the
-    independent ensemble (ACC and NLL) with fewer parameters; and against the one of the
-    same parameter count."""
-    by = {r["key"]: r for r in rows}
-    sw, out = by["superweight"], {}
+def claims(runs: list[list[dict[str, Any]]]) -> dict[str, str]:
+    """The paper's claim over one or more runs (seeds), each a list of rows, with its
+    ``evaluation.verdict`` paired over the runs: the SuperWeight ensemble above the
+    independent ensemble (ACC and NLL) with fewer parameters (exact: no seed noise); and
+    against the one of the same parameter count. One run cannot establish a difference."""
+    by = [{r["key"]: r for r in rows} for rows in runs]
+
+    def minus(key: str, col: str, exact: bool = False):
+        return paired_interval([b["superweight"][col] for b in by], [b[key][col] for b in by], exact=exact)
+
+    out = {}
     for k in ("independent", "scaled"):
-        if k in by:
-            o = by[k]
-            out[f"SuperWeight ACC above {LABELS[k]}"] = sw["acc"] > o["acc"]
-            out[f"SuperWeight NLL below {LABELS[k]}"] = sw["nll"] < o["nll"]
-    if "independent" in by:
-        out["SuperWeight has fewer parameters than the independent ensemble"] = sw["params"] < by["independent"]["params"]
+        if all(k in b for b in by):
+            out[f"SuperWeight ACC above {LABELS[k]}"] = verdict(minus(k, "acc"), "higher")
+            out[f"SuperWeight NLL below {LABELS[k]}"] = verdict(minus(k, "nll"), "lower")
+    if all("independent" in b for b in by):
+        out["SuperWeight has fewer parameters than the independent ensemble"] = verdict(
+            minus("independent", "params", exact=True), "lower")
     return out
 
 
@@ -275,7 +280,7 @@ def run(cfg: Config) -> Outcome:
                            for n, lp, f in zip(e.members, e.member_logp, e.member_flops, strict=True)]
                    for e in ensembles}
         split = _split_state(run_ids["superweight"])
-        out = Outcome(parent, rows, members, subs, run_ids, scale, split, claims(rows),
+        out = Outcome(parent, rows, members, subs, run_ids, scale, split, claims([rows]),
                       test={e.key: (metrics.ensemble_logp(torch.stack(e.member_logp)), e.labels) for e in ensembles})
         out.version = tracking.register_model(
             client, f"ensemble.{cfg.data.name}.superweight", run_ids["superweight"],
@@ -324,7 +329,7 @@ def format_outcome(out: Outcome) -> str:
     lines.append(f"\nlearned sharing: {s['groups']} groups ({how}), {s['slots']} coefficient slots after "
                  f"{s.get('clones', 0)} unsharing clones, {s['templates']} templates per bank"
                  + (f"; scaled widths x {out.scale:.3f}" if out.scale else ""))
-    lines += [f"  {k}: {'holds' if v else 'does not hold'}" for k, v in out.claims.items()]
+    lines += [f"  {k}: {v}" for k, v in out.claims.items()]
     return "\n".join(lines)
 
 
