@@ -350,6 +350,10 @@ def _torch_trainer(cfg: Config, ray_name: str, loop_config: dict[str, Any], in_t
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # pickled by reference: Ray's controller and workers import the loop's module, not this
+    # driver-side one (no MLflow client in the processes that never write to MLflow)
+    from metaensemble.engine.loop import train_loop_per_worker
+
     datasets, dataset_config = _ray_datasets(cfg)
     callbacks = []
     if in_tune:
@@ -357,7 +361,7 @@ def _torch_trainer(cfg: Config, ray_name: str, loop_config: dict[str, Any], in_t
 
         callbacks.append(TuneReportCallback())
     return TorchTrainer(
-        _train_loop,
+        train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
@@ -442,13 +446,6 @@ def _digest(names: list[str]) -> str:
     import hashlib
 
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:10]
-
-
-def _train_loop(config: dict[str, Any]) -> None:
-    # A module-level function so Ray pickles it by reference (metaensemble is installed).
-    from metaensemble.engine.loop import train_loop_per_worker
-
-    train_loop_per_worker(config)
 
 
 def evaluate(model, cfg: Config, *, method: methods.Method | None = None, run_name: str | None = None,
