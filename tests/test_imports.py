@@ -157,9 +157,17 @@ def _method_folder(mod: str) -> str | None:
     return None
 
 
+def _engine_method_folder(mod: str) -> str | None:
+    """The method folder of ``mod`` if that folder registers an engine method (it has a
+    ``config.py``); a folder of plain functions for every job (``methods/soups``) is a
+    library other methods may import."""
+    folder = _method_folder(mod)
+    return folder if folder and (ROOT / PKG / "methods" / folder / "config.py").is_file() else None
+
+
 def cross_method_imports(graph: dict[str, set[str]]) -> list[str]:
     return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
-                  if _method_folder(a) and _method_folder(b) and _method_folder(a) != _method_folder(b))
+                  if _method_folder(a) and _engine_method_folder(b) and _method_folder(a) != _method_folder(b))
 
 
 def shortest_path(graph: dict[str, set[str]], start: str, goal: str) -> list[str] | None:

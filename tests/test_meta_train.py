@@ -215,8 +215,9 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "eval_table.json", str(tmp_path))).read_text())
     keys = {r["key"] for r in table}
-    assert {"mean_teacher", "anchor", "ensemble", "weight_average", "kd_subset", "kd_full", "weightformer",
-            "weightformer_ft"} == keys
+    assert {"mean_teacher", "anchor", "ensemble", "weight_average", "best_member", "greedy_soup", "learned_soup",
+            "kd_subset", "kd_full", "weightformer", "weightformer_ft"} == keys
+    assert {"WeightFormer zero-shot - greedy soup", "WeightFormer zero-shot - learned soup"} <= set(diffs)
     for r in table:
         assert 0.0 <= r["acc"] <= 1.0 and r["nll"] > 0 and r["n"] >= 1
         assert len(r["accs"]) == r["n"] and abs(sum(r["accs"]) / r["n"] - r["acc"]) < 1e-9

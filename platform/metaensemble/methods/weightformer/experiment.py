@@ -40,6 +40,7 @@ from metaensemble.evaluation import (
     paired_bootstrap,
     train_seconds,
 )
+from metaensemble.methods import soups
 from metaensemble.methods.base import predict_logp
 from metaensemble.methods.weightformer.plan import (
     VARIANT_OVERRIDES,
@@ -66,6 +67,9 @@ LABELS = {
     "ensemble": "ensemble (prob. average)",
     "weight_average": "naive weight average",
     "aligned_average": "aligned weight average",
+    "best_member": "best member (by val)",
+    "greedy_soup": "greedy soup",
+    "learned_soup": "learned soup",
     "kd_subset": "KD student (subset)",
     "kd_full": "KD student (full train)",
     "mlp": "MLP generator",
@@ -312,7 +316,8 @@ def differences(rows: list[Row], resamples: int, seed: int) -> list[Difference]:
     by = {r.key: r for r in rows}
     out = []
     pairs = [("weightformer", "anchor"), ("weightformer", "weight_average"), ("weightformer", "aligned_average"),
-             ("weightformer", "mean_teacher"), ("weightformer", "kd_full"), ("weightformer", "kd_subset"),
+             ("weightformer", "mean_teacher"), ("weightformer", "best_member"), ("weightformer", "greedy_soup"),
+             ("weightformer", "learned_soup"), ("weightformer", "kd_full"), ("weightformer", "kd_subset"),
              ("weightformer_ft", "kd_full"), ("weightformer", "mlp")]
     pairs += [(k, "weightformer") for k in VARIANT_OVERRIDES if k != "weightformer"]
     for a, b in pairs:
@@ -376,6 +381,19 @@ def _baselines(p: Plan, ens: list[int], raw_states, states, scores, ev: EvalData
     if p.cfg.meta.align != "none":
         aligned, t_al = average(states)
         out["aligned_average"] = measure(*predict_logp(aligned, ev.test), t_al)
+    return {**out, **_soups(p, [raw_states[j] for j in ens], ev)}
+
+
+def _soups(p: Plan, states: list[dict[str, torch.Tensor]], ev: EvalData) -> dict[str, dict[str, float]]:
+    """The soups a user would try first (``methods.soups``): selected and fit on the
+    teachers' val split, BN recomputed like every other row, scored on test. Their time
+    is the whole soup (every val pass and BN recomputation it makes)."""
+    skeleton = build_student(p.student_spec, states[0])
+    out = {}
+    for key, make in (("best_member", soups.best_member), ("greedy_soup", soups.greedy_soup),
+                      ("learned_soup", soups.learned_soup)):
+        soup = make(states, skeleton, ev.bn, ev.val)
+        out[key] = measure(*predict_logp(soup.model, ev.test), soup.seconds)
     return out
 
 

@@ -50,13 +50,15 @@ class EvalData:
     """Test split loader: everything in the table is measured on it."""
     bn: Any
     """Where every scored network's BN statistics are recomputed (``meta.bn_data``)."""
+    val: Any = None
+    """The teachers' val split: what the soups select and fit on (never the test split)."""
 
 
 def eval_data(cfg: Config) -> EvalData:
     full = data.load(cfg.data.model_copy(update={"train_fraction": 1.0}))
     bn = full if cfg.meta.bn_data == "train" else data.load(cfg.data)
     mk = lambda split: data.eval_loader(split, full.info, cfg.data.eval_batch_size, "cpu")  # noqa: E731
-    return EvalData(mk(full.test), mk(bn.train))
+    return EvalData(mk(full.test), mk(bn.train), mk(full.val))
 
 
 @dataclass
