@@ -158,9 +158,10 @@ params:
   optim.lr: {choice: [0.05, 0.1]}
 """)
     # a trial (its driver 0.5 CPU + one 1.5-CPU worker) fills a 2-CPU node: two at once
-    # run on two nodes
+    # run on two nodes (4 epochs, not 1: on a loaded machine the second trial must still
+    # start while the first runs, or both may take turns on one node)
     out = _submit(cluster, mlflow_uri, ["jobs/sweep.py", str(space), f"experiment={experiment}",
-                                        f"storage_path={tmp_path / 'ray'}", "train.epochs=1", "model.kwargs.width=4",
+                                        f"storage_path={tmp_path / 'ray'}", "train.epochs=4", "model.kwargs.width=4",
                                         "scaling.cpus_per_worker=1.5"])
     assert "best val_acc" in out
     c = tracking.client(mlflow_uri)
