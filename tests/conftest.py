@@ -106,6 +106,9 @@ def ray_local(_mlflow_server, request):
     # what ensure_ray sets for the jobs' local instances (no preemption watcher per run)
     for k, v in {**RAY_DATA_ENV, **LOCAL_RAY_ENV}.items():
         os.environ.setdefault(k, v)
+    # every process this session's Ray instances start carries the marker (Ray's children
+    # inherit the environment): what ray.shutdown leaves behind is found and ended by it
+    marker = os.environ.setdefault("METAENSEMBLE_TEST_SESSION", uuid.uuid4().hex)
     ray.init(num_cpus=4, log_to_driver=True, include_dashboard=True)
     try:
         request.getfixturevalue("mlflow_uri")  # torn down after this fixture
@@ -114,6 +117,24 @@ def ray_local(_mlflow_server, request):
         raise
     yield ray
     ray.shutdown()
+    _end_leftovers(marker)
+
+
+def _end_leftovers(marker: str) -> None:
+    """SIGKILL the Ray worker processes (``ray::...``) still carrying ``marker`` after Ray
+    shut down: a Ray Train controller whose raylet is gone can outlive it (seen: 800 MB
+    each, adopted by init)."""
+    import signal
+    from pathlib import Path
+
+    needle = f"METAENSEMBLE_TEST_SESSION={marker}".encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if ((proc / "cmdline").read_bytes().startswith(b"ray::")
+                    and needle in (proc / "environ").read_bytes().split(b"\0")):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 @pytest.fixture
