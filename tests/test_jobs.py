@@ -69,3 +69,20 @@ def test_train_teachers_job_end_to_end(mlflow_uri, tmp_path):
     assert "seed version  val_acc test_acc" in r.stdout
     listed = {int(m.group(1)) for m in re.finditer(r"^\s+(\d+)\s+\d+\s+[01]\.\d{4}\s", r.stdout, re.M)}
     assert {0, 1} <= listed  # seed, version, val_acc rows of the listing
+
+
+def test_the_readmes_test_command_is_the_script_ci_runs_and_it_sets_up_chromium():
+    """Issue 29: the README's test command must pass on a fresh machine as written, so it
+    is ``.ci/run`` itself, which installs Chromium (the UI test's browser) where missing."""
+    import os
+    import re
+
+    from metaensemble.config import REPO_ROOT
+
+    block = re.search(r"## Tests\n\n```bash\n(.+?)\n```", (REPO_ROOT / "README.md").read_text(), re.S)
+    assert block and block.group(1).strip() == ".ci/run"
+    script = REPO_ROOT / ".ci" / "run"
+    text = script.read_text()
+    assert os.access(script, os.X_OK)
+    assert "command -v chromium" in text and "apt-get install" in text
+    assert text.rstrip().endswith('pip install -e ".[dev]" && python -m pytest -q tests')
