@@ -11,6 +11,7 @@ names the run.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -53,7 +54,10 @@ class DataConfig(_Strict):
     split_seed: int = 0
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
     """Train on a fixed subset of the train split (the same examples on every worker and
-    every run with this split_seed); val and test are unchanged."""
+    every run with this split_seed, or subset_seed); val and test are unchanged."""
+    subset_seed: int | None = None
+    """Seed that draws the ``train_fraction`` subset (None: ``split_seed``). A soup-regime
+    zoo's children each draw their own (``zoo.soup``); the split itself never changes."""
     label_split: LabelSplit | None = None
     """Train on one part of a split by label (skill transfer); None: every label."""
     batch_size: int = Field(64, gt=0)
@@ -191,6 +195,84 @@ class ScalingConfig(_Strict):
         return self
 
 
+SOUP_FIXED = ("task", "method", "seed", "experiment", "storage_path", "zoo", "scaling", "model.name",
+              "model.kwargs", "model.init_from", "data.name", "data.root", "data.val_fraction",
+              "data.test_fraction", "data.split_seed")
+"""Keys a soup-regime zoo's parent, child or grid overrides may not set: what makes the
+zoo's networks averageable (the architecture), its split (val and test never trained
+on), its packing (one scaling section) and what the zoo sets itself (seeds, init_from)."""
+SOUP_FIXED_CHILD = ("model.init_seed", "data.subset_seed")
+"""Further keys a child or the grid may not set: a child starts from its parent's weights
+(``model.init_from``), and draws its ``train_fraction`` subset with its own seed."""
+
+
+class SoupRecipe(_Strict):
+    """A soup-regime zoo (model soups, Wortsman et al. 2022): ``parents`` networks trained
+    from scratch, then every zoo seed a child fine-tuned from one of them.
+
+    Parent p: the recipe with ``parent``'s overrides, seed ``parent_seed + p``. Child of
+    zoo seed s (index i = s - ``zoo.first_seed``): the recipe with ``child``'s overrides,
+    then combination ``(i // parents) % n`` of the ``n`` in ``grid`` (the product of its
+    value lists, keys sorted), seed s, ``model.init_from`` parent ``i % parents``, and
+    ``data.subset_seed`` s when its ``data.train_fraction`` is below 1 (each child its own
+    subset). Growing the zoo never changes an existing child. Overrides are nested
+    sections (``{optim: {lr: 0.01}}``) or dotted keys (``{optim.lr: 0.01}``); a grid's
+    leaves are lists of values. Parents are registered, tagged ``role=parent``, and are
+    not the zoo's teachers; each child is tagged with its parent's MLflow run id."""
+
+    parents: int = Field(1, ge=1)
+    parent_seed: int = Field(0, ge=0)
+    parent: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of the recipe for the parents (e.g. ``{train: {epochs: 8}}``)."""
+    child: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of the recipe for every child: the fine-tune recipe."""
+    grid: dict[str, Any] = Field(default_factory=dict)
+    """What varies between children: each leaf a non-empty list of values."""
+
+    @model_validator(mode="after")
+    def _keys(self) -> SoupRecipe:
+        problems = []
+        for part, fixed in (("parent", SOUP_FIXED), ("child", SOUP_FIXED + SOUP_FIXED_CHILD),
+                            ("grid", SOUP_FIXED + SOUP_FIXED_CHILD)):
+            bad = sorted(k for k in flatten(getattr(self, part)) if _under(k, fixed))
+            if bad:
+                problems.append(f"zoo.soup.{part} may not set {', '.join(bad)} (the zoo fixes {', '.join(fixed)})")
+        for k, v in flatten(self.grid).items():
+            if not isinstance(v, list) or not v:
+                problems.append(f"zoo.soup.grid.{k} must be a non-empty list of values, got {v!r}")
+        both = sorted(set(flatten(self.child)) & set(flatten(self.grid)))
+        if both:
+            problems.append(f"zoo.soup.child and zoo.soup.grid both set {', '.join(both)}: set each key in one")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def combinations(self) -> list[dict[str, Any]]:
+        """The grid's combinations as dotted overrides, in a fixed order (keys sorted,
+        the last varying fastest); ``[{}]`` for an empty grid."""
+        grid = flatten(self.grid)
+        keys = sorted(grid)
+        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+    def parent_overrides(self, p: int) -> dict[str, Any]:
+        """Dotted overrides that turn the zoo's recipe into parent ``p``'s run."""
+        return {**flatten(self.parent), "seed": self.parent_seed + p, "zoo.soup": None}
+
+    def child_overrides(self, index: int, seed: int, parent_uris: list[str]) -> dict[str, Any]:
+        """Dotted overrides that turn the zoo's recipe into the child of zoo index
+        ``index`` (seed ``seed``), fine-tuned from ``parent_uris[index % parents]``; the
+        caller adds ``data.subset_seed`` (it depends on the resolved ``train_fraction``)."""
+        if len(parent_uris) != self.parents:
+            raise ValueError(f"zoo.soup.parents={self.parents}, but {len(parent_uris)} parent URIs were given")
+        combos = self.combinations()
+        return {**flatten(self.child), **combos[(index // self.parents) % len(combos)], "seed": seed,
+                "model.init_from": parent_uris[index % self.parents], "zoo.soup": None}
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
 class ZooConfig(_Strict):
     num_teachers: int = Field(4, ge=1)
     first_seed: int = 0
@@ -201,6 +283,9 @@ class ZooConfig(_Strict):
     gives every teacher its own worker group (large models); more pays the workers'
     start-up once per pack, which dominates when a teacher trains in seconds; 0 spreads
     the missing seeds evenly over the runs that fit at once."""
+    soup: SoupRecipe | None = None
+    """A soup-regime zoo: parents trained from scratch, every seed a child fine-tuned from
+    one (``SoupRecipe``); None: every seed trained from scratch on the recipe."""
 
 
 # ---- method sections: each method owns its config section --------------------------------
@@ -306,6 +391,26 @@ class Config(BaseModel):
                 extra[key] = cls.model_validate(value if value is not None else {})
         return self
 
+    @model_validator(mode="after")
+    def _soup_runs(self) -> Config:
+        # Every run a soup-regime zoo will train is a valid config: the parent, and the
+        # child recipe with each grid combination (the parent's URI is a placeholder).
+        soup = self.zoo.soup
+        if soup is None:
+            return self
+        def check(what: str, overrides: dict[str, Any]) -> None:
+            try:
+                self.with_overrides(overrides)
+            except ConfigError as e:
+                raise ValueError(f"{what} does not give a valid run: {str(e).removeprefix('invalid config: ')}") from None
+
+        check("zoo.soup.parent", soup.parent_overrides(0))
+        check("zoo.soup.child", {**flatten(soup.child), "zoo.soup": None})
+        for c, combo in enumerate(soup.combinations()):
+            check(f"zoo.soup.grid's combination {combo}",
+                  soup.child_overrides(c * soup.parents, 0, ["<parent>"] * soup.parents))
+        return self
+
     # ---- derived values -------------------------------------------------------------
     @property
     def experiment_name(self) -> str:
@@ -327,8 +432,11 @@ class Config(BaseModel):
     def config_hash(self, exclude_seed: bool = True) -> str:
         """Hash of everything that changes what is trained (not where it is stored)."""
         d = self.to_dict()
+        soup = (d.get("zoo") or {}).get("soup")
         for k in ("storage_path", "experiment", "zoo"):
             d.pop(k, None)
+        if soup is not None:  # a soup-regime zoo's recipe is its parents' and children's too
+            d["zoo_soup"] = {**soup, **{k: flatten(soup[k]) for k in ("parent", "child", "grid")}}  # either spelling
         # Sections a method does not read do not name its runs.
         reads = method_reads(self.method)
         for name, cls in sections().items():
@@ -342,6 +450,8 @@ class Config(BaseModel):
                         d[name].pop(k, None)
         if d["model"].get("init_from") is None:
             d["model"].pop("init_from", None)  # an unset init_from does not name a run
+        if d["data"].get("subset_seed") is None:
+            d["data"].pop("subset_seed", None)  # nor does the default subset seed
         if d["data"].get("label_split") is None:
             d["data"].pop("label_split", None)  # nor does an unset label split
         if not d["data"].get("cutout"):
@@ -483,6 +593,8 @@ def _describe(e: ValidationError, prefix: tuple[str, ...]) -> list[str]:
             valid = ", ".join(_top_keys() if parent is Config else sorted(parent.model_fields)) if parent else "?"
             lines.append(f"unknown config key {loc!r}; valid keys here: {valid}")
         elif err["type"] == "value_error" and not prefix and not err["loc"]:
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
+        elif err["type"] == "value_error" and loc_t[:2] == ("zoo", "soup"):  # its messages name their keys
             lines.append(str(err["msg"]).removeprefix("Value error, "))
         else:
             lines.append(f"{loc or 'config'}: {err['msg']}")

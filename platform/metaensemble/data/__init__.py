@@ -94,7 +94,8 @@ def check(cfg) -> None:
 def load(cfg) -> DataSplits:
     splits = DATASETS.get(cfg.name).load(cfg)
     if cfg.train_fraction < 1.0:
-        splits.train = train_subset(splits.train, cfg.train_fraction, cfg.split_seed)
+        seed = cfg.split_seed if cfg.subset_seed is None else cfg.subset_seed
+        splits.train = train_subset(splits.train, cfg.train_fraction, seed)
     if cfg.label_split is not None:
         splits.train = label_part(splits.train, cfg.label_split, splits.info.num_classes)
     return splits

@@ -189,7 +189,9 @@ def validate(cfg: Config) -> Config:
             f"job splits it as {ours}: set data.val_fraction/test_fraction/split_seed to the "
             f"teachers' values, so that meta-validation and test data were never trained on"
         )
-    engine.validate(tcfg)
+    from metaensemble.teachers import validate_recipe
+
+    validate_recipe(tcfg)  # a soup-regime zoo's parent and children too, before any work
     return tcfg
 
 
