@@ -113,6 +113,7 @@ def _kd_common(
         "distill.temperature": cfg.distill.temperature,
         "train.epochs": epochs,
         "seed": cfg.seed,
+        "zoo.soup": None,  # a student, not a zoo: the teacher recipe's zoo section is not its own
     }
 
 
@@ -381,18 +382,22 @@ def _baselines(p: Plan, ens: list[int], raw_states, states, scores, ev: EvalData
     if p.cfg.meta.align != "none":
         aligned, t_al = average(states)
         out["aligned_average"] = measure(*predict_logp(aligned, ev.test), t_al)
-    return {**out, **_soups(p, [raw_states[j] for j in ens], ev)}
+    return {**out, **_soups(p, ens, raw_states, ev)}
 
 
-def _soups(p: Plan, states: list[dict[str, torch.Tensor]], ev: EvalData) -> dict[str, dict[str, float]]:
+def _soups(p: Plan, ens: list[int], raw_states, ev: EvalData) -> dict[str, dict[str, float]]:
     """The soups a user would try first (``methods.soups``): selected and fit on the
     teachers' val split, BN recomputed like every other row, scored on test. Their time
-    is the whole soup (every val pass and BN recomputation it makes)."""
+    is the whole soup (every val pass and BN recomputation it makes). Teachers of
+    different parents are refused by the soups (weights not averageable)."""
+    parent = {r.uri: r.parent or None for r in p.teachers}
+    test = p.cfg.meta.test_teachers
+    states, parents = [raw_states[j] for j in ens], [parent.get(test[j]) for j in ens]
     skeleton = build_student(p.student_spec, states[0])
     out = {}
     for key, make in (("best_member", soups.best_member), ("greedy_soup", soups.greedy_soup),
                       ("learned_soup", soups.learned_soup)):
-        soup = make(states, skeleton, ev.bn, ev.val)
+        soup = make(states, skeleton, ev.bn, ev.val, parents=parents if all(parents) else None)
         out[key] = measure(*predict_logp(soup.model, ev.test), soup.seconds)
     return out
 

@@ -122,6 +122,8 @@ class TeacherRecord:
     version: int
     sha256: str
     side: str
+    parent: str = ""
+    """A soup-regime child's parent run id ("" for a teacher trained from scratch)."""
 
 
 @dataclass
@@ -251,7 +253,7 @@ def plan(cfg: Config, *, train_missing: bool = True) -> Plan:
     )  # checks each checkpoint and its architecture
     sides = split_sides(len(have), cfg.meta.num_val_teachers, cfg.meta.num_test_teachers, cfg.seed)
     records = [
-        TeacherRecord(e.uri, e.seed, e.version, t.sha256, sides[i])
+        TeacherRecord(e.uri, e.seed, e.version, t.sha256, sides[i], e.parent)
         for i, (e, t) in enumerate(zip(have, loaded, strict=True))
     ]
     check_disjoint(
