@@ -101,7 +101,9 @@ def test_asha_sweep_stops_trials_early_with_one_child_run_per_trial(ray_local, t
     children = tracking.child_runs(c, outcome.experiment_id, outcome.parent_run_id)
     assert len(children) == 3
     by_status = sorted(r.info.status for r in children)
-    assert by_status.count("KILLED") == len(stopped) and by_status.count("FINISHED") == 3 - len(stopped)
+    assert by_status == ["FINISHED"] * 3  # an early stop is the sweep working: FINISHED, tagged
+    tagged = [r for r in children if r.data.tags.get("metaensemble.stopped_early") == "asha"]
+    assert len(tagged) == len(stopped)
     parent = c.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.metrics["best_val_acc"] == outcome.best_metric
 
@@ -190,6 +192,10 @@ def test_an_interrupted_optuna_sweep_is_restored_by_the_same_command(ray_local, 
         assert len(finished) < 2, "both trials finished before the kill: nothing left to restore"
         proc.kill()  # the sweep's driver dies with trials left to run
         proc.wait()
+    # its output went to a file: no Tune status table, no colour codes (issue 29)
+    out = (tmp_path / "sweep.log").read_text()
+    assert "] done:" in out, out[-3000:]  # the finished trial's own line
+    assert "Trial status" not in out and "\x1b[" not in out, out[-3000:]
 
     outcome = run_sweep(space)  # the same sweep again: restored, not restarted
     assert len(outcome.trials) == 2 and all(t["done"] for t in outcome.trials)
@@ -206,8 +212,9 @@ def test_an_interrupted_optuna_sweep_is_restored_by_the_same_command(ray_local, 
 
 
 def test_closing_a_sweep_gives_each_trial_run_its_final_status(mlflow_uri, tmp_path):
-    """Trial runs are closed by the sweep, not by the dying trial: stopped early -> KILLED,
-    broken (with or without a report) -> FAILED, finished runs keep FINISHED."""
+    """Trial runs are closed by the sweep, not by the dying trial: stopped early ->
+    FINISHED with the scheduler's name as the ``stopped_early`` tag, broken (with or
+    without a report) -> FAILED, finished runs keep FINISHED."""
     from ray.tune import Result
 
     from metaensemble.sweep.runner import _close
@@ -235,8 +242,9 @@ def test_closing_a_sweep_gives_each_trial_run_its_final_status(mlflow_uri, tmp_p
     outcome = _close(c, exp_id, parent, space, grid, str(tmp_path))
 
     status = {k: c.get_run(v).info.status for k, v in runs.items()}
-    assert status == {"done": "FINISHED", "stopped": "KILLED", "broke": "FAILED", "broke_silent": "FAILED"}
-    assert c.get_run(runs["stopped"]).data.tags["metaensemble.stopped_early"] == "true"
+    assert status == {"done": "FINISHED", "stopped": "FINISHED", "broke": "FAILED", "broke_silent": "FAILED"}
+    assert c.get_run(runs["stopped"]).data.tags["metaensemble.stopped_early"] == "asha"
+    assert "metaensemble.stopped_early" not in c.get_run(runs["done"]).data.tags
     assert "metaensemble.stopped_early" not in c.get_run(runs["broke"]).data.tags
     assert outcome.best_metric == 0.9 and c.get_run(parent).info.status == "FINISHED"
     assert [t["error"] for t in outcome.trials] == [None, None, "worker died", "no report"]

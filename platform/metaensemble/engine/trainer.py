@@ -187,9 +187,12 @@ def quiet_console() -> None:
     this runs before the job's first ``import ray`` (``ensure_ray`` calls it first); an
     earlier import keeps Ray's defaults, which only makes the console longer."""
     import logging
+    import sys
 
     for k, v in CONSOLE_ENV.items():
         os.environ.setdefault(k, v)
+    if not sys.stdout.isatty():  # a log file or a pipe: no colour codes around Ray's prefixes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     for name in ("ray.tune", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

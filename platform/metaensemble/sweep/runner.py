@@ -128,8 +128,15 @@ def fail_unfinished(cfgs: list[Config], names: list[str], tracking_uri: str) -> 
 def launch(static: dict[str, Any], param_space: dict[str, Any], *, name: str, storage: str,
            metric: str, mode: str, num_samples: int, max_concurrent: int, scheduler=None, search_alg=None,
            verbose: int = 2):
-    """Run (or restore) a Tuner over ``trial_driver``; returns the ResultGrid."""
+    """Run (or restore) a Tuner over ``trial_driver``; returns the ResultGrid. Tune's
+    status tables only go to a terminal: in a log file or a pipe the runs' own lines
+    and the sweep's summary say what happened."""
+    import sys
+
     from ray import tune
+
+    if not sys.stdout.isatty():
+        verbose = 0
 
     trainable = tune.with_resources(tune.with_parameters(trial_driver, static=static), {"cpu": TRIAL_DRIVER_CPU})
     path = os.path.join(storage, name)
@@ -275,7 +282,9 @@ def run_sweep(space: SearchSpace, extra_overrides: list[str] | None = None) -> S
 
 
 def _close(client, exp_id: str, parent_id: str, space: SearchSpace, grid, storage: str) -> SweepOutcome:
-    """Mark trials stopped by the scheduler as KILLED, log the summary on the parent."""
+    """Close every trial's run: one the scheduler stopped early ended as it should
+    (FINISHED, tagged ``metaensemble.stopped_early=<scheduler>``), one that broke FAILED;
+    log the summary on the parent."""
     trials = []
     for r in grid:
         m = r.metrics or {}
@@ -285,10 +294,11 @@ def _close(client, exp_id: str, parent_id: str, space: SearchSpace, grid, storag
     stopped_ids = {t["trial_id"] for t in trials if not t["done"] and not t["error"]}
     for child in tracking.child_runs(client, exp_id, parent_id):
         # A trial that does not finish leaves its run RUNNING (inside Tune engine.fit
-        # writes only FINISHED): stopped by the scheduler -> KILLED, anything else -> FAILED.
+        # writes only FINISHED): stopped by the scheduler -> FINISHED and tagged (an early
+        # stop is the sweep working, not a crash), anything else -> FAILED.
         if child.data.tags.get("metaensemble.trial_id") in stopped_ids:
-            client.set_terminated(child.info.run_id, status="KILLED")
-            tracking.set_tags(client, child.info.run_id, {"metaensemble.stopped_early": "true"})
+            tracking.set_tags(client, child.info.run_id, {"metaensemble.stopped_early": space.scheduler.name})
+            client.set_terminated(child.info.run_id, status="FINISHED")
         elif child.info.status == "RUNNING":
             client.set_terminated(child.info.run_id, status="FAILED")
     ok = [t for t in trials if t[space.metric] is not None]
