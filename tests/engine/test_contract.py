@@ -278,6 +278,47 @@ def test_param_groups_skip_decay_on_norms_and_biases_and_schedules_follow_timm(d
     assert all(g["weight_decay"] == 0.01 for g in everything.param_groups)
 
 
+def test_a_rebuild_keeps_the_optimiser_state_of_the_parameters_that_persist(digits_cfg):
+    from metaensemble.engine import loop
+
+    class LocalRun(loop.MemberRun):
+        def wrap(self, model):  # the engine's wrap without Ray's DDP
+            self.model = self.base = model
+            self.optimizer, self.scheduler = loop.configure_optimizer(self.method, model, self.cfg, 5)
+
+    cfg = digits_cfg("optim.name=sgd", "optim.momentum=0.9", "train.epochs=4")
+    method = GrowingMethod(cfg)
+    run = LocalRun({"run_key": "local"}, cfg, method, RunContext(), {}, None, 5, {"global_step": 0})
+    torch.manual_seed(0)
+    run.wrap(create_model("convnet", num_classes=10, in_chans=1, img_size=8, width=8))
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        run.optimizer.zero_grad()
+        F.cross_entropy(run.model(x), y).backward()
+        run.optimizer.step()
+    before = {p: run.optimizer.state[p]["momentum_buffer"].clone() for p in run.base.parameters()}
+    loop.rebuild_point(run, 1, metrics := {})  # after epoch 2: the bias is added
+    assert metrics["rebuilt"] == 1 and isinstance(run.base.bias, nn.Parameter)
+    for p, buf in before.items():
+        assert torch.equal(run.optimizer.state[p]["momentum_buffer"], buf), "a persisting parameter keeps its momentum"
+    assert not run.optimizer.state.get(run.base.bias), "a new parameter starts with none"
+
+
+def test_carried_state_is_cut_to_a_smaller_parameter_and_refused_for_a_larger_one():
+    from metaensemble.engine.optim import carry_state
+
+    big, small, other = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(2, 3)), nn.Parameter(torch.randn(5))
+    old = torch.optim.Adam([big, other])
+    (big.sum() + other.sum()).backward()
+    old.step()
+    new = torch.optim.Adam([small])
+    assert carry_state(old, new, {small: big, other: other}) == 1, "only parameters of the new optimiser"
+    assert torch.equal(new.state[small]["exp_avg"], old.state[big]["exp_avg"][:2])
+    assert new.state[small]["step"] == old.state[big]["step"] and new.state[small]["exp_avg"] is not old.state[big]["exp_avg"]
+    with pytest.raises(ValueError, match="cannot continue"):
+        carry_state(new, torch.optim.Adam([big]), {big: small})  # new holds small's state
+
+
 def test_a_run_context_sums_over_ranks_only_with_several_and_prepare_sweep_keeps_the_config(digits_cfg):
     t = torch.ones(3)
     assert RunContext().all_reduce(t) is t and torch.equal(t, torch.ones(3)), "one process: unchanged"

@@ -41,14 +41,15 @@ def _grads(model, seed: int = 0) -> dict[int, list[torch.Tensor]]:
             for m, mem in enumerate(model.members)}
 
 
-def _split_method(*overrides: str, seed: int = 0) -> tuple[SuperWeight, torch.nn.Module]:
-    """A method taken through its search phase with recorded random gradients and split."""
+def _split_method(*overrides: str, seed: int = 0, grads=None) -> tuple[SuperWeight, torch.nn.Module]:
+    """A method taken through its search phase with recorded gradients (``grads(search
+    model)``, else random ones) and split."""
     torch.manual_seed(0)
     method = SuperWeight(_cfg(*overrides))
     method.validate()
     search = method.build_model(INFO)
     rec = sh.Recorder(weights=True)
-    for j, gs in _grads(search, seed).items():
+    for j, gs in (grads or (lambda m: _grads(m, seed)))(search).items():
         for i, g in enumerate(gs):
             rec.grads[(j, i)] = g
     method.recorder = rec
@@ -169,19 +170,21 @@ def test_one_backward_of_the_summed_losses_gives_each_bank_the_sum_of_the_member
 
 
 # ---- 5. coefficient sharing ----------------------------------------------------------------
-def test_layers_sharing_coefficients_have_identical_leading_blocks():
+def test_a_narrow_layer_is_the_wide_layers_top_left_block_times_a_fixed_gain():
     _, model = _split_method()
     wide, narrow = model.members[0], model.members[1]  # WRN-16-1 and WRN-16-0.5 share slots by name
-    checked = 0
+    checked, gains = 0, set()
     for i, c in enumerate(narrow.convs):
         j = next((j for j, d in enumerate(wide.convs) if d.key == c.key), None)
         if j is None or model.sites[1][i][1] != model.sites[0][j][1]:
             continue
-        a = model.compose(0, j).detach() / model.sites[0][j][3]
-        b = model.compose(1, i).detach() / model.sites[1][i][3]
-        assert torch.allclose(a[: c.cout, : c.cin], b, atol=1e-6), c.key
+        gain = math.sqrt(wide.convs[j].fan_in / c.fan_in)  # sqrt(fan_ref / fan_in) of each, fan_ref cancels
+        a, b = model.compose(0, j).detach(), model.compose(1, i).detach()
+        assert torch.allclose(b, gain * a[: c.cout, : c.cin], atol=1e-6), c.key
         checked += 1
+        gains.add(round(gain, 6))
     assert checked >= len(narrow.convs) - 1
+    assert gains > {1.0}, "a narrower fan-in scales the block up: it is not the bare block"
 
 
 # ---- 8. the split --------------------------------------------------------------------------
@@ -199,6 +202,46 @@ def test_components_are_transitive_and_independent_of_the_order_layers_are_visit
         p = torch.tensor(perm)
         permuted = sh.components(sim[p][:, p], t)
         assert sorted(sorted(perm[i] for i in c) for c in permuted) == sorted(comps)
+
+
+def test_union_find_joins_a_v_shaped_graph_in_every_order_of_its_edges():
+    # 0-2 and 1-2 similar, 0-1 not: one component however the edges come
+    for edges in itertools.permutations([(0, 2), (1, 2)]):
+        for flips in itertools.product((False, True), repeat=2):
+            order = [(b, a) if f else (a, b) for (a, b), f in zip(edges, flips, strict=True)]
+            assert sh.union_find(3, order) == [[0, 1, 2]], order
+    sim = torch.tensor([[1.0, -0.2, 0.8], [-0.2, 1.0, 0.7], [0.8, 0.7, 1.0]], dtype=torch.float64)
+    for perm in itertools.permutations(range(3)):  # every labelling: every visiting order
+        p = torch.tensor(perm)
+        assert sh.components(sim[p][:, p], 0.5) == [[0, 1, 2]], perm
+    assert sh.components(sim, 0.75) == [[0, 2], [1]]
+
+
+def test_the_gradient_cosine_of_nested_blocks_differing_in_input_channels_is_the_hand_value():
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(2, 2, 1, 1)  # 2 in, 2 out
+    b = torch.tensor([[1.0, 0.0, 9.0], [0.0, 1.0, 9.0]]).view(2, 3, 1, 1)  # 3 in: its third column is not shared
+    # common block b[:, :2] = identity: a . I = 1 + 4 = 5, |a| = sqrt(30), |I| = sqrt(2)
+    assert sh.cosine_common(a, b) == pytest.approx(5 / math.sqrt(60), abs=1e-12)
+    assert sh.cosine_common(b, a) == pytest.approx(5 / math.sqrt(60), abs=1e-12)
+    k3 = torch.arange(1.0, 1 + 2 * 3 * 9).view(2, 3, 3, 3)
+    assert sh.cosine_common(k3[:, :2], k3) == pytest.approx(1.0, abs=1e-12), "a block of itself"
+
+
+def test_the_search_phase_has_one_coefficient_vector_per_group_and_tier():
+    method = SuperWeight(_cfg())
+    model = method.build_model(INFO)
+    groups = {g for row in model.sharing["groups"] for g in row}
+    assert len(model.coefs) == len(groups), "one slot per group"
+    by_shape: dict[tuple, list[torch.Tensor]] = {}
+    for m, mem in enumerate(model.members):
+        for i, c in enumerate(mem.convs):
+            g, s, _, _ = model.sites[m][i]
+            assert s == model.slot_group.index(g)
+            by_shape.setdefault((g, c.cout, c.cin, c.k), []).append(model.compose(m, i).detach())
+    shared = [ws for ws in by_shape.values() if len(ws) > 1]
+    assert len(shared) >= 4, "several layers of one shape in one bin, across both members"
+    for ws in shared:
+        assert all(torch.equal(w, ws[0]) for w in ws[1:])
 
 
 def test_the_split_refines_the_bins_is_deterministic_and_lowers_its_threshold_until_the_budget_fits():
@@ -241,25 +284,71 @@ def test_the_split_refines_the_bins_is_deterministic_and_lowers_its_threshold_un
     assert tight.split["threshold"] is None and tight.split["groups"] == sw.param_group_bins + 1
 
 
-def test_another_depth_joins_its_most_similar_layer_of_the_largest_member_in_the_same_bin():
+def _joined_grads(model) -> tuple[dict[int, list[torch.Tensor]], dict[int, int]]:
+    """Random gradients for the search members, except that every conv of the second
+    (another depth) copies, on their common block, the gradient of the last conv of its
+    bin and kernel size in the first; and which conv that is."""
+    grads = _grads(model)
+    ref, other = model.members
+    bins_ref, bins_other = depth_bins(ref.convs, 4), depth_bins(other.convs, 4)
+    target = {}
+    for i, (c, b) in enumerate(zip(other.convs, bins_other, strict=True)):
+        j = max(j for j, (d, bb) in enumerate(zip(ref.convs, bins_ref, strict=True)) if bb == b and d.k == c.k)
+        o, n = min(c.cout, ref.convs[j].cout), min(c.cin, ref.convs[j].cin)
+        grads[1][i][:o, :n] = 2 * grads[0][j][:o, :n]
+        target[i] = j
+    return grads, target
+
+
+def test_another_depth_shares_the_coefficients_of_its_most_similar_layer_of_the_largest_member():
     ref = [torch.randn(4, 4, 3, 3) for _ in range(3)]
     other = [ref[2] + 0.01 * torch.randn(4, 4, 3, 3), ref[0].clone()]
-    assert sh.join([7, 8, 9], ref, [0, 0, 0], other, [0, 0]) == [9, 7]
-    assert sh.join([7, 8, 9], ref, [0, 1, 1], other, [1, 0]) == [9, 7]
+    assert sh.nearest(ref, [0, 0, 0], other, [0, 0]) == [2, 0]
+    assert sh.nearest(ref, [0, 1, 1], other, [1, 0]) == [2, 0]
+    # through the method: WRN-10-1's convs join WRN-16-1's, across depths
+    grads, target = None, None
+
+    def record(model):
+        nonlocal grads, target
+        grads, target = _joined_grads(model)
+        return grads
+
+    method, model = _split_method(grads=record)
+    slots, groups = model.sharing["slots"], model.sharing["groups"]
+    wide, deep10 = model.members[0].convs, model.members[2].convs
+    for i, j in target.items():
+        assert slots[2][i] == slots[0][j] and groups[2][i] == groups[0][j], deep10[i].key
+    assert len({slots[2][i] for i in target}) < len(target), "several convs may join one"
+    same = [(i, j) for i, j in target.items() if (deep10[i].cout, deep10[i].cin) == (wide[j].cout, wide[j].cin)]
+    assert same and all(torch.equal(model.compose(2, i), model.compose(0, j)) for i, j in same)
+    # the narrower WRN-16 still shares by conv name with the wider one
+    keys0 = {c.key: slots[0][j] for j, c in enumerate(wide)}
+    assert all(slots[1][i] == keys0[c.key] for i, c in enumerate(model.members[1].convs) if c.key in keys0)
+    # and unsharing now parts convs of different depths too: a slot's users span depths
+    users = {}
+    for m, row in enumerate(slots):
+        for s in row:
+            users.setdefault(s, set()).add(model.member_specs[m][0])
+    assert any(len(ds) > 1 for ds in users.values())
 
 
 # ---- 7. unsharing --------------------------------------------------------------------------
-def _unshare_epoch(method, model, threshold: float, x: torch.Tensor | None = None):
+def _unshare_epoch(method, model, threshold: float, x: torch.Tensor | None = None, optimizer=None):
     """The epoch before the unsharing point through the method (recorder attached by
-    training_step), then the rebuild at that point with ``threshold``; with ``x``, also
-    the eval-mode outputs on it just before the rebuild."""
+    training_step; with ``optimizer``, a step after each batch), then the rebuild at
+    that point with ``threshold``; with ``x``, also the eval-mode outputs on it just
+    before the rebuild."""
     sw = method.cfg.superweight
     method.cfg = method.cfg.with_overrides({"superweight.unshare_threshold": threshold})
     method.epochs_done = sw.split_epochs + sw.unshare_epochs - 1
     g = torch.Generator().manual_seed(7)
     for _ in range(3):
         batch = {"x": torch.randn(16, 1, 8, 8, generator=g), "y": torch.randint(0, 10, (16,), generator=g)}
+        if optimizer is not None:
+            optimizer.zero_grad()
         method.training_step(model, batch)[0].backward()
+        if optimizer is not None:
+            optimizer.step()
     rec = method.recorder
     assert rec is not None and rec.coefs and not rec.weights
     # each conv's gradient covers the tiers it uses
@@ -297,6 +386,63 @@ def test_unsharing_keeps_the_outputs_and_every_clone_is_its_own_trained_paramete
     assert coef_groups[0]["weight_decay"] == 0.0, "no weight decay on coefficients"
     after(x).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in after.coefs)
+
+
+def _step(method, model, optimizer, seed: int = 11) -> None:
+    g = torch.Generator().manual_seed(seed)
+    batch = {"x": torch.randn(16, 1, 8, 8, generator=g), "y": torch.randint(0, 10, (16,), generator=g)}
+    optimizer.zero_grad()
+    method.training_step(model, batch)[0].backward()
+    optimizer.step()
+
+
+def test_after_one_step_an_unshared_clone_and_its_source_differ_and_no_coefficients_share_storage():
+    method, model = _split_method()
+    after = _unshare_epoch(method, model, 0.999)
+    clones = {s: model.sharing["slots"][m][i] for m, row in enumerate(after.sharing["slots"])
+              for i, s in enumerate(row) if s >= len(model.coefs)}  # clone -> its source slot
+    assert clones
+    storages = [p.untyped_storage().data_ptr() for p in [*after.coefs, *model.coefs]]
+    assert len(set(storages)) == len(storages), "every coefficient tensor its own storage"
+
+    def common(c: int, src: int) -> tuple[torch.Tensor, torch.Tensor]:  # the tiers both hold
+        n = min(after.coefs[c].shape[0], after.coefs[src].shape[0])
+        return after.coefs[c][:n], after.coefs[src][:n]
+
+    assert all(torch.equal(*common(c, src)) for c, src in clones.items()), "a clone starts as its source"
+    optimizer, _ = method.configure_optimizer(after, 10)
+    _step(method, after, optimizer)
+    for c, src in clones.items():
+        assert not torch.equal(*common(c, src)), f"clone {c} of slot {src} moved with it"
+
+
+def test_unsharing_keeps_the_optimiser_state_of_every_parameter_that_persists():
+    from metaensemble.engine.optim import carry_state
+
+    method, model = _split_method()
+    opt, _ = method.configure_optimizer(model, 10)
+    after = _unshare_epoch(method, model, 0.999, optimizer=opt)
+    new_opt, _ = method.configure_optimizer(after, 10)
+    carried = method.carried_parameters(model, after)
+    n_clones = len(after.coefs) - len(model.coefs)
+    assert carry_state(opt, new_opt, carried) == len(list(after.parameters())) - n_clones
+    olds = dict(model.named_parameters())
+    for k, p in after.named_parameters():
+        if k.startswith("coefs.") and int(k.split(".")[1]) >= len(model.coefs):
+            assert not new_opt.state.get(p), f"{k}: a clone starts with no state, as the original's"
+            continue
+        old = opt.state[olds[k]]["momentum_buffer"]
+        assert torch.equal(new_opt.state[p]["momentum_buffer"], old[: p.shape[0]]), k
+    # the same step on both: banks and the members' own parameters move alike (their
+    # gradients do not change with unsharing; a fresh momentum would move them otherwise)
+    _step(method, model, opt)
+    _step(method, after, new_opt)
+    for k, p in after.named_parameters():
+        if not k.startswith("coefs."):
+            assert torch.allclose(p, olds[k], atol=1e-6, rtol=1e-5), k
+    # the split rebuilds every member from scratch: nothing carries
+    split, rebuilt = _split_method()
+    assert split.phase == "shared" and split.carried_parameters(rebuilt, rebuilt) == {}
 
 
 def test_clone_values_copies_the_source_slot_into_each_clone():

@@ -41,7 +41,7 @@ from metaensemble.engine.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from metaensemble.engine.optim import clip_after_transforms
+from metaensemble.engine.optim import carry_state, clip_after_transforms
 from metaensemble.engine.report import (
     concat_predictions,
     final_report,
@@ -309,9 +309,10 @@ def _optimisation_step(run: MemberRun, batch: dict[str, torch.Tensor]):
 def rebuild_point(run: MemberRun, epoch: int, epoch_metrics: dict[str, Any]) -> None:
     """The method's ``rebuild`` after ``epoch`` (0-based), with the global RNGs seeded
     alike on every rank and restored afterwards. A new module gets DDP, a fresh optimiser
-    at the current step, and model selection restarts (earlier best weights have another
-    structure)."""
-    seed = run.cfg.seed
+    at the current step holding the old one's state for the parameters that persist
+    (``Method.carried_parameters``), and model selection restarts (earlier best weights
+    have another structure)."""
+    seed, old, old_optimizer = run.cfg.seed, run.base, run.optimizer
     with torch.random.fork_rng(devices=[]):  # the same draws on every rank
         torch.manual_seed(seed * 1_000_003 + epoch + 1)
         np_state, py_state = np.random.get_state(), random.getstate()
@@ -322,6 +323,7 @@ def rebuild_point(run: MemberRun, epoch: int, epoch_metrics: dict[str, Any]) -> 
         random.setstate(py_state)
     if rebuilt is not None:
         run.wrap(rebuilt)
+        carry_state(old_optimizer, run.optimizer, run.method.carried_parameters(old, run.base))
         run.state["best_score"], run.state["best_epoch"], run.best_weights = None, -1, None
         epoch_metrics["rebuilt"] = 1
 

@@ -2,7 +2,8 @@
 factories (``create_optimizer_v2``, ``create_scheduler_v2``).
 
 The schedule is stepped per optimiser update: ``StepSchedule.step()`` after every step
-(the engine also sets the step directly after a resume or a rebuild).
+(the engine also sets the step directly after a resume or a rebuild). After a rebuild
+``carry_state`` hands the parameters that persist their optimiser state.
 """
 
 from __future__ import annotations
@@ -46,6 +47,27 @@ def clip_after_transforms(optimizer: torch.optim.Optimizer, params, max_norm: fl
         torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     return optimizer.register_step_pre_hook(clip)
+
+
+def carry_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer,
+                carried: dict[torch.nn.Parameter, torch.nn.Parameter]) -> int:
+    """Give each parameter of ``new`` in ``carried`` (new parameter -> the old one it
+    continues) the state ``old`` holds for that one (momentum, Adam's moments and step),
+    copied; a state tensor of the old parameter's shape is cut to the new one's leading
+    block (a parameter that shrank: SuperWeight's coefficient slot whose widest user got
+    its own). Returns how many parameters took state."""
+    in_new = {id(p) for g in new.param_groups for p in g["params"]}
+    n = 0
+    for p, q in carried.items():
+        if id(p) not in in_new or not old.state.get(q):
+            continue
+        if any(a > b for a, b in zip(p.shape, q.shape, strict=True)):
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} cannot continue one of shape {tuple(q.shape)}")
+        block = tuple(slice(0, a) for a in p.shape)
+        new.state[p] = {k: (v[block] if v.shape == q.shape else v).clone() if torch.is_tensor(v) else v
+                        for k, v in old.state[q].items()}
+        n += 1
+    return n
 
 
 class StepSchedule:

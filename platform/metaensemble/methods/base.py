@@ -21,6 +21,8 @@ method below is the whole contract with nothing overridden:
     rebuild(model, epoch)        after every epoch, on every rank: return a new/changed
                                  module to re-wrap (the engine re-wraps DDP and rebuilds the
                                  optimiser) or None; also the place to note that an epoch ended
+    carried_parameters(old, new) after a rebuild: which new parameters continue which old
+                                 ones (they keep their optimiser state); default: the same objects
     state_dict() / load_state_dict(state)
                                  the method's own state, saved with every checkpoint
     export(model)                the network that is evaluated, saved and registered
@@ -159,11 +161,21 @@ class Method:
         """Called on every rank after each epoch's optimisation, before validation, with
         ``epoch`` epochs done (1-based count), on the unwrapped model. Return a module (the
         same one with new parameters, or a new one) and the engine re-wraps it for DDP and
-        builds a fresh optimiser and schedule (continuing at the current step); return
+        builds a fresh optimiser and schedule (continuing at the current step), with the
+        state of the parameters ``carried_parameters`` names; return
         None to change nothing. Must be deterministic (it runs on every rank; the global
         RNGs are seeded alike on every rank for the call) and recorded in ``state_dict``
         so a resume rebuilds it."""
         return None
+
+    def carried_parameters(self, old: nn.Module, new: nn.Module) -> dict[nn.Parameter, nn.Parameter]:
+        """After ``rebuild`` returned ``new`` in place of ``old`` (both unwrapped): each
+        parameter of ``new`` that continues a parameter of ``old`` -> that parameter. The
+        engine gives it the old one's optimiser state (momentum, Adam's moments), cut to
+        its leading block where it is smaller; the rest start with none. Default: the
+        parameters that are the same object in both."""
+        olds = {id(q) for q in old.parameters()}
+        return {p: p for p in new.parameters() if id(p) in olds}
 
     def state_dict(self) -> dict[str, Any]:
         """The method's own state (JSON-like values and tensors), saved with every checkpoint."""

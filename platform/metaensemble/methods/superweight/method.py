@@ -4,12 +4,14 @@
    every other depth, every conv composed from its depth bin's banks with one
    coefficient vector per (group, tier). In the last search epoch every conv's weight
    gradient is summed over all its steps (``sharing.Recorder``; over every DDP rank).
-2. Split (the engine's rebuild point after ``split_epochs``): groups learned from those
-   gradients (``sharing.learn_sharing``), then every member rebuilt from scratch with
-   them; K templates per bank from the budget.
+2. Split (the engine's rebuild point after ``split_epochs``): groups and coefficient
+   slots learned from those gradients (``sharing.learn_sharing``; a conv of another
+   depth shares the slot of its most similar conv of the largest member), then every
+   member rebuilt from scratch with them; K templates per bank from the budget.
 3. Unsharing (rebuild point ``unshare_epochs`` later): coefficient gradients recorded per
    conv over the epoch before; slots whose users disagree are cloned, every clone its
-   own trainable parameter (the new optimiser sees it), outputs unchanged.
+   own trainable parameter (the new optimiser sees it), outputs unchanged; every other
+   parameter keeps its optimiser state (``carried_parameters``).
 
 The phase, the sharing map and K are the method's state, saved in every checkpoint, so
 a worker killed after the split or after unsharing resumes with the same map; the map
@@ -230,6 +232,16 @@ class SuperWeight(Method):
         rebuilt = self.build_model(self.info)
         clone_values(model, rebuilt, clones)
         return rebuilt
+
+    def carried_parameters(self, old: nn.Module, new: nn.Module) -> dict[nn.Parameter, nn.Parameter]:
+        """At the split nothing carries (every member is rebuilt from scratch, as the
+        original does with a new optimiser). At unsharing every parameter continues the
+        one of its name (a slot that lost its widest user its leading tiers); the clones
+        start with no optimiser state, as the original's new parameter group."""
+        if self.phase != "unshared":
+            return {}
+        olds = dict(old.named_parameters())
+        return {p: olds[k] for k, p in new.named_parameters() if k in olds}
 
     def state_dict(self) -> dict[str, Any]:
         return {"phase": self.phase, "sharing": self.sharing, "templates": self.templates,

@@ -9,7 +9,10 @@ Every conv weight of every member is composed, never stored:
 A group's tiers nest: box 0 is its smallest layer's (rows, cols), box t grows box t-1 to
 the next layer shape (extra output rows, extra input columns), and tier t is box t less
 box t-1 (``tier_boxes``). A layer reads the smallest box that holds it, so a narrow layer
-is the top-left block of a wide one that uses the same coefficients (same ``slot``).
+is the top-left block of a wide one that uses the same coefficients (same ``slot``) times
+a fixed gain: W_narrow = sqrt(fan_in_wide / fan_in_narrow) * W_wide[:cout, :cin] (the
+ratio of their ``gain``s; 1 only where the fan-ins are equal). Where two layers of one
+slot do not nest (a join across depths), they share the block they have in common.
 
 ``gain`` = sqrt(fan_ref / fan_in) with fan_ref the group's largest fan-in: templates start
 at He's std for fan_ref and the coefficients used at unit norm, so every assembled weight
@@ -135,11 +138,16 @@ def initial_sharing(members: list[tuple[int, float]], in_chans: int, bins: int) 
     return {"groups": groups, "slots": [list(g) for g in groups]}
 
 
-def depth_slots(members: list[tuple[int, float]], in_chans: int) -> list[list[int]]:
+def depth_slots(members: list[tuple[int, float]], in_chans: int,
+                joined: dict[tuple[int, str], tuple[int, str]] | None = None) -> list[list[int]]:
     """Coefficient slots after the search: members of one depth share one slot per conv
-    name (a narrower member is the top-left block of a wider one); each depth its own."""
+    name (a narrower member reads the leading block of a wider one's coefficients); a
+    (depth, conv name) in ``joined`` uses the slot of the (depth, conv name) it maps to
+    (the join across depths); the rest, one slot each. Numbered in order of first use."""
     ids: dict[tuple[int, str], int] = {}
-    return [[ids.setdefault((d, c.key), len(ids)) for c in wrn_convs(d, w, in_chans)] for d, w in members]
+    joined = joined or {}
+    return [[ids.setdefault(joined.get((d, c.key), (d, c.key)), len(ids)) for c in wrn_convs(d, w, in_chans)]
+            for d, w in members]
 
 
 def bins_sharing(members: list[tuple[int, float]], in_chans: int, bins: int) -> dict[str, Any]:

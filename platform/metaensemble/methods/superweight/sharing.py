@@ -7,8 +7,10 @@ the method attaches to the ensemble to collect them:
   have cosine (on their common top-left block) above a threshold are merged with a
   union-find, so the groups are transitive, refine the bins, and do not depend on the
   order layers are visited in.
-- ``join``: a layer of another depth joins the group of its most gradient-similar layer
-  of the largest member in the same bin.
+- the join (``nearest``, in ``sharing_from``): a layer of another depth joins its most
+  gradient-similar layer of the largest member in the same bin: it takes that layer's
+  group and shares its coefficient slot, as in the original, so sharing and unsharing
+  reach across depths.
 - ``learn_sharing``: the split at the start threshold, lowered by ``split_step`` until the
   budget holds ``min_templates`` per bank or the floor is passed (then the bins stay).
 - ``unshare``: layers sharing a coefficient slot whose coefficient gradients have cosine
@@ -17,14 +19,13 @@ the method attaches to the ensemble to collect them:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from metaensemble.methods.superweight.model import (
-    bins_sharing,
     depth_bins,
     depth_slots,
     template_elements,
@@ -72,10 +73,10 @@ def cosine_common(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(x @ y / (x.norm() * y.norm()).clamp_min(1e-30))
 
 
-def components(sim: torch.Tensor, threshold: float) -> list[list[int]]:
-    """Connected components of the graph with an edge where ``sim[a, b] > threshold``
-    (union-find), each sorted, ordered by their smallest member."""
-    n = sim.shape[0]
+def union_find(n: int, edges: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """Connected components of the graph on ``0..n-1`` with these edges, each sorted,
+    ordered by their smallest member: the same for any order of the edges (the
+    original's queue relabelled one end of each edge, so 0-2 then 1-2 left 0 alone)."""
     parent = list(range(n))
 
     def find(a: int) -> int:
@@ -84,16 +85,20 @@ def components(sim: torch.Tensor, threshold: float) -> list[list[int]]:
             a = parent[a]
         return a
 
-    for a in range(n):
-        for b in range(a + 1, n):
-            if sim[a, b] > threshold:
-                ra, rb = find(a), find(b)
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
     out: dict[int, list[int]] = {}
     for a in range(n):
         out.setdefault(find(a), []).append(a)
     return sorted(out.values(), key=lambda c: c[0])
+
+
+def components(sim: torch.Tensor, threshold: float) -> list[list[int]]:
+    """``union_find`` over the edges where ``sim[a, b] > threshold``."""
+    n = sim.shape[0]
+    return union_find(n, ((a, b) for a in range(n) for b in range(a + 1, n) if sim[a, b] > threshold))
 
 
 def similarity(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -120,15 +125,14 @@ def split_bins(grads: list[torch.Tensor], bins: list[int], threshold: float) -> 
     return groups
 
 
-def join(ref_groups: list[int], ref_grads: list[torch.Tensor], ref_bins: list[int],
-         grads: list[torch.Tensor], bins: list[int]) -> list[int]:
-    """Each conv of another depth takes the group of the reference member's conv, in the
-    same bin, whose gradient is most similar to its own (ties: the earlier conv)."""
+def nearest(ref_grads: list[torch.Tensor], ref_bins: list[int], grads: list[torch.Tensor],
+            bins: list[int]) -> list[int]:
+    """For each conv of another depth, the reference member's conv in the same bin whose
+    gradient is most similar to its own (ties: the earlier conv)."""
     out = []
     for g, b in zip(grads, bins, strict=True):
         cands = [i for i, x in enumerate(ref_bins) if x == b]
-        best = max(cands, key=lambda i: (cosine_common(g, ref_grads[i]), -i))
-        out.append(ref_groups[best])
+        out.append(max(cands, key=lambda i: (cosine_common(g, ref_grads[i]), -i)))
     return out
 
 
@@ -154,29 +158,34 @@ def _by_key(groups: list[int], ref_convs, convs, ref_bins: list[int], bins: list
     return [by.get(c.key, first.get(b, groups[0])) for c, b in zip(convs, bins, strict=True)]
 
 
-def sharing_from(members: list[tuple[int, float]], in_chans: int, bins: int, threshold: float,
+def sharing_from(members: list[tuple[int, float]], in_chans: int, bins: int, threshold: float | None,
                  grads: dict[int, list[torch.Tensor]]) -> dict[str, Any]:
-    """The whole ensemble's sharing map for one split threshold. ``grads``: per search
-    member (index into ``members``), its convs' weight gradients in forward order.
-    Coefficient slots: members of one depth share one slot per conv name (so a narrower
-    member is the top-left block of a wider one); each depth has its own."""
+    """The whole ensemble's sharing map for one split threshold (None: the bins are the
+    groups). ``grads``: per search member (index into ``members``), its convs' weight
+    gradients in forward order. Coefficient slots: members of one depth share one slot
+    per conv name (a narrower member reads the leading block of a wider one's
+    coefficients); a conv of another depth shares the slot of its ``nearest`` conv of the
+    largest member, as the original's join does (a conv name its depth's searched member
+    lacks keeps a slot of its own)."""
     convs = [wrn_convs(d, w, in_chans) for d, w in members]
     bin_of = [depth_bins(c, bins) for c in convs]
     searched = search_members(members)
     big = searched[0]
-    per_depth: dict[int, tuple[int, list[int]]] = {}
-    for s in searched:
-        if s == big:
-            g = split_bins(grads[big], bin_of[big], threshold)
-        else:
-            g = join(per_depth[members[big][0]][1], grads[big], bin_of[big], grads[s], bin_of[s])
-        per_depth[members[s][0]] = (s, g)
+    top = split_bins(grads[big], bin_of[big], threshold) if threshold is not None else bin_of[big]
+    per_depth: dict[int, tuple[int, list[int]]] = {members[big][0]: (big, top)}
+    joined: dict[tuple[int, str], tuple[int, str]] = {}
+    for s in searched[1:]:
+        near = nearest(grads[big], bin_of[big], grads[s], bin_of[s])
+        per_depth[members[s][0]] = (s, [top[i] for i in near])
+        joined.update({(members[s][0], c.key): (members[big][0], convs[big][i].key)
+                       for c, i in zip(convs[s], near, strict=True)})
     groups = []
     for m, (d, _) in enumerate(members):
         ref, g = per_depth[d]
         groups.append(g if ref == m else _by_key(g, convs[ref], convs[m], bin_of[ref], bin_of[m]))
-    # A slot (one conv name in one depth) lies in one group: groups are copied by name.
-    return {"groups": groups, "slots": depth_slots(members, in_chans)}
+    # A slot lies in one group: a joined conv takes its nearest conv's group and slot, and
+    # members of one depth copy groups and slots by conv name.
+    return {"groups": groups, "slots": depth_slots(members, in_chans, joined)}
 
 
 @dataclass
@@ -193,7 +202,8 @@ def learn_sharing(members: list[tuple[int, float]], in_chans: int, grads: dict[i
                   bins: int, max_params: int, templates: int, min_templates: int, start: float, step: float,
                   floor: float) -> Split:
     """The split at ``start``, lowered by ``step`` while the budget holds fewer than
-    ``min_templates`` templates per bank, never below ``floor``; then the bins."""
+    ``min_templates`` templates per bank, never below ``floor``; then the bins as the
+    groups (the join across depths still made)."""
     tried = []
     t = start
     while t >= floor - 1e-9:
@@ -203,7 +213,7 @@ def learn_sharing(members: list[tuple[int, float]], in_chans: int, grads: dict[i
         if k >= min_templates:
             return Split(sharing, k, round(t, 6), tried)
         t -= step
-    sharing = bins_sharing(members, in_chans, bins)
+    sharing = sharing_from(members, in_chans, bins, None, grads)
     k = templates_for(max_params, template_elements(members, in_chans, sharing), templates)
     return Split(sharing, k, None, tried)
 
