@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,17 +59,69 @@ def test_bad_input_in_a_fresh_process_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in r.stderr and not home.exists()
 
 
-def test_train_teachers_job_end_to_end(mlflow_uri, tmp_path):
-    r = _run(["jobs/train_teachers.py", "zoo.num_teachers=2", "zoo.pack_size=2", "train.epochs=1", "model.name=convnet",
-              "model.kwargs.width=4", f"storage_path={tmp_path / 'ray'}", "experiment=jobtest/teachers"],
-             {"MLFLOW_TRACKING_URI": mlflow_uri})
+def test_train_teachers_job_interrupted_then_rerun_resumes_and_finishes(mlflow_uri, tmp_path):
+    """The teacher-zoo job end to end, interrupted first (issue 29): SIGINT mid-run ends
+    it with one line and exit 130, no traceback and no Ray hint; every run it opened is
+    KILLED with an end time; none of its processes keeps running. The same command again
+    resumes from the checkpoints, finishes every run and prints the zoo."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from metaensemble import tracking
+    from metaensemble.cli import EXIT_INTERRUPTED, INTERRUPTED
+    from metaensemble.config import REPO_ROOT
+
+    experiment = f"jobtest/teachers-{uuid.uuid4().hex[:6]}"
+    args = ["jobs/train_teachers.py", "zoo.num_teachers=2", "zoo.pack_size=2", "train.epochs=40", "model.name=convnet",
+            "model.kwargs.width=4", f"storage_path={tmp_path / 'ray'}", f"experiment={experiment}"]
+    invocation = f"test-{uuid.uuid4().hex}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "METAENSEMBLE_INVOCATION": invocation}
+    env.pop("RAY_ADDRESS", None)
+    with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=out, stderr=err)
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "ray").glob("*/checkpoint_*")) and proc.poll() is None:
+            assert time.monotonic() < deadline, (tmp_path / "err.log").read_text()[-3000:]
+            time.sleep(0.2)
+        assert proc.poll() is None, "the zoo finished before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=120)
+    stdout, stderr = (tmp_path / "out.log").read_text(), (tmp_path / "err.log").read_text()
+    assert code == EXIT_INTERRUPTED, stdout[-2000:] + stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == INTERRUPTED
+    assert "Traceback" not in stdout + stderr and "Tuner.restore" not in stdout + stderr, stderr[-3000:]
+    c = tracking.client(mlflow_uri)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id])
+    assert len(runs) == 2 and all(r.data.tags.get("metaensemble.invocation") == invocation for r in runs)
+    assert {r.info.status for r in runs} == {"KILLED"} and all(r.info.end_time for r in runs)
+    needle = f"METAENSEMBLE_INVOCATION={invocation}".encode()
+    left = [p.name for p in Path("/proc").glob("[0-9]*") if _environ_has(p, needle)]
+    assert not left, f"processes of the interrupted job still running: {left}"
+
+    r = _run(args, {"MLFLOW_TRACKING_URI": mlflow_uri})  # the same command: resumed, not restarted
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "training 2: [0, 1] in 1 Ray Train run of up to 2" in r.stdout  # one pack
+    assert "resumed from checkpoint after epoch" in r.stdout + r.stderr
+    again = c.search_runs([exp.experiment_id])
+    assert {x.info.run_id for x in again} == {x.info.run_id for x in runs}  # the same runs, reopened
+    assert {x.info.status for x in again} == {"FINISHED"}
     # the listing covers every convnet teacher the session's registry holds (other tests add some)
     assert re.search(r"teacher zoo teacher\.digits\.convnet: \d+ teachers", r.stdout)
     assert "seed version  val_acc test_acc" in r.stdout
     listed = {int(m.group(1)) for m in re.finditer(r"^\s+(\d+)\s+\d+\s+[01]\.\d{4}\s", r.stdout, re.M)}
     assert {0, 1} <= listed  # seed, version, val_acc rows of the listing
+
+
+def _environ_has(proc, needle: bytes) -> bool:
+    try:
+        return needle in (proc / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
 
 
 def test_the_readmes_test_command_is_the_script_ci_runs_and_it_sets_up_chromium():

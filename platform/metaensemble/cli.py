@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import uuid
 from collections.abc import Callable
 
 from metaensemble.errors import MetaEnsembleError
@@ -30,11 +33,58 @@ def work_done() -> None:
     sys.stdout.flush()
 
 
+INTERRUPTED = "interrupted: rerun the same command to resume"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
 def run_job(main: Callable[[], int | None]) -> None:
-    """Run ``main``; bad input exits 2 with one line on stderr instead of a traceback."""
+    """Run ``main``; bad input exits 2 with one line on stderr instead of a traceback.
+
+    Ctrl-C or SIGTERM ends the job with one line (INTERRUPTED) and exit 130: Ray and
+    everything it runs for this job stopped, every MLflow run the job opened that is
+    still RUNNING marked KILLED (``tracking.runs.close_interrupted``). Rerunning the
+    command reopens those runs and resumes them from their last checkpoints."""
+    from metaensemble.tracking.runs import INVOCATION_ENV
+
+    invocation = os.environ.setdefault(INVOCATION_ENV, uuid.uuid4().hex)
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C reaches the job, not Tune's own stop
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         code = main()
     except MetaEnsembleError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        _stop_after_interrupt(invocation)
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)  # no interpreter teardown: Ray's threads print nothing more
     sys.exit(code or 0)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_after_interrupt(invocation: str) -> None:
+    """Stop this job's Ray processes, then close its runs (the MLflow server it uses is
+    not Ray's, so it still answers), then run the exit handlers; a second Ctrl-C
+    meanwhile is ignored."""
+    import contextlib
+    import io
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if uri and "mlflow" in sys.modules:
+            from metaensemble.tracking.runs import client, close_interrupted
+
+            with contextlib.suppress(Exception):
+                close_interrupted(client(uri), invocation)
+        import atexit
+
+        atexit._run_exitfuncs()  # e.g. the local store's MLflow server stops if no other job uses it

@@ -14,6 +14,7 @@ MLflow run id, and the same command after success trains nothing.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,9 +318,10 @@ def _fit(cfgs: list[Config], names: list[str], *, method: methods.Method | None 
         # it early, possibly after the sweep has closed; the sweep, which knows which
         # trials were stopped and which broke, sets those runs' final status instead.
         if not in_tune:
+            stopped = isinstance(sys.exc_info()[1], KeyboardInterrupt)  # Ctrl-C / SIGTERM: not a failure
             for _, handle, _ in members:
                 if client.get_run(handle.run_id).info.status != "FINISHED":
-                    client.set_terminated(handle.run_id, status="FAILED")
+                    client.set_terminated(handle.run_id, status="KILLED" if stopped else "FAILED")
         raise
     _close_runs(client, result, ray_name, members, outcomes, packed)
     return outcomes

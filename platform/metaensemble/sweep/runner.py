@@ -235,7 +235,8 @@ def run_sweep(space: SearchSpace, extra_overrides: list[str] | None = None) -> S
     parent = tracking.find_run(client, exp_id, parent_key)
     if parent is None:
         parent = client.create_run(exp_id, run_name=parent_key, tags={tracking.runs.TAG_KEY: parent_key,
-                                                                      "metaensemble.sweep": space.name})
+                                                                      "metaensemble.sweep": space.name,
+                                                                      **tracking.runs.invocation_tags()})
         with tempfile.TemporaryDirectory() as d:
             save_config(base, Path(d) / "base_config.yaml")
             client.log_artifact(parent.info.run_id, str(Path(d) / "base_config.yaml"))
@@ -249,6 +250,7 @@ def run_sweep(space: SearchSpace, extra_overrides: list[str] | None = None) -> S
         ])
     parent_id = parent.info.run_id
     client.update_run(parent_id, status="RUNNING")
+    tracking.runs.claim(client, parent_id)
 
     # ASHA stops every trial that reaches max_t; one past the last epoch keeps it from
     # cutting a trial between its last epoch and its final evaluation (model + test metrics).

@@ -26,6 +26,11 @@ TAG_SEED = "metaensemble.seed"
 TAG_TASK = "metaensemble.task"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_TICKET = "metaensemble.ticket"
+TAG_INVOCATION = "metaensemble.invocation"
+INVOCATION_ENV = "METAENSEMBLE_INVOCATION"
+"""Set by ``cli.run_job`` for one command (Ray's processes inherit it): every run that
+command opens or reopens carries it as TAG_INVOCATION, so an interrupted command can
+close exactly its own runs (``close_interrupted``)."""
 PENDING = "pending"
 MAX_PARAM_LEN = 6000
 SEARCH_MAX = 1000
@@ -109,9 +114,10 @@ def open_run(c: MlflowClient, cfg: Config, run_key: str, *, parent_run_id: str |
     exp_id = experiment_id(c, cfg.experiment_name)
     existing = _winner(_settled_runs(c, exp_id, run_key))
     if existing is not None:
+        claim(c, existing.info.run_id)
         return _handle(existing, resumed=True)
     all_tags = {TAG_KEY: run_key, TAG_HASH: cfg.config_hash(), TAG_SEED: str(cfg.seed),
-                TAG_TASK: cfg.task, **(tags or {}), TAG_TICKET: PENDING}
+                TAG_TASK: cfg.task, **(tags or {}), **invocation_tags(), TAG_TICKET: PENDING}
     if parent_run_id:
         all_tags[TAG_PARENT] = parent_run_id
     run = c.create_run(exp_id, run_name=run_key, tags=all_tags)
@@ -119,6 +125,7 @@ def open_run(c: MlflowClient, cfg: Config, run_key: str, *, parent_run_id: str |
     winner = join_race(c, exp_id, run_key, run_id)
     if winner.info.run_id != run_id:
         c.delete_run(run_id)
+        claim(c, winner.info.run_id)
         return _handle(winner, resumed=True)
     log_config(c, run_id, cfg)
     return RunHandle(run_id, exp_id, run.info.status, False)
@@ -134,10 +141,40 @@ def job_run(c: MlflowClient, cfg: Config, run_key: str, job: str) -> Iterator[st
         c.update_run(handle.run_id, status="RUNNING")
     try:
         yield handle.run_id
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli.run_job): stopped, not broken
+        c.set_terminated(handle.run_id, status="KILLED")
+        raise
     except BaseException:
         c.set_terminated(handle.run_id, status="FAILED")
         raise
     c.set_terminated(handle.run_id, status="FINISHED")
+
+
+def invocation_tags() -> dict[str, str]:
+    """TAG_INVOCATION for this command's runs (nothing outside ``cli.run_job``)."""
+    import os
+
+    invocation = os.environ.get(INVOCATION_ENV)
+    return {TAG_INVOCATION: invocation} if invocation else {}
+
+
+def claim(c: MlflowClient, run_id: str) -> None:
+    """Tag a reopened run as this command's (see INVOCATION_ENV)."""
+    for k, v in invocation_tags().items():
+        c.set_tag(run_id, k, v)
+
+
+def close_interrupted(c: MlflowClient, invocation: str) -> list[str]:
+    """End every run command ``invocation`` left RUNNING as KILLED (with an end time);
+    returns their ids. A rerun of the command reopens and resumes them."""
+    ids = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=SEARCH_MAX)]
+    killed = []
+    for i in range(0, len(ids), 100):
+        for run in c.search_runs(ids[i:i + 100], f"tags.`{TAG_INVOCATION}` = '{invocation}' and "
+                                                 "attributes.status = 'RUNNING'", max_results=SEARCH_MAX):
+            c.set_terminated(run.info.run_id, status="KILLED")
+            killed.append(run.info.run_id)
+    return killed
 
 
 def join_race(c: MlflowClient, exp_id: str, run_key: str, run_id: str):

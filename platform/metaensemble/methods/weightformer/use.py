@@ -183,7 +183,8 @@ def _register(client, cfg: Config, generator: str, teachers: list[str], student:
     exp = experiment or f"{cfg.data.name}/generate"
     exp_id = tracking.experiment_id(client, exp)
     run = client.create_run(exp_id, run_name=f"generate-{len(teachers)}", tags={
-        "metaensemble.generator": generator, "metaensemble.teachers": ",".join(teachers)})
+        "metaensemble.generator": generator, "metaensemble.teachers": ",".join(teachers),
+        **tracking.runs.invocation_tags()})
     rid = run.info.run_id
     try:
         with tempfile.TemporaryDirectory() as d:
