@@ -100,8 +100,10 @@ def test_train_teachers_job_interrupted_then_rerun_resumes_and_finishes(mlflow_u
     assert len(runs) == 2 and all(r.data.tags.get("metaensemble.invocation") == invocation for r in runs)
     assert {r.info.status for r in runs} == {"KILLED"} and all(r.info.end_time for r in runs)
     needle = f"METAENSEMBLE_INVOCATION={invocation}".encode()
-    left = [p.name for p in Path("/proc").glob("[0-9]*") if _environ_has(p, needle)]
-    assert not left, f"processes of the interrupted job still running: {left}"
+    deadline = time.monotonic() + 20  # Ray's own processes take a few seconds to exit after the driver
+    while (left := [p for p in Path("/proc").glob("[0-9]*") if _environ_has(p, needle)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes of the interrupted job still running: {[_cmdline(p) for p in left]}"
 
     r = _run(args, {"MLFLOW_TRACKING_URI": mlflow_uri})  # the same command: resumed, not restarted
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -115,6 +117,13 @@ def test_train_teachers_job_interrupted_then_rerun_resumes_and_finishes(mlflow_u
     assert "seed version  val_acc test_acc" in r.stdout
     listed = {int(m.group(1)) for m in re.finditer(r"^\s+(\d+)\s+\d+\s+[01]\.\d{4}\s", r.stdout, re.M)}
     assert {0, 1} <= listed  # seed, version, val_acc rows of the listing
+
+
+def _cmdline(proc) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return proc.name
 
 
 def _environ_has(proc, needle: bytes) -> bool:

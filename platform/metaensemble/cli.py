@@ -48,21 +48,48 @@ def run_job(main: Callable[[], int | None]) -> None:
 
     invocation = os.environ.setdefault(INVOCATION_ENV, uuid.uuid4().hex)
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C reaches the job, not Tune's own stop
+    signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal = _recording(signal.signal)
     try:
         code = main()
     except MetaEnsembleError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        # inside ray.get, Ray turns the KeyboardInterrupt into SystemExit(1)
+        if not _signalled:
+            raise
         _stop_after_interrupt(invocation)
         print(INTERRUPTED, file=sys.stderr, flush=True)
         os._exit(EXIT_INTERRUPTED)  # no interpreter teardown: Ray's threads print nothing more
     sys.exit(code or 0)
 
 
+_signalled: list[int] = []
+"""The stop signals this job received: Ctrl-C or SIGTERM, whoever handled them."""
+
+
 def _raise_interrupt(signum, frame) -> None:
+    _signalled.append(signum)
     raise KeyboardInterrupt
+
+
+def _recording(set_handler):
+    """``signal.signal``, except that a SIGINT/SIGTERM handler installed later is wrapped
+    so the signal is recorded first. Ray installs its own (Ray Train aborts its run
+    gracefully on SIGINT and then exits 1; a Ray driver exits on SIGTERM): the job still
+    has to know it was interrupted, not broken."""
+    def install(signum, handler):
+        if signum in (signal.SIGINT, signal.SIGTERM) and callable(handler) and handler is not _raise_interrupt:
+            inner = handler
+
+            def handler(s, frame):
+                _signalled.append(s)
+                return inner(s, frame)
+        return set_handler(signum, handler)
+
+    return install
 
 
 def _stop_after_interrupt(invocation: str) -> None:

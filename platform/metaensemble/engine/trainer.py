@@ -318,7 +318,8 @@ def _fit(cfgs: list[Config], names: list[str], *, method: methods.Method | None 
         # it early, possibly after the sweep has closed; the sweep, which knows which
         # trials were stopped and which broke, sets those runs' final status instead.
         if not in_tune:
-            stopped = isinstance(sys.exc_info()[1], KeyboardInterrupt)  # Ctrl-C / SIGTERM: not a failure
+            # Ctrl-C / SIGTERM (Ray turns it into SystemExit inside ray.get): stopped, not failed
+            stopped = isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit))
             for _, handle, _ in members:
                 if client.get_run(handle.run_id).info.status != "FINISHED":
                     client.set_terminated(handle.run_id, status="KILLED" if stopped else "FAILED")

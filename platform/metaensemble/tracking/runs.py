@@ -141,7 +141,7 @@ def job_run(c: MlflowClient, cfg: Config, run_key: str, job: str) -> Iterator[st
         c.update_run(handle.run_id, status="RUNNING")
     try:
         yield handle.run_id
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli.run_job): stopped, not broken
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM (cli.run_job): stopped, not broken
         c.set_terminated(handle.run_id, status="KILLED")
         raise
     except BaseException:
