@@ -50,7 +50,8 @@ def run_job(main: Callable[[], int | None]) -> None:
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C reaches the job, not Tune's own stop
     signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal = _recording(signal.signal)
+    if not getattr(signal.signal, "records_stops", False):  # once per process
+        signal.signal = _recording(signal.signal)
     try:
         code = main()
     except MetaEnsembleError as e:
@@ -89,6 +90,7 @@ def _recording(set_handler):
                 return inner(s, frame)
         return set_handler(signum, handler)
 
+    install.records_stops = True
     return install
 
 
