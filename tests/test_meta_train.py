@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +17,9 @@ from pathlib import Path
 import pytest
 
 from metaensemble.config import REPO_ROOT
+from metaensemble.tracking.store import free_ports
 
 JOB = [sys.executable, "jobs/meta_train.py"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny(tmp: Path, experiment: str, zoo_seed0: int) -> list[str]:
@@ -56,17 +51,19 @@ def ray_head(tmp_path, mlflow_uri):
     import urllib.error
     import urllib.request
 
-    port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")
+    port, dash, *others = free_ports(2 + len(flags))  # all distinct
+    # token auth with a token of its own: a fresh machine has no ~/.ray/auth_token until a
+    # local instance makes one, so the head and the submitting client must be given one
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     temp = Path("/tmp") / f"rh{uuid.uuid4().hex[:6]}"
     log = open(tmp_path / "ray_head.log", "w")
     # Every port of its own: the session's local Ray instance already holds the defaults
     # (its dashboard agent on 52365 would leave this head without a job agent).
-    own = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                    "metrics-export-port", "runtime-env-agent-port",
-                                                    "node-manager-port", "object-manager-port",
-                                                    "ray-client-server-port")]
+    own = [f"--{flag}={p}" for flag, p in zip(flags, others)]
     proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", *own,
                              "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

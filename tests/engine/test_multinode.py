@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,19 +23,16 @@ import pytest
 
 from metaensemble import tracking
 from metaensemble.config import REPO_ROOT
+from metaensemble.tracking.store import free_ports
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _own_ports() -> list[str]:
-    # every port of its own: the session's local Ray instance holds the defaults
-    return [f"--{flag}={_free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        "node-manager-port", "object-manager-port")]
+def _own_ports(avoid: tuple[int, ...] = ()) -> list[str]:
+    # every port of its own (the session's local Ray instance holds the defaults), none of
+    # them one of the head's own ports chosen before
+    flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+    ports = [p for p in free_ports(len(flags) + len(avoid)) if p not in avoid]
+    return [f"--{flag}={p}" for flag, p in zip(flags, ports)]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -56,8 +53,10 @@ class Cluster:
     group (so a node can be killed alone, and the session's Ray is never touched)."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp, self.port, self.dash_port = tmp, _free_port(), _free_port()
+        self.tmp = tmp
+        self.port, self.dash_port, self.client_port = free_ports(3)
         self.env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(32),  # a fresh machine has no ~/.ray/auth_token
                     # after the loss, the elastic restart first waits this long for the max worker
                     # count before it settles for what fits (Ray's default: 60 s)
                     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "8"}
@@ -75,14 +74,15 @@ class Cluster:
 
     def _start(self, args: list[str]) -> subprocess.Popen:
         log = open(self.tmp / f"node{len(self.nodes)}.log", "w")
-        proc = subprocess.Popen(["ray", "start", "--block", "--num-cpus=2", "--disable-usage-stats", *_own_ports(),
+        proc = subprocess.Popen(["ray", "start", "--block", "--num-cpus=2", "--disable-usage-stats",
+                                 *_own_ports((self.port, self.dash_port, self.client_port)),
                                  *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.nodes.append(proc)
         return proc
 
     def start_head(self) -> None:
         self._start(["--head", f"--port={self.port}", f"--dashboard-port={self.dash_port}", "--include-dashboard=true",
-                     f"--ray-client-server-port={_free_port()}", f"--temp-dir={self.temp}"])
+                     f"--ray-client-server-port={self.client_port}", f"--temp-dir={self.temp}"])
         deadline = time.time() + 120
         while True:
             try:

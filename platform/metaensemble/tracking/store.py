@@ -67,10 +67,19 @@ def _healthy(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free local ports. Every socket stays bound until all are chosen: ports
+    asked for one at a time may come back equal (the kernel hands a just-closed port out
+    again), and two Ray components given one port refuse to start."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 # ---- processes -----------------------------------------------------------------------
