@@ -45,6 +45,7 @@ SMALL = {
     "resnet": ("resnet", {"layers": [1, 1, 1, 1], "width": 4, "norm": False}),
     "resnet_bn": ("resnet", {"layers": [1, 1, 1, 1], "width": 4, "norm": True}),
     "bottleneck": ("resnet", {"layers": [2, 1, 1, 1], "width": 4, "block": "bottleneck", "norm": False}),
+    "convnet": ("convnet", {"width": 4}),  # the digits zoo's teacher: conv-BN-ReLU stages, pooled
 }
 WEIGHT, ACT = FusionOptions(ground_metric="weight"), FusionOptions(ground_metric="activation")
 
@@ -122,7 +123,7 @@ def assert_same_state(a: nn.Module, b: nn.Module, atol: float = 1e-6) -> None:
 
 
 # ---- 1. permutation recovery --------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["mlp", "vgg", "resnet", "bottleneck"])
+@pytest.mark.parametrize("kind", ["mlp", "vgg", "resnet", "bottleneck", "convnet"])
 @pytest.mark.parametrize("opts", [ACT, WEIGHT], ids=["activation", "weight"])
 def test_fusing_a_permuted_copy_recovers_the_permutation(kind, opts):
     f = make(kind)

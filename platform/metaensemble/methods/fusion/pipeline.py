@@ -95,7 +95,7 @@ def check_parents(parents: list[nn.Module]) -> None:
     fams = {structure(p).family for p in parents}
     if len(fams) > 1:
         raise ConfigError(f"the parents are of different families ({', '.join(sorted(fams))}): fusion aligns "
-                          f"layers within one family (mlp, vgg or resnet)")
+                          f"layers within one family (mlp, vgg, resnet or convnet)")
 
 
 def check_fits(parents: list[nn.Module], info, names: list[str] | None = None) -> None:

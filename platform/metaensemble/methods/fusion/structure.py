@@ -3,7 +3,8 @@ map each layer's input is expressed in, where residual streams add up, and the h
 layers cross-layer alignment may map (per stage).
 
 Families: ``mlp``, VGG (``vgg``, ``vgg11``/``vgg13`` and their ``_bn`` variants) and
-ResNet (``resnet``, ``resnet18/34/50``). ``generic_spec`` rewrites a model's registry
+ResNet (``resnet``, ``resnet18/34/50``), and the digits ``convnet`` (one depth: OT fusion
+only, no cross-layer alignment). ``generic_spec`` rewrites a model's registry
 spec in the family's generic descriptor (``mlp`` hidden widths, ``vgg`` plan, ``resnet``
 blocks per stage), the form a depth-balanced or fused network is described in.
 
@@ -22,7 +23,8 @@ import torch.nn as nn
 from metaensemble.errors import ConfigError
 
 FAMILIES = {"mlp": "mlp", "vgg": "vgg", "vgg11": "vgg", "vgg13": "vgg", "vgg11_bn": "vgg", "vgg13_bn": "vgg",
-            "resnet": "resnet", "resnet18": "resnet", "resnet34": "resnet", "resnet50": "resnet"}
+            "resnet": "resnet", "resnet18": "resnet", "resnet34": "resnet", "resnet50": "resnet",
+            "convnet": "convnet"}
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class Structure:
 
 def family(arch: str) -> str:
     if arch not in FAMILIES:
-        raise ConfigError(f"fusion supports the mlp, VGG and ResNet families ({', '.join(sorted(FAMILIES))}); "
+        raise ConfigError(f"fusion supports the mlp, VGG, ResNet and convnet families ({', '.join(sorted(FAMILIES))}); "
                           f"got {arch!r}")
     return FAMILIES[arch]
 
@@ -109,6 +111,8 @@ def structure(model: nn.Module) -> Structure:
         return _mlp(model)
     if fam == "vgg":
         return _vgg(model)
+    if fam == "convnet":
+        return _convnet(model)
     return _resnet(model)
 
 
@@ -139,6 +143,26 @@ def _vgg(model: nn.Module) -> Structure:
             stages.append([])
     steps.append(Layer("classifier", "linear", None, prev, classifier=True))
     return Structure("vgg", steps, [s for s in stages if s])
+
+
+def _convnet(model: nn.Module) -> Structure:
+    """The digits convnet (``models/small.py``): one flat Sequential of conv (+ BN) + ReLU
+    blocks, max-pools between them, global pooling and a linear classifier. A VGG without
+    the ``features``/``classifier`` split: each pooling chunk is a stage."""
+    mods = list(model.named_children())
+    steps: list[Layer | Sum] = []
+    stages: list[list[str]] = [[]]
+    prev = "input"
+    for i, (name, m) in enumerate(mods):
+        if isinstance(m, nn.Conv2d):
+            steps.append(Layer(name, "conv", _bn_after(mods, i), prev))
+            stages[-1].append(name)
+            prev = name
+        elif isinstance(m, nn.MaxPool2d) and stages[-1]:
+            stages.append([])
+        elif isinstance(m, nn.Linear):
+            steps.append(Layer(name, "linear", None, prev, classifier=True))
+    return Structure("convnet", steps, [s for s in stages if s])
 
 
 def _norm_name(block: nn.Module, prefix: str, attr: str) -> str | None:
