@@ -190,15 +190,16 @@ def finetune_configs(p: Plan, init_uris: list[str], ensembles: list[list[int]]) 
 
 
 def save_students(
-    client, parent_run_id: str, students: list[torch.nn.Module], dataset: str
+    client, parent_run_id: str, students: list[torch.nn.Module], dataset: str,
+    artifact_path: str = "finetune_init",
 ) -> list[str]:
-    """Log each generated student as ``finetune_init/<i>`` of the job's run and return
-    their ``runs:/`` URIs: a ``model.init_from`` every Ray worker can read, on any node."""
+    """Log each student as ``<artifact_path>/<i>`` of the job's run and return their
+    ``runs:/`` URIs: a ``model.init_from`` every Ray worker can read, on any node."""
     with tempfile.TemporaryDirectory() as d:
         for i, s in enumerate(students):
             save_model(s, Path(d) / str(i), dataset=dataset)
-        client.log_artifacts(parent_run_id, d, artifact_path="finetune_init")
-    return [f"runs:/{parent_run_id}/finetune_init/{i}" for i in range(len(students))]
+        client.log_artifacts(parent_run_id, d, artifact_path=artifact_path)
+    return [f"runs:/{parent_run_id}/{artifact_path}/{i}" for i in range(len(students))]
 
 
 def finetune(
@@ -207,20 +208,23 @@ def finetune(
     ensembles: list[list[int]],
     parent_run_id: str,
     bn_loader,
+    of: str = "weightformer",
 ) -> list[tuple[torch.nn.Module, float]]:
-    """KD-finetune the generated students as engine runs packed into one Ray Train run;
-    returns each selected model, its BN statistics recomputed on ``bn_loader``, and the
-    seconds it cost (the run's training time + the BN pass)."""
+    """KD-finetune the students (generated, or made by method ``of``) as engine runs
+    packed into one Ray Train run; returns each selected model, its BN statistics
+    recomputed on ``bn_loader``, and the seconds it cost (the run's training time + the BN
+    pass)."""
     client = tracking.client()
-    uris = save_students(client, parent_run_id, students, p.cfg.data.name)
+    artifact = "finetune_init" if of == "weightformer" else f"{of}_init"
+    uris = save_students(client, parent_run_id, students, p.cfg.data.name, artifact)
     cfgs = finetune_configs(p, uris, ensembles)
     print(
-        f"finetuning {len(cfgs)} generated students "
+        f"finetuning {len(cfgs)} {of} students "
         f"({p.cfg.meta.finetune_epochs} epoch(s) of KD each, one Ray Train run)",
         flush=True,
     )
     outcomes = engine.fit_pack(
-        cfgs, parent_run_id=parent_run_id, tags={"metaensemble.finetune_of": "weightformer"}
+        cfgs, parent_run_id=parent_run_id, tags={"metaensemble.finetune_of": of}
     )
     out = []
     for o in outcomes:

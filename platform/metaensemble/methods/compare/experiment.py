@@ -1,0 +1,451 @@
+"""The leaderboard: the pipeline behind ``jobs/compare.py``.
+
+1. plan      validate (methods known, each able to take the zoo's architecture, K within
+             the held-out teachers); ensure the zoo and split it exactly as the
+             WeightFormer job does (``weightformer.plan``): the held-out ensembles are
+             the first ``compare.ensembles`` of that job's meta-test ensembles
+2. train     the engine runs, side by side as the cluster allows: the generator (the
+             WeightFormer job's own run, reused when that job ran this config) and one
+             KD / LatentBE / TDiv-SDiv student per ensemble (KD: the job's ``kd_full``
+             runs). Finished runs are reused.
+3. evaluate  per ensemble, every row through its own method's code: soups
+             (``methods.soups``), OT fusion of the K teachers against one anchor, 1/K
+             each (``fusion.pipeline.fuse_parents``), generated students
+             (``weightformer.student``), the distilled students, and KD-finetuning of
+             the fused and generated students (``weightformer.experiment.finetune``).
+             Every network's BN statistics recomputed on the same images; test ACC,
+             NLL, ECE and cNLL, cECE after a temperature fitted on val
+4. log       the leaderboard (markdown, JSON, MLflow table), a Pareto plot, reliability
+             diagrams, one child run per row with the same metric names
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metaensemble import data, metrics, tracking
+from metaensemble.config import Config
+from metaensemble.errors import ConfigError
+from metaensemble.evaluation import (
+    calibrated_columns,
+    log_table,
+    mean_row,
+    paired_interval,
+    reliability_diagram,
+    save_figure,
+    train_seconds,
+)
+from metaensemble.methods.base import predict_logp
+from metaensemble.methods.compare.config import ROWS
+from metaensemble.methods.weightformer import plan as wf_plan
+from metaensemble.methods.weightformer.experiment import _kd_common, finetune
+from metaensemble.methods.weightformer.student import generate_student, make_ensembles
+from metaensemble.methods.weightformer.use import BN_LABEL, eval_data, prepare
+from metaensemble.models import create_model, load
+from metaensemble.models.batchnorm import recompute_bn
+
+LABELS = {
+    "ensemble": "ensemble of K (reference)",
+    "best_member": "best member (by val)",
+    "uniform_soup": "uniform soup",
+    "greedy_soup": "greedy soup",
+    "learned_soup": "learned soup",
+    "fusion": "OT fusion, one-shot",
+    "fusion_ft": "OT fusion + finetune",
+    "kd": "KD",
+    "latentbe": "LatentBE",
+    "tdiv_sdiv": "TDiv-SDiv",
+    "weightformer": "WeightFormer zero-shot",
+    "weightformer_ft": "WeightFormer + finetune",
+}
+ORDER = list(LABELS)
+COLUMNS = ("acc", "nll", "ece", "cnll", "cece")
+DISTILLERS = ("kd", "latentbe", "tdiv_sdiv")
+WEIGHT_SPACE = ("uniform_soup", "greedy_soup", "learned_soup", "weightformer", "weightformer_ft")
+"""Rows that combine the teachers' weights as they are (no alignment of their own): on a
+zoo from independent initialisations they take permuted teachers when ``meta.align`` is
+``permutation``."""
+
+
+# ---- 1. plan ---------------------------------------------------------------------------
+def methods_of(cfg: Config) -> list[str]:
+    methods = list(cfg.compare.methods or ROWS)
+    unknown = [m for m in methods if m not in ROWS]
+    if unknown:
+        raise ConfigError(f"compare.methods: unknown method(s) {', '.join(map(repr, unknown))}; "
+                          f"known: {', '.join(ROWS)}")
+    return methods
+
+
+def validate(cfg: Config) -> list[str]:
+    """Everything checkable before any work; returns the methods in board order."""
+    methods = methods_of(cfg)
+    m = cfg.meta
+    if m.ensemble_size > m.num_test_teachers:
+        raise ConfigError(f"meta.ensemble_size={m.ensemble_size} is more than the {m.num_test_teachers} held-out "
+                          f"(meta-test) teachers: raise meta.num_test_teachers or lower K")
+    n = len(make_ensembles(m.num_test_teachers, m.ensemble_size, cfg.compare.ensembles, cfg.seed + 1))
+    if n < cfg.compare.ensembles:
+        raise ConfigError(f"compare.ensembles={cfg.compare.ensembles}: {m.num_test_teachers} held-out teachers form "
+                          f"only {n} ensembles of K={m.ensemble_size}")
+    student, skw = wf_plan.student_of(cfg)
+    if "fusion" in methods:
+        from metaensemble.methods.fusion.structure import family
+
+        try:
+            family(student)
+        except ConfigError as e:
+            raise ConfigError(f"method fusion cannot take the zoo's architecture {student!r}: {e}; "
+                              f"leave it out (methods=[...])") from None
+    if any(d in methods for d in ("latentbe", "tdiv_sdiv")):
+        from metaensemble.methods.latentbe.batchensemble import check_convertible
+
+        info = data.load(cfg.data).info
+        try:
+            check_convertible(create_model(student, num_classes=info.num_classes, in_chans=info.in_chans,
+                                           img_size=info.img_size, **skw))
+        except ConfigError as e:
+            raise ConfigError(f"methods latentbe and tdiv_sdiv cannot take the zoo's architecture {student!r}: {e}; "
+                              f"leave them out (methods=[...])") from None
+    if "fusion" in methods or "weightformer" in methods:
+        if not m.finetune_epochs:
+            raise ConfigError("meta.finetune_epochs=0: the finetuned rows need at least one epoch")
+    wf_plan.validate(cfg)  # the zoo recipe, the split sizes, the generator
+    return [k for k in ROWS if k in methods]
+
+
+def ensembles_of(cfg: Config) -> list[list[int]]:
+    """The held-out ensembles (indices into ``meta.test_teachers``): the WeightFormer job's
+    own draw, its first ``compare.ensembles``."""
+    m = cfg.meta
+    return make_ensembles(len(m.test_teachers), m.ensemble_size, cfg.compare.ensembles, cfg.seed + 1)
+
+
+def distill_configs(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]]) -> dict[str, Config]:
+    """``<method>/<i>``: a student of the zoo's architecture distilled from ensemble i by
+    KD, LatentBE or TDiv-SDiv with one recipe (the zoo's, ``compare.distill_epochs``
+    epochs): KD is the WeightFormer job's ``kd_full`` run of the same ensemble."""
+    cfg = p.cfg
+    epochs = cfg.compare.distill_epochs or cfg.meta.kd_epochs
+    student, skw = wf_plan.student_of(cfg)
+    out = {}
+    for method in (d for d in DISTILLERS if d in methods):
+        for i, ens in enumerate(ensembles):
+            teachers = [cfg.meta.test_teachers[j] for j in ens]
+            c = p.teacher_cfg.with_overrides(_kd_common(cfg, student, skw, teachers, epochs))
+            if method != "kd":
+                c = c.with_overrides({"method": method, "latentbe.members": len(teachers)})
+            out[f"{method}/{i}"] = c
+    return out
+
+
+# ---- 3. evaluate -----------------------------------------------------------------------
+@dataclass
+class Board:
+    """The leaderboard: per row, one measurement per ensemble."""
+
+    per: dict[str, list[dict[str, float]]]
+    params: dict[str, int]
+    flops: dict[str, int]
+    one_off_s: dict[str, float]
+    aligned: dict[str, bool]
+    curves: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def keys(self) -> list[str]:
+        return [k for k in ORDER if k in self.per]
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per row: each column's mean and 95% t-interval over the ensembles, the paired
+        accuracy difference against KD, cost."""
+        n_served = max(len(v) for v in self.per.values())
+        out = []
+        for k in self.keys():
+            rows = self.per[k]
+            r: dict[str, Any] = {"key": k, "label": LABELS[k], "n": len(rows), "params": self.params[k],
+                                 "flops": self.flops[k], "aligned": self.aligned.get(k, False)}
+            for c in (*COLUMNS, "time_s"):
+                v = [x[c] for x in rows]
+                d = paired_interval(v, 0.0)
+                r[c] = {"mean": d.mean, "lo": d.lo, "hi": d.hi, "per_ensemble": v}
+            one_off = self.one_off_s.get(k, 0.0)
+            r["one_off_s"] = one_off
+            r["amortised_s"] = r["time_s"]["mean"] + one_off / n_served
+            if "kd" in self.per and k != "kd":
+                d = paired_interval([x["acc"] for x in rows], [x["acc"] for x in self.per["kd"]])
+                r["acc_minus_kd"] = {"mean": d.mean, "lo": d.lo, "hi": d.hi}
+            out.append(r)
+        return out
+
+
+def flops_of(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Inference FLOPs of one image (torch's counter: 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x[:1])
+    model.train(was)
+    return int(fc.get_total_flops())
+
+
+class _Scorer:
+    """Measures networks on the same val / test images, BN statistics recomputed on the
+    same images for every network (``bn=True``)."""
+
+    def __init__(self, ev) -> None:
+        self.ev = ev
+        self.x = next(iter(ev.test))["x"]
+
+    def logps(self, model: torch.nn.Module) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        return predict_logp(model, self.ev.val), predict_logp(model, self.ev.test)
+
+    def measure(self, model: torch.nn.Module, seconds: float) -> tuple[dict[str, float], Any]:
+        val, test = self.logps(model)
+        return {**calibrated_columns(val, test), "time_s": float(seconds)}, test
+
+    def bn(self, model: torch.nn.Module) -> tuple[torch.nn.Module, float]:
+        t0 = time.perf_counter()
+        recompute_bn(model, self.ev.bn)
+        return model, time.perf_counter() - t0
+
+
+def evaluate(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]], run_ids: dict[str, str],
+             parent_run_id: str) -> Board:
+    cfg, m = p.cfg, p.cfg.meta
+    torch.manual_seed(cfg.seed)
+    ev = eval_data(cfg)
+    sc = _Scorer(ev)
+    client = tracking.client()
+    uris = list(m.test_teachers)
+    teachers = [load(u).eval() for u in uris]  # as stored: every method starts from these
+    raw = [{k: v.detach().clone() for k, v in t.state_dict().items()} for t in teachers]
+    t_logp = [sc.logps(sc.bn(copy.deepcopy(t))[0]) for t in teachers]
+    per: dict[str, list[dict[str, float]]] = {}
+    curves: dict[str, list[Any]] = {}
+    nets: dict[str, torch.nn.Module] = {}
+
+    def add(key: str, row: dict[str, float], test, net: torch.nn.Module | None) -> None:
+        per.setdefault(key, []).append(row)
+        curves.setdefault(key, []).append(test)
+        if net is not None:
+            nets.setdefault(key, net)
+
+    gen = pool = reference = None
+    if "weightformer" in methods:
+        gen = load(f"runs:/{run_ids['weightformer']}/model")
+        if m.align != "none":
+            reference = prepare([m.train_teachers[0]], gen).states[0]
+        pool = prepare(uris, gen, m.align, reference)
+    weight_states = pool.states if (pool is not None and m.align != "none") else raw
+    parent_of = {r.uri: r.parent or None for r in p.teachers}
+    full = data.load(cfg.data.model_copy(update={"train_fraction": 1.0}))
+    fused, generated = [], []
+    for i, ens in enumerate(ensembles):
+        members = [teachers[j] for j in ens]
+        # the reference: the ensemble's averaged probabilities (K networks at inference)
+        val = (metrics.ensemble_logp(torch.stack([t_logp[j][0][0] for j in ens])), t_logp[ens[0]][0][1])
+        test = (metrics.ensemble_logp(torch.stack([t_logp[j][1][0] for j in ens])), t_logp[ens[0]][1][1])
+        add("ensemble", {**calibrated_columns(val, test), "time_s": 0.0}, test, None)
+        states = [weight_states[j] for j in ens]
+        parents = [parent_of.get(uris[j]) for j in ens]
+        from metaensemble.methods import soups
+
+        for key, make in (("best_member", soups.best_member), ("uniform_soup", soups.uniform_soup),
+                          ("greedy_soup", soups.greedy_soup), ("learned_soup", soups.learned_soup)):
+            if key in methods:
+                skeleton = load(uris[ens[0]])
+                soup = make(states if key != "best_member" else [raw[j] for j in ens], skeleton, ev.bn, ev.val,
+                            parents=parents if all(parents) else None)
+                row, t = sc.measure(soup.model, soup.seconds)
+                add(key, row, t, soup.model)
+        if "fusion" in methods:
+            from metaensemble.methods.fusion.pipeline import fuse_parents
+
+            k = len(members)
+            f = fuse_parents(members, cfg.fusion, full.train, full.info, weights=[1.0 / k] * k)
+            model, bn_s = sc.bn(f.model)
+            row, t = sc.measure(model, f.seconds + bn_s)
+            add("fusion", row, t, model)
+            fused.append((model, f.seconds + bn_s))
+        if gen is not None:
+            load_s = prepare([uris[j] for j in ens], gen, m.align, reference).seconds
+            student, dt = generate_student(gen, pool.rows, pool.states, ens, ev.bn)
+            row, t = sc.measure(student, load_s + dt)
+            add("weightformer", row, t, student)
+            generated.append((student, load_s + dt))
+        for d in DISTILLERS:
+            rid = run_ids.get(f"{d}/{i}")
+            if rid is not None:  # its cost: the training epochs and the BN pass
+                model, bn_s = sc.bn(load(f"runs:/{rid}/model"))
+                row, t = sc.measure(model, train_seconds(client, rid) + bn_s)
+                add(d, row, t, model)
+    for key, made in (("fusion", fused), ("weightformer", generated)):
+        if made:
+            tuned = finetune(p, [s for s, _ in made], ensembles, parent_run_id, ev.bn, of=key)
+            for (_, before), (model, seconds) in zip(made, tuned, strict=True):
+                row, t = sc.measure(model, before + seconds)
+                add(f"{key}_ft", row, t, model)
+    params = {k: sum(q.numel() for q in n.parameters()) for k, n in nets.items()}
+    flops = {k: flops_of(n, sc.x) for k, n in nets.items()}
+    params["ensemble"] = sum(sum(q.numel() for q in teachers[j].parameters()) for j in ensembles[0])
+    flops["ensemble"] = sum(flops_of(teachers[j], sc.x) for j in ensembles[0])
+    one_off = {}
+    if "weightformer" in run_ids:
+        one_off = {"weightformer": train_seconds(client, run_ids["weightformer"])}
+        one_off["weightformer_ft"] = one_off["weightformer"]
+    aligned = {k: True for k in ("fusion", "fusion_ft")}
+    if m.align != "none":
+        aligned.update({k: True for k in WEIGHT_SPACE})
+    pooled = {k: (torch.cat([c[0] for c in v]), torch.cat([c[1] for c in v])) for k, v in curves.items()}
+    return Board(per, params, flops, one_off, aligned, pooled)
+
+
+# ---- 4. report -------------------------------------------------------------------------
+def _ci(c: dict[str, float], scale: float = 1.0, fmt: str = ".2f") -> str:
+    half = (c["hi"] - c["lo"]) / 2 * scale
+    return f"{c['mean'] * scale:{fmt}} ± {half:{fmt}}" if math.isfinite(half) else f"{c['mean'] * scale:{fmt}}"
+
+
+def format_board(cfg: Config, summary: list[dict[str, Any]]) -> str:
+    """The leaderboard as a markdown table: mean ± half-width of the 95% t-interval over
+    the held-out ensembles."""
+    n = summary[0]["n"] if summary else 0
+    lines = [f"{cfg.data.name}: {n} held-out ensembles of K={cfg.meta.ensemble_size} meta-test teachers "
+             f"(no generator saw them), test split; BatchNorm of every network: {BN_LABEL}; "
+             f"cNLL / cECE after a temperature fitted on val; ± half the 95% t-interval over ensembles",
+             "",
+             "| method | ACC (%) | NLL | ECE | cNLL | cECE | ACC - KD (points) | params | MFLOPs | "
+             "time to produce (s) | one-off (s) | amortised (s) | aligned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary:
+        d = r.get("acc_minus_kd")
+        diff = (f"{100 * d['mean']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]" if d else "-")
+        lines.append(
+            f"| {r['label']} | {_ci(r['acc'], 100)} | {_ci(r['nll'], fmt='.3f')} | {_ci(r['ece'], fmt='.3f')} | "
+            f"{_ci(r['cnll'], fmt='.3f')} | {_ci(r['cece'], fmt='.3f')} | {diff} | {r['params']:,} | "
+            f"{r['flops'] / 1e6:.2f} | {r['time_s']['mean']:.3f} | {r['one_off_s']:.0f} | {r['amortised_s']:.2f} | "
+            f"{'yes' if r['aligned'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def pareto_plot(summary: list[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """Accuracy against time to produce one network (log axis), 95% interval bars, one
+    labelled marker per row; the reference ensemble (no time to produce) as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in summary:
+        a = r["acc"]
+        if r["key"] == "ensemble":
+            ax.axhline(100 * a["mean"], color="grey", ls="--", lw=1)
+            ax.text(ax.get_xlim()[0], 100 * a["mean"], " ensemble (K networks at inference)", va="bottom",
+                    fontsize=8, color="grey")
+            continue
+        x = max(r["time_s"]["mean"], 1e-3)
+        lo, hi = 100 * (a["mean"] - a["lo"]), 100 * (a["hi"] - a["mean"])
+        ax.errorbar([x], [100 * a["mean"]], yerr=[[lo], [hi]], fmt="o", capsize=3)
+        ax.annotate(r["label"], (x, 100 * a["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("time to produce one network (s, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, title, path)
+
+
+def log_board(client, parent: str, cfg: Config, board: Board, summary: list[dict[str, Any]]) -> None:
+    """Everything to MLflow: ``leaderboard.md`` / ``.json``, the MLflow table and bar chart
+    (``log_table``), ``pareto.png``, ``reliability.png``, and one child run per row with
+    the same metric names (MLflow's compare view lines them up)."""
+    title = f"{cfg.data.name}: one network from K={cfg.meta.ensemble_size}"
+    rows = [mean_row(r["key"], r["label"], board.per[r["key"]]) for r in summary]
+    log_table(client, parent, rows, title, name="leaderboard")
+    client.log_text(parent, format_board(cfg, summary), "leaderboard.md")
+    client.log_dict(parent, {"rows": summary}, "leaderboard.json")
+    with tempfile.TemporaryDirectory() as d:
+        pareto_plot(summary, Path(d) / "pareto.png", title)
+        reliability_diagram({LABELS[k]: v for k, v in board.curves.items()}, Path(d) / "reliability.png", title)
+        client.log_artifacts(parent, d)
+    exp_id = client.get_run(parent).info.experiment_id
+    known = {r.data.tags.get("metaensemble.compare_row"): r.info.run_id for r in client.search_runs(
+        [exp_id], f"tags.mlflow.parentRunId = '{parent}' and tags.metaensemble.compare_row != ''")}
+    for r in summary:
+        rid = known.get(r["key"]) or client.create_run(exp_id, tags={
+            "mlflow.parentRunId": parent, "mlflow.runName": r["key"], "metaensemble.compare_row": r["key"],
+            "metaensemble.label": r["label"]}).info.run_id
+        values = {c: r[c]["mean"] for c in COLUMNS} | {
+            f"{c}_lo": r[c]["lo"] for c in COLUMNS if math.isfinite(r[c]["lo"])} | {
+            "time_s": r["time_s"]["mean"], "one_off_s": r["one_off_s"], "amortised_s": r["amortised_s"],
+            "params": r["params"], "flops": r["flops"], "n_ensembles": r["n"]}
+        if "acc_minus_kd" in r:
+            values["acc_minus_kd"] = r["acc_minus_kd"]["mean"]
+        tracking.log_metrics(client, rid, values)
+        client.set_tag(rid, "metaensemble.aligned", str(r["aligned"]).lower())
+        client.set_terminated(rid, "FINISHED")
+
+
+# ---- the whole job ---------------------------------------------------------------------
+@dataclass
+class CompareOutcome:
+    parent_run_id: str
+    summary: list[dict[str, Any]]
+    run_ids: dict[str, str]
+    ensembles: list[list[str]]
+    """Each held-out ensemble's teacher URIs: what every row of it saw."""
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parent_run_id": self.parent_run_id, "rows": self.summary, "run_ids": self.run_ids,
+                "ensembles": self.ensembles, "seconds": self.seconds}
+
+
+def run(cfg: Config, *, train_missing: bool = True) -> CompareOutcome:
+    """The whole job under one MLflow parent run, which a rerun of the same config
+    reopens; finished runs (this job's or the WeightFormer job's) are reused."""
+    from metaensemble.sweep import train_configs
+
+    t0 = time.perf_counter()
+    methods = validate(cfg)
+    p = wf_plan.plan(cfg, train_missing=train_missing)
+    cfg = p.cfg
+    ensembles = ensembles_of(cfg)
+    t_plan = time.perf_counter()
+    client = tracking.client(tracking.ensure_tracking())
+    digest = hashlib.sha256(json.dumps(cfg.compare.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
+    key = f"compare-{cfg.run_key()}-{digest}"
+    with tracking.job_run(client, cfg, key, "compare") as parent:
+        tracking.set_tags(client, parent, {"methods": ",".join(methods), "ensembles": str(len(ensembles))})
+        runs = distill_configs(p, methods, ensembles)
+        groups = [[k for k in runs if k.startswith(f"{d}/")] for d in reversed(DISTILLERS)]
+        if "weightformer" in methods:
+            runs["weightformer"] = wf_plan.variant_configs(p)["weightformer"]
+            groups.insert(0, ["weightformer"])
+        groups = [g for g in groups if g]
+        run_ids = {}
+        if runs:
+            print(f"training {len(runs)} runs (finished ones are reused): {', '.join(runs)}", flush=True)
+            run_ids = train_configs(runs, groups, experiment=cfg.experiment_name, parent_run_id=parent,
+                                    storage=f"{cfg.resolved_storage_path()}/compare", name=key[:150])
+        t_train = time.perf_counter()
+        board = evaluate(p, methods, ensembles, run_ids, parent)
+        summary = board.summary()
+        log_board(client, parent, cfg, board, summary)
+        seconds = {"plan_s": t_plan - t0, "train_s": t_train - t_plan, "eval_s": time.perf_counter() - t_train,
+                   "total_s": time.perf_counter() - t0}
+        tracking.log_metrics(client, parent, seconds)
+    teacher_sets = [[cfg.meta.test_teachers[j] for j in ens] for ens in ensembles]
+    return CompareOutcome(parent, summary, run_ids, teacher_sets, seconds)
