@@ -1,10 +1,11 @@
 """One leaderboard: every way the platform makes one network from K, on the same held-out ensembles.
 
-    python jobs/compare.py                                   # the main job's zoo (digits, soup regime)
+    python jobs/compare.py                                   # configs/compare/digits.yaml: the main job's zoo
     python jobs/compare.py methods=[greedy_soup,kd,weightformer] compare.ensembles=20
     python jobs/compare.py --config configs/compare/digits_indep.yaml   # a zoo from independent inits
 
-Ensures the zoo of the WeightFormer job's config and splits it as that job does, then
+A config is a WeightFormer job's config (configs/meta/*.yaml) plus a ``compare`` section.
+Ensures the zoo of that config and splits it as the WeightFormer job does, then
 puts best member, uniform / greedy / learned soup, OT fusion (one-shot and finetuned),
 KD, LatentBE, TDiv-SDiv and WeightFormer (zero-shot and finetuned) side by side on its
 first compare.ensembles held-out ensembles, each row made by its own method's code.
@@ -19,7 +20,7 @@ from metaensemble.cli import config_parser, run_job, work_done
 
 
 def main() -> int:
-    p = config_parser(__doc__.splitlines()[0], "configs/meta/digits.yaml")
+    p = config_parser(__doc__.splitlines()[0], "configs/compare/digits.yaml")
     p.add_argument("--no-train-zoo", action="store_true", help="fail instead of training missing zoo teachers")
     args = p.parse_args()
     from metaensemble.validation import load_config

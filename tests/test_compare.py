@@ -20,7 +20,8 @@ from metaensemble.methods.compare.experiment import COLUMNS, LABELS, ensembles_o
 from metaensemble.methods.weightformer import experiment as wf_experiment
 from metaensemble.validation import load_config
 
-TINY = ["compare.ensembles=2", "compare.distill_epochs=1", "meta.finetune_epochs=1", "fusion.act_samples=50"]
+TINY = ["compare.ensembles=2", "compare.distill_epochs=1", "meta.finetune_epochs=1", "fusion.act_samples=50",
+        "scaling.num_workers=1"]  # one worker per run: the DDP path is the main job's test
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def job(ray_local, mlflow_uri, tmp_path_factory):
     _register_zoo(tmp, _tiny(tmp, experiment, seed0), mlflow_uri)
     res = run_script(["jobs/compare.py", *args], env={"MLFLOW_TRACKING_URI": mlflow_uri})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    cfg = load_config("configs/meta/digits.yaml", args)
+    cfg = load_config("configs/compare/digits.yaml", args)
     client = tracking.client(mlflow_uri)
     exp_id = tracking.experiment_id(client, cfg.experiment_name)
     parent = next(r for r in client.search_runs([exp_id], "tags.`metaensemble.job` = 'compare'"))
@@ -166,3 +167,31 @@ def test_bad_input_is_refused_before_any_work(tmp_path, override, words):
     for w in words:
         assert w in res.stderr, res.stderr
     assert not (tmp_path / "never").exists() and not (tmp_path / "ray").exists()
+
+
+def test_the_best_network_of_each_ensemble_is_registered(job):
+    """Per ensemble, the single network with the highest val accuracy (never test) is a
+    registered version tagged with its row and teachers, and it is the network scored."""
+    cfg, res, client, _exp, parent, board, _tmp = job
+    from metaensemble.methods.base import predict_logp
+    from metaensemble.methods.weightformer.plan import plan
+    from metaensemble.methods.weightformer.use import eval_data
+    from metaensemble.models import load
+
+    p = plan(cfg, train_missing=False)
+    singles = [k for k in board if k != "ensemble"]
+    assert sum(board[k]["best_in"] for k in singles) == 2
+    name = "student.digits.convnet.compare_best"
+    versions = {v.source.rstrip("/").split("/")[-1]: v for v in client.search_model_versions(f"name='{name}'")
+                if v.run_id == parent.info.run_id}
+    assert sorted(versions) == ["0", "1"]
+    ev = eval_data(p.cfg)
+    for i, ens in enumerate(ensembles_of(p.cfg)):
+        v = versions[str(i)]
+        top = max(board[k]["val_acc"]["per_ensemble"][i] for k in singles)
+        assert board[v.tags["method"]]["val_acc"]["per_ensemble"][i] == top
+        assert v.tags["teachers"] == ",".join(p.cfg.meta.test_teachers[j] for j in ens)
+        logp, y = predict_logp(load(f"models:/{name}/{v.version}"), ev.test)
+        acc = float((logp.argmax(1) == y).float().mean())
+        assert acc == pytest.approx(board[v.tags["method"]]["acc"]["per_ensemble"][i], abs=1e-6)
+    assert f"registered as {name} versions" in res.stdout

@@ -127,3 +127,29 @@ def test_a_job_run_from_rays_working_dir_copy_keeps_its_outputs_out_of_it(monkey
     assert load_config(None, ["storage_path=s3://bucket/ray"]).resolved_storage_path() == "s3://bucket/ray"
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI is not set"):
         tracking.ensure_tracking()
+
+
+def test_a_config_can_start_from_a_base_file(tmp_path):
+    """``base:`` reads another file first and lays this one's keys over it, section by
+    section; the shipped derived configs equal their base plus their own keys."""
+    (tmp_path / "a.yaml").write_text("optim: {lr: 0.5, momentum: 0.8}\ntrain: {epochs: 4}\n")
+    (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\noptim: {{lr: 0.1}}\n")
+    cfg = load_config(tmp_path / "b.yaml", ["train.epochs=7"])
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.train.epochs) == (0.1, 0.8, 7)
+    main, board = load_config("configs/meta/digits.yaml"), load_config("configs/compare/digits.yaml")
+    assert board.run_key() == main.run_key()  # the leaderboard reuses the main job's runs
+    indep = load_config("configs/teachers/digits_meta_indep.yaml")
+    assert indep.model.init_seed is None and load_config("configs/teachers/digits_meta.yaml").model.init_seed == 0
+    assert indep.to_dict() | {"model": None} == load_config("configs/teachers/digits_meta.yaml").to_dict() | {"model": None}
+
+
+@pytest.mark.parametrize("text, words", [
+    ("base: {here}\n", "comes back to it"),
+    ("base: nowhere/x.yaml\n", "config file not found"),
+    ("base: [1]\n", "base must be a path"),
+])
+def test_a_bad_base_is_one_clear_error(tmp_path, text, words):
+    p = tmp_path / "c.yaml"
+    p.write_text(text.format(here=p))
+    with pytest.raises(ConfigError, match=words):
+        load_config(p)

@@ -608,20 +608,40 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+def _read_yaml(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One config file as a dict. A file may start from another: ``base: <path>`` (from
+    the repository root) reads that file first and lays this one's keys over it, section
+    by section (configs/compare/digits.yaml is the main job's config plus a section)."""
+    p = resolve_path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    if p in seen:
+        raise ConfigError(f"config file {p}: its base: chain comes back to it ({' -> '.join(map(str, seen))})")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {p} must hold a mapping, got {type(d).__name__}")
+    base = d.pop("base", None)
+    if base is None:
+        return d
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {p}: base must be a path to another config, got {base!r}")
+    return _merge(_read_yaml(base, (*seen, p)), d)
+
+
+def _merge(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(under)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def read_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults), apply dotted overrides, validate the schema.
     Jobs call ``metaensemble.validation.load_config``, which also checks the names."""
-    d: dict[str, Any] = {}
-    if path is not None:
-        p = resolve_path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"config file {p} must hold a mapping, got {type(d).__name__}")
+    d = _read_yaml(path) if path is not None else {}
     d = json.loads(json.dumps(build_config(d).to_dict()))  # fill defaults first
     parsed = parse_overrides(overrides or [])
     for key, value in parsed.items():

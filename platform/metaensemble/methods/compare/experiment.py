@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from metaensemble import data, metrics, tracking
@@ -49,8 +48,10 @@ from metaensemble.evaluation import (
 from metaensemble.methods.base import predict_logp
 from metaensemble.methods.compare.config import ROWS
 from metaensemble.methods.weightformer import plan as wf_plan
+from metaensemble.methods.weightformer.align import align_states
 from metaensemble.methods.weightformer.experiment import _kd_common, finetune
 from metaensemble.methods.weightformer.student import generate_student, make_ensembles
+from metaensemble.methods.weightformer.tokens import tokenise
 from metaensemble.methods.weightformer.use import BN_LABEL, eval_data, prepare
 from metaensemble.models import create_model, load
 from metaensemble.models.batchnorm import recompute_bn
@@ -156,6 +157,9 @@ class Board:
     """The leaderboard: per row, one measurement per ensemble."""
 
     per: dict[str, list[dict[str, float]]]
+    best: list[tuple[str, torch.nn.Module]]
+    """Per ensemble: the row whose network has the highest val accuracy (test unseen), and
+    that network."""
     params: dict[str, int]
     flops: dict[str, int]
     one_off_s: dict[str, float]
@@ -174,10 +178,11 @@ class Board:
             rows = self.per[k]
             r: dict[str, Any] = {"key": k, "label": LABELS[k], "n": len(rows), "params": self.params[k],
                                  "flops": self.flops[k], "aligned": self.aligned.get(k, False)}
-            for c in (*COLUMNS, "time_s"):
+            for c in (*COLUMNS, "val_acc", "time_s"):
                 v = [x[c] for x in rows]
                 d = paired_interval(v, 0.0)
                 r[c] = {"mean": d.mean, "lo": d.lo, "hi": d.hi, "per_ensemble": v}
+            r["best_in"] = sum(b == k for b, _ in self.best)
             one_off = self.one_off_s.get(k, 0.0)
             r["one_off_s"] = one_off
             r["amortised_s"] = r["time_s"]["mean"] + one_off / n_served
@@ -213,7 +218,8 @@ class _Scorer:
 
     def measure(self, model: torch.nn.Module, seconds: float) -> tuple[dict[str, float], Any]:
         val, test = self.logps(model)
-        return {**calibrated_columns(val, test), "time_s": float(seconds)}, test
+        val_acc = float((val[0].argmax(1) == val[1]).float().mean())
+        return {**calibrated_columns(val, test), "val_acc": val_acc, "time_s": float(seconds)}, test
 
     def bn(self, model: torch.nn.Module) -> tuple[torch.nn.Module, float]:
         t0 = time.perf_counter()
@@ -235,12 +241,15 @@ def evaluate(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]], ru
     per: dict[str, list[dict[str, float]]] = {}
     curves: dict[str, list[Any]] = {}
     nets: dict[str, torch.nn.Module] = {}
+    best: list[tuple[float, str, torch.nn.Module]] = [(-1.0, "", torch.nn.Identity())] * len(ensembles)
 
-    def add(key: str, row: dict[str, float], test, net: torch.nn.Module | None) -> None:
+    def add(key: str, row: dict[str, float], test, net: torch.nn.Module | None, i: int) -> None:
         per.setdefault(key, []).append(row)
         curves.setdefault(key, []).append(test)
         if net is not None:
             nets.setdefault(key, net)
+            if row["val_acc"] > best[i][0]:  # ties: the row measured first
+                best[i] = (row["val_acc"], key, net)
 
     gen = pool = reference = None
     if "weightformer" in methods:
@@ -257,7 +266,8 @@ def evaluate(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]], ru
         # the reference: the ensemble's averaged probabilities (K networks at inference)
         val = (metrics.ensemble_logp(torch.stack([t_logp[j][0][0] for j in ens])), t_logp[ens[0]][0][1])
         test = (metrics.ensemble_logp(torch.stack([t_logp[j][1][0] for j in ens])), t_logp[ens[0]][1][1])
-        add("ensemble", {**calibrated_columns(val, test), "time_s": 0.0}, test, None)
+        val_acc = float((val[0].argmax(1) == val[1]).float().mean())
+        add("ensemble", {**calibrated_columns(val, test), "val_acc": val_acc, "time_s": 0.0}, test, None, i)
         states = [weight_states[j] for j in ens]
         parents = [parent_of.get(uris[j]) for j in ens]
         from metaensemble.methods import soups
@@ -269,7 +279,7 @@ def evaluate(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]], ru
                 soup = make(states if key != "best_member" else [raw[j] for j in ens], skeleton, ev.bn, ev.val,
                             parents=parents if all(parents) else None)
                 row, t = sc.measure(soup.model, soup.seconds)
-                add(key, row, t, soup.model)
+                add(key, row, t, soup.model, i)
         if "fusion" in methods:
             from metaensemble.methods.fusion.pipeline import fuse_parents
 
@@ -277,26 +287,30 @@ def evaluate(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]], ru
             f = fuse_parents(members, cfg.fusion, full.train, full.info, weights=[1.0 / k] * k)
             model, bn_s = sc.bn(f.model)
             row, t = sc.measure(model, f.seconds + bn_s)
-            add("fusion", row, t, model)
+            add("fusion", row, t, model, i)
             fused.append((model, f.seconds + bn_s))
-        if gen is not None:
-            load_s = prepare([uris[j] for j in ens], gen, m.align, reference).seconds
-            student, dt = generate_student(gen, pool.rows, pool.states, ens, ev.bn)
-            row, t = sc.measure(student, load_s + dt)
-            add("weightformer", row, t, student)
-            generated.append((student, load_s + dt))
+        if gen is not None:  # from the teachers in memory: align, tokenise, generate, BN pass
+            t0 = time.perf_counter()
+            states_k = align_states([raw[j] for j in ens], reference if reference is not None else raw[ens[0]],
+                                    gen.layout, m.align)
+            rows_k = [tokenise(st, gen.layout) for st in states_k]
+            student, _ = generate_student(gen, rows_k, states_k, list(range(len(ens))), ev.bn)
+            made_s = time.perf_counter() - t0
+            row, t = sc.measure(student, made_s)
+            add("weightformer", row, t, student, i)
+            generated.append((student, made_s))
         for d in DISTILLERS:
             rid = run_ids.get(f"{d}/{i}")
             if rid is not None:  # its cost: the training epochs and the BN pass
                 model, bn_s = sc.bn(load(f"runs:/{rid}/model"))
                 row, t = sc.measure(model, train_seconds(client, rid) + bn_s)
-                add(d, row, t, model)
+                add(d, row, t, model, i)
     for key, made in (("fusion", fused), ("weightformer", generated)):
         if made:
             tuned = finetune(p, [s for s, _ in made], ensembles, parent_run_id, ev.bn, of=key)
-            for (_, before), (model, seconds) in zip(made, tuned, strict=True):
+            for i, ((_, before), (model, seconds)) in enumerate(zip(made, tuned, strict=True)):
                 row, t = sc.measure(model, before + seconds)
-                add(f"{key}_ft", row, t, model)
+                add(f"{key}_ft", row, t, model, i)
     params = {k: sum(q.numel() for q in n.parameters()) for k, n in nets.items()}
     flops = {k: flops_of(n, sc.x) for k, n in nets.items()}
     params["ensemble"] = sum(sum(q.numel() for q in teachers[j].parameters()) for j in ensembles[0])
@@ -309,7 +323,7 @@ def evaluate(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]], ru
     if m.align != "none":
         aligned.update({k: True for k in WEIGHT_SPACE})
     pooled = {k: (torch.cat([c[0] for c in v]), torch.cat([c[1] for c in v])) for k, v in curves.items()}
-    return Board(per, params, flops, one_off, aligned, pooled)
+    return Board(per, [(k, net) for _, k, net in best], params, flops, one_off, aligned, pooled)
 
 
 # ---- 4. report -------------------------------------------------------------------------
@@ -327,16 +341,19 @@ def format_board(cfg: Config, summary: list[dict[str, Any]]) -> str:
              f"cNLL / cECE after a temperature fitted on val; ± half the 95% t-interval over ensembles",
              "",
              "| method | ACC (%) | NLL | ECE | cNLL | cECE | ACC - KD (points) | params | MFLOPs | "
-             "time to produce (s) | one-off (s) | amortised (s) | aligned |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "time to produce (s) | one-off (s) | amortised (s) | aligned | best (by val) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         d = r.get("acc_minus_kd")
         diff = (f"{100 * d['mean']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]" if d else "-")
+        best = "-" if r["key"] == "ensemble" else f"{r['best_in']}/{n}"
         lines.append(
             f"| {r['label']} | {_ci(r['acc'], 100)} | {_ci(r['nll'], fmt='.3f')} | {_ci(r['ece'], fmt='.3f')} | "
             f"{_ci(r['cnll'], fmt='.3f')} | {_ci(r['cece'], fmt='.3f')} | {diff} | {r['params']:,} | "
             f"{r['flops'] / 1e6:.2f} | {r['time_s']['mean']:.3f} | {r['one_off_s']:.0f} | {r['amortised_s']:.2f} | "
-            f"{'yes' if r['aligned'] else 'no'} |")
+            f"{'yes' if r['aligned'] else 'no'} | {best} |")
+    lines += ["", "best (by val): in how many ensembles the row's network had the highest val accuracy of "
+              "all single networks; that network is registered, one version per ensemble."]
     return "\n".join(lines)
 
 
@@ -365,6 +382,30 @@ def pareto_plot(summary: list[dict[str, Any]], path: str | Path, title: str) -> 
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     return save_figure(fig, title, path)
+
+
+def register_best(client, parent: str, cfg: Config, board: Board, teacher_sets: list[list[str]]) -> list[str]:
+    """Per ensemble, its best single network (highest val accuracy) logged under the parent
+    run (``best/<i>``) and registered as a version of ``student.<dataset>.<arch>.compare_best``
+    tagged with the row and the teachers; a rerun returns the same versions."""
+    from metaensemble.models import save_model
+
+    arch = wf_plan.student_of(cfg)[0]
+    name = f"student.{cfg.data.name}.{arch}.compare_best"
+    versions = []
+    for i, ((key, net), teachers) in enumerate(zip(board.best, teacher_sets, strict=True)):
+        row = board.per[key][i]
+        with tempfile.TemporaryDirectory() as d:
+            save_model(net, Path(d) / "model", dataset=cfg.data.name)
+            client.log_artifacts(parent, str(Path(d) / "model"), f"best/{i}")
+        mv = tracking.register_model(
+            client, name, parent, f"best/{i}",
+            tags={"method": key, "teachers": ",".join(teachers), "ensemble_size": len(teachers),
+                  "val_acc": round(row["val_acc"], 6), "test_acc": round(row["acc"], 6)},
+            description=f"The leaderboard's best single network per held-out {cfg.data.name} ensemble (by val "
+                        "accuracy), whichever method made it (jobs/compare.py).")
+        versions.append(str(mv.version))
+    return versions
 
 
 def log_board(client, parent: str, cfg: Config, board: Board, summary: list[dict[str, Any]]) -> None:
@@ -444,8 +485,12 @@ def run(cfg: Config, *, train_missing: bool = True) -> CompareOutcome:
         board = evaluate(p, methods, ensembles, run_ids, parent)
         summary = board.summary()
         log_board(client, parent, cfg, board, summary)
+        teacher_sets = [[cfg.meta.test_teachers[j] for j in ens] for ens in ensembles]
+        versions = register_best(client, parent, cfg, board, teacher_sets)
+        print(f"best network per ensemble (by val): {', '.join(k for k, _ in board.best)}; registered as "
+              f"student.{cfg.data.name}.{wf_plan.student_of(cfg)[0]}.compare_best versions {', '.join(versions)}",
+              flush=True)
         seconds = {"plan_s": t_plan - t0, "train_s": t_train - t_plan, "eval_s": time.perf_counter() - t_train,
                    "total_s": time.perf_counter() - t0}
         tracking.log_metrics(client, parent, seconds)
-    teacher_sets = [[cfg.meta.test_teachers[j] for j in ens] for ens in ensembles]
     return CompareOutcome(parent, summary, run_ids, teacher_sets, seconds)
