@@ -63,7 +63,7 @@ def ray_head(tmp_path, mlflow_uri):
     log = open(tmp_path / "ray_head.log", "w")
     # Every port of its own: the session's local Ray instance already holds the defaults
     # (its dashboard agent on 52365 would leave this head without a job agent).
-    own = [f"--{flag}={p}" for flag, p in zip(flags, others)]
+    own = [f"--{flag}={p}" for flag, p in zip(flags, others, strict=True)]
     proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", *own,
                              "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -264,17 +264,25 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
                            *map(str, test_versions)], cwd=REPO_ROOT, env=env_g, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "generated student: test ACC" in proc.stdout and "registered as version" in proc.stdout
+    assert "generated student: test ACC" in proc.stdout
+    assert "registered as student.digits.convnet.weightformer version" in proc.stdout, proc.stdout
     students = client.search_model_versions("name='student.digits.convnet.weightformer'")
     made = [v for v in students if v.tags.get("generator") == gen_uri]
     assert len(made) == 1
+    # the same command again: the same run and version, nothing new registered
+    from conftest import run_script
+
+    again = run_script(["jobs/generate.py", "--generator", gen_uri, "--teachers", *map(str, test_versions)],
+                       {"MLFLOW_TRACKING_URI": mlflow_uri})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"version {made[0].version} (MLflow run {made[0].run_id}; the same generator and teachers were " \
+           "registered before" in again.stdout, again.stdout
+    assert len(client.search_model_versions("name='student.digits.convnet.weightformer'")) == len(students)
     assert made[0].tags["teachers"] == ",".join(f"models:/teacher.digits.convnet/{v}" for v in test_versions)
     student = load(f"models:/student.digits.convnet.weightformer/{made[0].version}")
     assert student.me_spec["kwargs"]["width"] == 4
     # bad input: one clear line, nothing registered (in this process: it fails before any
     # work, and the fresh-process path of the script is the run above)
-    from conftest import run_script
-
     proc = run_script(["jobs/generate.py", "--generator", gen_uri, "--teachers", str(test_versions[0])],
                       {"MLFLOW_TRACKING_URI": mlflow_uri})
     assert proc.returncode == 2 and "this generator takes 2..8 teachers; got 1" in proc.stderr, proc.stderr[-2000:]

@@ -32,7 +32,7 @@ def _own_ports(avoid: tuple[int, ...] = ()) -> list[str]:
     flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
              "runtime-env-agent-port", "node-manager-port", "object-manager-port")
     ports = [p for p in free_ports(len(flags) + len(avoid)) if p not in avoid]
-    return [f"--{flag}={p}" for flag, p in zip(flags, ports)]
+    return [f"--{flag}={p}" for flag, p in zip(flags, ports, strict=False)]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

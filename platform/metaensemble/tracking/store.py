@@ -378,6 +378,9 @@ def ensure_tracking() -> str:
                               "\"http://HOST:5000\"}}' (cluster.yaml's head sets it for every node)")
         uri = _join(local_store_dir()).url
         os.environ["MLFLOW_TRACKING_URI"] = uri
+        # MLflow prints "View run ... at: http://127.0.0.1:<port>" links to this private
+        # server, which stops with the last job using it: jobs name the store instead
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow
 
     mlflow.set_tracking_uri(uri)
