@@ -43,8 +43,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(OUT), help="results path without extension")
     args = ap.parse_args()
 
+    from metaensemble import leaderboard as experiment
     from metaensemble import tracking
-    from metaensemble.methods.compare import experiment
     from metaensemble.validation import load_config
 
     cfgs = [load_config(c) for c in args.configs]  # every config checked before any work
@@ -74,7 +74,8 @@ def write(out: Path, results: list[dict], store: str) -> None:
         s = r["seconds"]
         md += [f"## {r['config']} (zoo {r['teacher_config']}, meta.align={r['align']})", "", r["markdown"], "",
                f"This invocation: {r['wall_s']:.0f} s (zoo {s['plan_s']:.0f} s, training {s['train_s']:.0f} s, "
-               f"evaluation {s['eval_s']:.0f} s; finished runs reused). MLflow parent run `{r['parent_run_id']}`.",
+               f"evaluation {s['eval_s']:.0f} s; runs already finished in the store are reused, so a rerun "
+               f"shows only the evaluation). MLflow parent run `{r['parent_run_id']}`.",
                ""]
     out.with_suffix(".md").write_text("\n".join(md))
     print(f"wrote {out.with_suffix('.md')} and .json")

@@ -27,8 +27,8 @@ def main() -> int:
 
     overrides = [f"compare.{o}" if o.startswith("methods=") else o for o in args.overrides]
     cfg = load_config(args.config, overrides)  # validated before Ray or MLflow start
+    from metaensemble import leaderboard as experiment
     from metaensemble import tracking
-    from metaensemble.methods.compare import experiment
 
     experiment.validate(cfg)
     out = experiment.run(cfg, train_missing=not args.no_train_zoo)

@@ -153,3 +153,16 @@ def test_a_bad_base_is_one_clear_error(tmp_path, text, words):
     p.write_text(text.format(here=p))
     with pytest.raises(ConfigError, match=words):
         load_config(p)
+
+
+def test_a_key_the_dataset_does_not_read_is_refused():
+    """data.root on a built-in dataset would change the run identity (a silent retrain)
+    without changing the data: one line naming the datasets that read it."""
+    with pytest.raises(ConfigError, match=r"data.root=/nowhere: dataset 'digits' is built in and reads no files.*"
+                                          r"cifar10, cifar100, imagefolder, parquet"):
+        load_config("configs/distill/digits.yaml", ["data.root=/nowhere"])
+    with pytest.raises(ConfigError, match="dataset 'synthetic'"):
+        load_config(None, ["data.name=synthetic", "data.root=/x"])
+    # another method's section is not part of this run's identity
+    base = load_config("configs/distill/digits.yaml")
+    assert load_config("configs/distill/digits.yaml", ["fusion.act_samples=7"]).run_key() == base.run_key()

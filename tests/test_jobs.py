@@ -38,6 +38,7 @@ def _run(args, env_extra, timeout=600):
     (["jobs/train_teachers.py", "model.name=nope"], "unknown model 'nope'; known models:"),
     (["jobs/train_teachers.py", "--config", "configs/missing.yaml"], "config file not found"),
     (["jobs/train_teachers.py", "data.name=cifar10", "data.root=/nowhere"], "cifar-10-batches-py"),
+    (["jobs/distill.py", "data.root=/nowhere"], "dataset 'digits' is built in and reads no files"),
     (["jobs/sweep.py", "search_spaces/none.yaml"], "not found; shipped:"),
     (["jobs/prepare_data.py", "--out", "x", "data.nme=digits"], "unknown config key 'data.nme'"),
 ])

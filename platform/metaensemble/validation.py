@@ -22,6 +22,7 @@ def check_names(cfg: Config) -> Config:
 
     registry.check_name(cfg.method)
     data.check_name(cfg.data.name)
+    data.check_keys(cfg.data)
     models.check_name(cfg.model.name)
     return cfg
 

@@ -15,7 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from metaensemble.tracking.store import ENV_HOME, SERVER_FILE, _group_alive
+from metaensemble.tracking.store import ENV_HOME, KEEP_SERVER_LOGS, SERVER_FILE, _group_alive
 
 # Waits on a "go" file so that both jobs call ensure_tracking() at the same moment, then
 # logs 5 runs and prints its tracking URI and the store's server record.
@@ -99,13 +99,20 @@ def test_jobs_started_together_replace_a_dead_server_share_one_new_one_and_the_l
     # a pid above pid_max: no process has it
     dead = {"url": dead_url, "pid": 2**22 + 1, "owner": "job"}
     (store / SERVER_FILE).write_text(json.dumps(dead))
+    old_logs = [store / f"server-{1000 + i}.log" for i in range(7)]  # earlier servers', oldest first
+    for i, log in enumerate(old_logs):
+        log.write_text("old")
+        os.utime(log, (time.time() - 3600 + i, time.time() - 3600 + i))
 
     a, b = _run_jobs(store, ["a", "b"])
 
     assert a["uri"] != dead_url and a["record"]["url"] == a["uri"], "the dead server was not replaced"
     assert a["uri"] == b["uri"], "two jobs on one store started two servers"
     assert a["record"] == b["record"] and a["record"]["owner"] == "job"
-    assert len(list(store.glob("server-*.log"))) == 1, "more than one server was started"
+    new_logs = set(store.glob("server-*.log")) - set(old_logs)
+    assert len(new_logs) == 1, "more than one server was started"
+    # the store keeps its newest KEEP_SERVER_LOGS server logs: this server's and the 4 newest before it
+    assert sorted(store.glob("server-*.log")) == sorted([*new_logs, *old_logs[-(KEEP_SERVER_LOGS - 1):]])
     assert str(store) in a["describe"]
     # both gone: the last one stopped the server and removed the record
     assert not (store / SERVER_FILE).exists()

@@ -26,6 +26,8 @@ class DatasetSpec:
     load: Callable
     check: Callable
     streaming: bool = False
+    reads_root: bool = True
+    """False for the built-in datasets (digits, synthetic): they read no files."""
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -34,8 +36,8 @@ DATASETS: Registry[DatasetSpec] = Registry("dataset")
 def _register():
     from metaensemble.data import parquet, sources
 
-    DATASETS.add("digits", DatasetSpec(sources.load_digits, lambda cfg: None))
-    DATASETS.add("synthetic", DatasetSpec(sources.load_synthetic, lambda cfg: None))
+    DATASETS.add("digits", DatasetSpec(sources.load_digits, lambda cfg: None, reads_root=False))
+    DATASETS.add("synthetic", DatasetSpec(sources.load_synthetic, lambda cfg: None, reads_root=False))
     for name in ("cifar10", "cifar100"):
         DATASETS.add(
             name,
@@ -52,6 +54,17 @@ _register()
 
 def check_name(name: str) -> None:
     DATASETS.check(name)
+
+
+def check_keys(cfg) -> None:
+    """Refuse a key the dataset ``cfg.name`` does not read (a DataConfig): it would change
+    the run identity, and so retrain, without changing the data."""
+    if cfg.root is not None and not DATASETS.get(cfg.name).reads_root:
+        from metaensemble.errors import ConfigError
+
+        readers = ", ".join(n for n in DATASETS.names() if DATASETS.get(n).reads_root)
+        raise ConfigError(f"data.root={cfg.root}: dataset {cfg.name!r} is built in and reads no files; leave "
+                          f"data.root unset (datasets that read it: {readers})")
 
 
 def check(cfg) -> None:

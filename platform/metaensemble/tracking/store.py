@@ -55,6 +55,19 @@ BUSY_GRACE_S = 15.0
 STOP_TIMEOUT_S = 15.0
 
 
+KEEP_SERVER_LOGS = 5
+"""Server logs a local store keeps (one per server started: each job that found none running)."""
+
+
+def prune_server_logs(store: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest ``server-*.log`` files of ``store``; returns the
+    deleted ones. A running server writes to its log, so its log is among the newest."""
+    logs = sorted(store.glob("server-*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in logs[keep:]:
+        old.unlink(missing_ok=True)
+    return logs[keep:]
+
+
 def local_store_dir() -> Path:
     return Path(os.environ.get(ENV_HOME) or REPO_ROOT / "runs" / "mlflow").resolve()
 
@@ -176,6 +189,7 @@ class LocalTrackingServer:
 
     def start(self, timeout: float = 120.0) -> LocalTrackingServer:
         self.store.mkdir(parents=True, exist_ok=True)
+        prune_server_logs(self.store, KEEP_SERVER_LOGS - 1)  # and this server's own
         log = open(self.store / f"server-{self.port}.log", "ab")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)

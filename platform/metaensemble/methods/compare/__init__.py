@@ -1,8 +1,8 @@
-"""The leaderboard behind ``jobs/compare.py`` (docs/compare.md): every way the platform
-makes one network from K trained ones, on the same held-out ensembles of one zoo, each
-through its own code path. Not an engine method: the rows are the other methods' runs
-and functions.
+"""The ``compare`` config section of ``jobs/compare.py``, the leaderboard (docs/compare.md).
+
+Not an engine method and no pipeline of its own here: the leaderboard is a composition of
+every method (``metaensemble.leaderboard``, beside ``sweep``), and this folder only
+declares the section its configs carry, so that the registry knows it.
 
     config       the ``compare`` section and the methods it knows (no torch)
-    experiment   plan, train, evaluate, log: the pipeline
 """

@@ -1,4 +1,5 @@
-"""The ``compare`` section of jobs/compare.py, the leaderboard (no torch, no engine method).
+"""The ``compare`` section of jobs/compare.py, the leaderboard (no torch, no engine method;
+the pipeline is ``metaensemble.leaderboard``).
 
 The leaderboard reads the WeightFormer job's config (its zoo, its split of the zoo into
 meta-train / meta-val / meta-test teachers, its generator) and adds this section: which

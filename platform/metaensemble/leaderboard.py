@@ -51,8 +51,8 @@ from metaensemble.methods.weightformer import plan as wf_plan
 from metaensemble.methods.weightformer.align import align_states
 from metaensemble.methods.weightformer.experiment import _kd_common, finetune
 from metaensemble.methods.weightformer.student import generate_student, make_ensembles
-from metaensemble.methods.weightformer.tokens import tokenise
-from metaensemble.methods.weightformer.use import BN_LABEL, eval_data, prepare
+from metaensemble.methods.weightformer.tokens import build_layout, tokenise
+from metaensemble.methods.weightformer.use import BN_LABEL, eval_data
 from metaensemble.models import create_model, load
 from metaensemble.models.batchnorm import recompute_bn
 
@@ -96,10 +96,10 @@ def validate(cfg: Config) -> list[str]:
     if m.ensemble_size > m.num_test_teachers:
         raise ConfigError(f"meta.ensemble_size={m.ensemble_size} is more than the {m.num_test_teachers} held-out "
                           f"(meta-test) teachers: raise meta.num_test_teachers or lower K")
-    n = len(make_ensembles(m.num_test_teachers, m.ensemble_size, cfg.compare.ensembles, cfg.seed + 1))
-    if n < cfg.compare.ensembles:
+    n = math.comb(m.num_test_teachers, m.ensemble_size)
+    if n < cfg.compare.ensembles:  # beyond that the draw repeats teacher sets with other anchors
         raise ConfigError(f"compare.ensembles={cfg.compare.ensembles}: {m.num_test_teachers} held-out teachers form "
-                          f"only {n} ensembles of K={m.ensemble_size}")
+                          f"only {n} distinct ensembles of K={m.ensemble_size}")
     student, skw = wf_plan.student_of(cfg)
     if "fusion" in methods:
         from metaensemble.methods.fusion.structure import family
@@ -251,13 +251,15 @@ def evaluate(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]], ru
             if row["val_acc"] > best[i][0]:  # ties: the row measured first
                 best[i] = (row["val_acc"], key, net)
 
-    gen = pool = reference = None
-    if "weightformer" in methods:
-        gen = load(f"runs:/{run_ids['weightformer']}/model")
-        if m.align != "none":
-            reference = prepare([m.train_teachers[0]], gen).states[0]
-        pool = prepare(uris, gen, m.align, reference)
-    weight_states = pool.states if (pool is not None and m.align != "none") else raw
+    gen = load(f"runs:/{run_ids['weightformer']}/model") if "weightformer" in methods else None
+    # meta.align=permutation: the weight-space rows take the ensemble's teachers permuted
+    # onto the WeightFormer job's reference (its first meta-train teacher) first, whether
+    # or not WeightFormer is on the board; each such row is charged the alignment time
+    layout = reference = None
+    if m.align != "none":
+        info = data.load(cfg.data).info
+        layout = build_layout(teachers[0], torch.zeros(2, info.in_chans, info.img_size, info.img_size))
+        reference = load(m.train_teachers[0]).state_dict()
     parent_of = {r.uri: r.parent or None for r in p.teachers}
     full = data.load(cfg.data.model_copy(update={"train_fraction": 1.0}))
     fused, generated = [], []
@@ -268,7 +270,10 @@ def evaluate(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]], ru
         test = (metrics.ensemble_logp(torch.stack([t_logp[j][1][0] for j in ens])), t_logp[ens[0]][1][1])
         val_acc = float((val[0].argmax(1) == val[1]).float().mean())
         add("ensemble", {**calibrated_columns(val, test), "val_acc": val_acc, "time_s": 0.0}, test, None, i)
-        states = [weight_states[j] for j in ens]
+        t0 = time.perf_counter()
+        states = [raw[j] for j in ens] if layout is None else align_states([raw[j] for j in ens], reference, layout,
+                                                                             m.align)
+        align_s = time.perf_counter() - t0
         parents = [parent_of.get(uris[j]) for j in ens]
         from metaensemble.methods import soups
 
@@ -278,7 +283,7 @@ def evaluate(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]], ru
                 skeleton = load(uris[ens[0]])
                 soup = make(states if key != "best_member" else [raw[j] for j in ens], skeleton, ev.bn, ev.val,
                             parents=parents if all(parents) else None)
-                row, t = sc.measure(soup.model, soup.seconds)
+                row, t = sc.measure(soup.model, soup.seconds + (align_s if key != "best_member" else 0.0))
                 add(key, row, t, soup.model, i)
         if "fusion" in methods:
             from metaensemble.methods.fusion.pipeline import fuse_parents
@@ -289,13 +294,11 @@ def evaluate(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]], ru
             row, t = sc.measure(model, f.seconds + bn_s)
             add("fusion", row, t, model, i)
             fused.append((model, f.seconds + bn_s))
-        if gen is not None:  # from the teachers in memory: align, tokenise, generate, BN pass
+        if gen is not None:  # from the teachers in memory: (align,) tokenise, generate, BN pass
             t0 = time.perf_counter()
-            states_k = align_states([raw[j] for j in ens], reference if reference is not None else raw[ens[0]],
-                                    gen.layout, m.align)
-            rows_k = [tokenise(st, gen.layout) for st in states_k]
-            student, _ = generate_student(gen, rows_k, states_k, list(range(len(ens))), ev.bn)
-            made_s = time.perf_counter() - t0
+            rows_k = [tokenise(st, gen.layout) for st in states]
+            student, _ = generate_student(gen, rows_k, states, list(range(len(ens))), ev.bn)
+            made_s = align_s + time.perf_counter() - t0
             row, t = sc.measure(student, made_s)
             add("weightformer", row, t, student, i)
             generated.append((student, made_s))
@@ -370,8 +373,8 @@ def pareto_plot(summary: list[dict[str, Any]], path: str | Path, title: str) -> 
         a = r["acc"]
         if r["key"] == "ensemble":
             ax.axhline(100 * a["mean"], color="grey", ls="--", lw=1)
-            ax.text(ax.get_xlim()[0], 100 * a["mean"], " ensemble (K networks at inference)", va="bottom",
-                    fontsize=8, color="grey")
+            ax.text(0.01, 100 * a["mean"], "ensemble of K (K networks at inference)", va="bottom", fontsize=8,
+                    color="grey", transform=ax.get_yaxis_transform())  # x in axes fraction: any x scale
             continue
         x = max(r["time_s"]["mean"], 1e-3)
         lo, hi = 100 * (a["mean"] - a["lo"]), 100 * (a["hi"] - a["mean"])
@@ -398,12 +401,15 @@ def register_best(client, parent: str, cfg: Config, board: Board, teacher_sets: 
         with tempfile.TemporaryDirectory() as d:
             save_model(net, Path(d) / "model", dataset=cfg.data.name)
             client.log_artifacts(parent, str(Path(d) / "model"), f"best/{i}")
+        tags = {"method": key, "teachers": ",".join(teachers), "ensemble_size": str(len(teachers)),
+                "val_acc": str(round(row["val_acc"], 6)), "test_acc": str(round(row["acc"], 6))}
         mv = tracking.register_model(
-            client, name, parent, f"best/{i}",
-            tags={"method": key, "teachers": ",".join(teachers), "ensemble_size": len(teachers),
-                  "val_acc": round(row["val_acc"], 6), "test_acc": round(row["acc"], 6)},
+            client, name, parent, f"best/{i}", tags=tags,
             description=f"The leaderboard's best single network per held-out {cfg.data.name} ensemble (by val "
                         "accuracy), whichever method made it (jobs/compare.py).")
+        for k, v in tags.items():  # a rerun that re-logged best/<i> keeps the version's tags true
+            if mv.tags.get(k) != v:
+                client.set_model_version_tag(name, mv.version, k, v)
         versions.append(str(mv.version))
     return versions
 
@@ -427,13 +433,12 @@ def log_board(client, parent: str, cfg: Config, board: Board, summary: list[dict
     for r in summary:
         rid = known.get(r["key"]) or client.create_run(exp_id, tags={
             "mlflow.parentRunId": parent, "mlflow.runName": r["key"], "metaensemble.compare_row": r["key"],
-            "metaensemble.label": r["label"]}).info.run_id
-        values = {c: r[c]["mean"] for c in COLUMNS} | {
-            f"{c}_lo": r[c]["lo"] for c in COLUMNS if math.isfinite(r[c]["lo"])} | {
+            "metaensemble.label": r["label"], **tracking.runs.invocation_tags()}).info.run_id
+        values = {c: r[c]["mean"] for c in COLUMNS} | {f"{c}_{e}": r[c][e] for c in COLUMNS for e in ("lo", "hi")} | {
             "time_s": r["time_s"]["mean"], "one_off_s": r["one_off_s"], "amortised_s": r["amortised_s"],
-            "params": r["params"], "flops": r["flops"], "n_ensembles": r["n"]}
-        if "acc_minus_kd" in r:
-            values["acc_minus_kd"] = r["acc_minus_kd"]["mean"]
+            "params": r["params"], "flops": r["flops"], "n_ensembles": r["n"], "best_in": r["best_in"]}
+        if "kd" in board.per:  # KD's own row: 0 (every row logs the same names)
+            values["acc_minus_kd"] = r["acc_minus_kd"]["mean"] if "acc_minus_kd" in r else 0.0
         tracking.log_metrics(client, rid, values)
         client.set_tag(rid, "metaensemble.aligned", str(r["aligned"]).lower())
         client.set_terminated(rid, "FINISHED")
@@ -484,9 +489,9 @@ def run(cfg: Config, *, train_missing: bool = True) -> CompareOutcome:
         t_train = time.perf_counter()
         board = evaluate(p, methods, ensembles, run_ids, parent)
         summary = board.summary()
-        log_board(client, parent, cfg, board, summary)
         teacher_sets = [[cfg.meta.test_teachers[j] for j in ens] for ens in ensembles]
         versions = register_best(client, parent, cfg, board, teacher_sets)
+        log_board(client, parent, cfg, board, summary)
         print(f"best network per ensemble (by val): {', '.join(k for k, _ in board.best)}; registered as "
               f"student.{cfg.data.name}.{wf_plan.student_of(cfg)[0]}.compare_best versions {', '.join(versions)}",
               flush=True)
