@@ -203,6 +203,10 @@ def test_the_best_network_of_each_ensemble_is_registered(job):
         acc = float((logp.argmax(1) == y).float().mean())
         assert acc == pytest.approx(board[v.tags["method"]]["acc"]["per_ensemble"][i], abs=1e-6)
     assert f"registered as {name} versions" in res.stdout
+    # the generator it used is registered, as the main job registers it
+    gens = client.search_model_versions("name='weightformer.digits.convnet'")
+    used = next(v for v in gens if v.tags.get("meta_train_run") == parent.info.run_id)
+    assert f"generator: weightformer.digits.convnet version {used.version}" in res.stdout
 
 
 def test_teachers_are_aligned_first_where_the_config_says_so(job, mlflow_uri, tmp_path):

@@ -93,6 +93,47 @@ def test_bar_chart_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
 
 
+def test_bars_carry_their_intervals_on_honest_axes():
+    """Every bar with its 95% t-interval over the row's units; accuracy from 0 to 100; a
+    row that cost 0 s is said, not drawn as a tiny bar; the highlight colour has a legend."""
+    from metaensemble.evaluation import bar_figure, half_interval, mean_row, paired_interval
+
+    per = [{"acc": a, "nll": n, "ece": e, "time_s": 0.0} for a, n, e in ((0.8, 0.5, 0.05), (0.9, 0.3, 0.07),
+                                                                         (0.85, 0.4, 0.02))]
+    rows = [mean_row("ensemble", "ensemble", per),
+            mean_row("student", "student", [{**p, "time_s": 2.0} for p in per])]
+    fig = bar_figure(rows, highlight=["student"])
+    acc_ax, nll_ax, _ece_ax, time_ax = fig.axes[:4]
+    assert acc_ax.get_xlim() == (0.0, 100.0)
+    d = paired_interval([0.5, 0.3, 0.4], 0.0)
+    assert half_interval([0.5, 0.3, 0.4]) == pytest.approx(d.hi - d.mean)
+    (err,) = [c for c in nll_ax.containers if hasattr(c, "lines") and c.lines[1]]  # the error bars
+    seg = err.lines[2][0].get_segments()[0]  # row 0's horizontal error segment
+    assert seg[1][0] - seg[0][0] == pytest.approx(2 * (d.hi - d.mean))
+    assert len(time_ax.patches) == 1 and any(t.get_text().strip() == "0 s" for t in time_ax.texts)
+    labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert "this job's method" in labels
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_reliability_panels_show_the_tables_ece_and_a_legend_for_every_mark():
+    from metaensemble.evaluation import reliability_figure
+
+    g = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(300, 5, generator=g) * 3, 1)
+    y = torch.randint(0, 5, (300,), generator=g)
+    fig = reliability_figure({"KD": (logp, y), "LatentBE": (logp, y)}, ece={"KD": 0.1234})
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "ECE 0.1234 (table: mean over units)" in titles[0] and "(pooled bins)" in titles[1]
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    assert sorted(labels) == ["accuracy", "calibrated", "mean confidence"]  # every mark drawn is named
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def test_table_columns_are_parallel_lists():
     cols = table_columns(_rows())
     assert cols["method"] == ["ensemble (prob. average)", "ablation: student"]

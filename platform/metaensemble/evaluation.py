@@ -57,6 +57,9 @@ class Row:
     accs: list[float] = field(default_factory=list)
     """Per-unit accuracies in the units' order, so that two rows can be compared on the
     units they share (a row may cover only the first few)."""
+    nlls: list[float] = field(default_factory=list)
+    eces: list[float] = field(default_factory=list)
+    """Per-unit NLL and ECE (the bar chart's intervals)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +100,8 @@ def mean_row(key: str, label: str, per: list[dict[str, float]]) -> Row:
         m["time_s"],
         len(per),
         [float(p["acc"]) for p in per],
+        [float(p["nll"]) for p in per],
+        [float(p["ece"]) for p in per],
     )
 
 
@@ -125,37 +130,68 @@ def table_columns(rows: list[Row]) -> dict[str, list[Any]]:
     }
 
 
-def bar_chart(rows: list[Row], path: str | Path, title: str, highlight: Iterable[str] = ()) -> Path:
-    """Four horizontal bar panels (accuracy %, NLL, ECE, seconds on a log axis), one bar
-    per row in table order, written as a PNG; rows whose key is in ``highlight`` (the
-    method the job is about) are drawn in another colour."""
+def half_interval(values: Iterable[float], confidence: float = 0.95) -> float:
+    """Half the width of the Student-t interval of the mean of ``values``; 0 for fewer
+    than two (nothing to draw)."""
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size < 2:
+        return 0.0
+    d = paired_interval(v, 0.0, confidence=confidence)
+    return float(d.hi - d.mean)
+
+
+def bar_figure(rows: list[Row], highlight: Iterable[str] = ()):
+    """The figure of ``bar_chart`` (not saved): four horizontal bar panels (accuracy %
+    from 0 to 100, NLL, ECE, seconds to produce on a log axis), one bar per row in table
+    order with its 95% t-interval over the row's units; a row that cost 0 s gets no bar
+    but the words "0 s"; rows in ``highlight`` in another colour, with a legend."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a cluster node
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     marked = set(highlight)
-    fig, axes = plt.subplots(1, 4, figsize=(18, max(3.0, 0.35 * len(rows) + 1.5)), sharey=True)
+    fig, axes = plt.subplots(1, 4, figsize=(18, max(3.0, 0.35 * len(rows) + 2.0)), sharey=True)
     ypos = np.arange(len(rows))
     colours = ["tab:orange" if r.key in marked else "tab:blue" for r in rows]
     panels = (
-        ("acc", "test accuracy (%)"),
-        ("nll", "test NLL"),
-        ("ece", "test ECE"),
-        ("time_s", "seconds to produce (log)"),
+        ("acc", "test accuracy (%)", lambda r: [100 * a for a in r.accs]),
+        ("nll", "test NLL", lambda r: r.nlls),
+        ("ece", "test ECE", lambda r: r.eces),
     )
-    for ax, (attr, name) in zip(axes, panels, strict=True):
-        vals = [100 * r.acc if attr == "acc" else getattr(r, attr) for r in rows]
-        if attr == "time_s":
-            vals = [max(v, 1e-4) for v in vals]  # a log axis cannot show 0 s
-            ax.set_xscale("log")
-        ax.barh(ypos, vals, color=colours)
-        if attr == "acc" and vals:
-            ax.set_xlim(max(0.0, min(vals) - 2.0), 100.0)  # the differences are a few points
+    for ax, (attr, name, units) in zip(axes, panels, strict=False):
+        scale = 100 if attr == "acc" else 1
+        vals = [scale * getattr(r, attr) for r in rows]
+        ax.barh(ypos, vals, xerr=[half_interval(units(r)) for r in rows], capsize=3, color=colours,
+                error_kw={"elinewidth": 1})
+        if attr == "acc":
+            ax.set_xlim(0, 100)  # the whole scale: differences of a point look like one
         ax.set_title(name)
+    ax = axes[3]
+    times = [r.time_s for r in rows]
+    positive = [t for t in times if t > 0]
+    ax.set_xscale("log")
+    if positive:
+        left = min(positive) / 3
+        for y, t, c in zip(ypos, times, colours, strict=True):
+            if t > 0:
+                ax.barh([y], [t - left], left=left, color=c)
+            else:
+                ax.text(left, y, " 0 s", va="center", fontsize=8)
+        ax.set_xlim(left, max(positive) * 2)
+    ax.set_title("seconds to produce (log)")
     axes[0].set_yticks(ypos, [r.label.strip() for r in rows])
     axes[0].invert_yaxis()
-    return save_figure(fig, title, path)
+    handles = [Patch(color="tab:orange", label="this job's method"), Patch(color="tab:blue", label="the other rows")]
+    fig.legend(handles=handles if marked else handles[1:], loc="lower center", ncol=2, fontsize=9,
+               title="bars: mean over units; error bars: 95% t-interval", title_fontsize=9)
+    return fig
+
+
+def bar_chart(rows: list[Row], path: str | Path, title: str, highlight: Iterable[str] = ()) -> Path:
+    """``bar_figure`` with ``title``, written as a PNG at ``path``."""
+    return save_figure(bar_figure(rows, highlight), title, path)
 
 
 def save_figure(fig, title: str, path: str | Path) -> Path:
@@ -163,7 +199,7 @@ def save_figure(fig, title: str, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, min(0.4, 0.75 / fig.get_figheight()) if fig.legends else 0, 1, 1))  # room for it
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -261,10 +297,13 @@ def format_seed_table(rows: list[SeedRow]) -> str:
     return "\n".join(lines)
 
 
-def reliability_diagram(curves: dict[str, tuple[Any, Any]], path: str | Path, title: str,
-                        n_bins: int = 15) -> Path:
-    """One panel per row: accuracy per confidence bin (15 equal-width, right-closed, as
-    ECE) against the diagonal, from the test predictions (a student's seeds pooled)."""
+def reliability_figure(curves: dict[str, tuple[Any, Any]], n_bins: int = 15,
+                       ece: dict[str, float] | None = None):
+    """The figure of ``reliability_diagram`` (not saved): one panel per row, accuracy per
+    confidence bin (15 equal-width, right-closed, as ECE) as bars and the bin's mean
+    confidence as a dot, against the diagonal. The bins pool the row's test predictions
+    over its units (seeds, ensembles); the ECE in a panel's title is ``ece[label]``, the
+    table's mean over units, where given, else the pooled bins' own (said so)."""
     import matplotlib
     import torch
 
@@ -273,7 +312,7 @@ def reliability_diagram(curves: dict[str, tuple[Any, Any]], path: str | Path, ti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.8), sharey=True)
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 4.2), sharey=True)
     axes = np.atleast_1d(axes)
     width = 1.0 / n_bins
     centres = (np.arange(n_bins) + 0.5) * width
@@ -283,17 +322,25 @@ def reliability_diagram(curves: dict[str, tuple[Any, Any]], path: str | Path, ti
         acc, conf = bins[:, 2] / count, bins[:, 1] / count
         filled = bins[:, 0] > 0
         ax.bar(centres[filled], acc[filled], width=width, edgecolor="black", color="tab:blue", label="accuracy")
-        ax.bar(centres[filled], (conf - acc)[filled], bottom=acc[filled], width=width, color="tab:red",
-               alpha=0.35, label="gap to confidence")
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
-        ece = metrics.ece_from_bins(torch.from_numpy(bins))
-        ax.set_title(f"{label.strip()}\nECE {ece:.4f}", fontsize=10)
+        ax.plot(centres[filled], conf[filled], "o", color="tab:red", ms=4, label="mean confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+        if ece is not None and label in ece:
+            note = f"ECE {ece[label]:.4f} (table: mean over units)"
+        else:
+            note = f"ECE {metrics.ece_from_bins(torch.from_numpy(bins)):.4f} (pooled bins)"
+        ax.set_title(f"{label.strip()}\n{note}", fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("confidence")
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left", fontsize=8)
-    return save_figure(fig, title, path)
+    return fig
+
+
+def reliability_diagram(curves: dict[str, tuple[Any, Any]], path: str | Path, title: str,
+                        n_bins: int = 15, ece: dict[str, float] | None = None) -> Path:
+    """``reliability_figure`` with ``title``, written as a PNG at ``path``."""
+    return save_figure(reliability_figure(curves, n_bins, ece), title, path)
 
 
 # ---- paired comparisons over evaluation units ----------------------------------------------

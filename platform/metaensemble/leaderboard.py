@@ -49,7 +49,7 @@ from metaensemble.methods.base import predict_logp
 from metaensemble.methods.compare.config import ROWS
 from metaensemble.methods.weightformer import plan as wf_plan
 from metaensemble.methods.weightformer.align import align_states
-from metaensemble.methods.weightformer.experiment import _kd_common, finetune
+from metaensemble.methods.weightformer.experiment import _kd_common, finetune, register_generator
 from metaensemble.methods.weightformer.student import generate_student, make_ensembles
 from metaensemble.methods.weightformer.tokens import build_layout, tokenise
 from metaensemble.methods.weightformer.use import BN_LABEL, eval_data
@@ -425,7 +425,8 @@ def log_board(client, parent: str, cfg: Config, board: Board, summary: list[dict
     client.log_dict(parent, {"rows": summary}, "leaderboard.json")
     with tempfile.TemporaryDirectory() as d:
         pareto_plot(summary, Path(d) / "pareto.png", title)
-        reliability_diagram({LABELS[k]: v for k, v in board.curves.items()}, Path(d) / "reliability.png", title)
+        reliability_diagram({LABELS[k]: v for k, v in board.curves.items()}, Path(d) / "reliability.png", title,
+                            ece={r["label"]: r["ece"]["mean"] for r in summary})
         client.log_artifacts(parent, d)
     exp_id = client.get_run(parent).info.experiment_id
     known = {r.data.tags.get("metaensemble.compare_row"): r.info.run_id for r in client.search_runs(
@@ -486,6 +487,9 @@ def run(cfg: Config, *, train_missing: bool = True) -> CompareOutcome:
             print(f"training {len(runs)} runs (finished ones are reused): {', '.join(runs)}", flush=True)
             run_ids = train_configs(runs, groups, experiment=cfg.experiment_name, parent_run_id=parent,
                                     storage=f"{cfg.resolved_storage_path()}/compare", name=key[:150])
+        if "weightformer" in run_ids:  # the generator, registered as the main job registers it
+            version = register_generator(client, cfg, run_ids["weightformer"], parent)
+            print(f"generator: weightformer.{cfg.data.name}.{wf_plan.student_of(cfg)[0]} version {version}", flush=True)
         t_train = time.perf_counter()
         board = evaluate(p, methods, ensembles, run_ids, parent)
         summary = board.summary()

@@ -219,7 +219,8 @@ def run(cfg: Config, *, train_missing: bool = True) -> DistillOutcome:
         rows, curves = evaluate(p, run_ids)
         versions = register_students(client, p, run_ids, parent)
         dirs = directions(rows)
-        title = f"{cfg.data.name} {cfg.model.name} {cfg.model.kwargs}: DE-{len(p.teachers)} and its students"
+        shape = ", ".join(f"{k} {v}" for k, v in cfg.model.kwargs.items())
+        title = f"{cfg.data.name}, {cfg.model.name}{f' ({shape})' if shape else ''}: DE-{len(p.teachers)} and its students"
         log_results(client, parent, rows, curves, dirs, title)
         seconds = {"plan_s": t_plan - t0, "train_s": t_train - t_plan, "total_s": time.perf_counter() - t0}
         tracking.log_metrics(client, parent, seconds)
@@ -235,7 +236,7 @@ def log_results(client, run_id: str, rows: list[SeedRow], curves, dirs: dict[str
         (out / "distill_table.md").write_text(f"{title}\n\n{format_seed_table(rows)}\n\n{claims}\n")
         (out / "distill_table.json").write_text(json.dumps({"rows": [r.to_dict() for r in rows],
                                                             "directions": dirs}, indent=2))
-        reliability_diagram(curves, out / "reliability.png", title)
+        reliability_diagram(curves, out / "reliability.png", title, ece={r.label: r.mean["ece"] for r in rows})
         client.log_artifacts(run_id, d)
     values = {}
     for r in rows:
