@@ -49,7 +49,7 @@ from metaensemble.methods.base import predict_logp
 from metaensemble.methods.compare.config import ROWS
 from metaensemble.methods.weightformer import plan as wf_plan
 from metaensemble.methods.weightformer.align import align_states
-from metaensemble.methods.weightformer.experiment import _kd_common, finetune, register_generator
+from metaensemble.methods.weightformer.experiment import finetune, kd_overrides, register_generator
 from metaensemble.methods.weightformer.student import generate_student, make_ensembles
 from metaensemble.methods.weightformer.tokens import build_layout, tokenise
 from metaensemble.methods.weightformer.use import BN_LABEL, eval_data
@@ -144,7 +144,7 @@ def distill_configs(p: wf_plan.Plan, methods: list[str], ensembles: list[list[in
     for method in (d for d in DISTILLERS if d in methods):
         for i, ens in enumerate(ensembles):
             teachers = [cfg.meta.test_teachers[j] for j in ens]
-            c = p.teacher_cfg.with_overrides(_kd_common(cfg, student, skw, teachers, epochs))
+            c = p.teacher_cfg.with_overrides(kd_overrides(cfg, student, skw, teachers, epochs))
             if method != "kd":
                 c = c.with_overrides({"method": method, "latentbe.members": len(teachers)})
             out[f"{method}/{i}"] = c

@@ -99,7 +99,7 @@ def test_ensembles(cfg: Config) -> list[list[int]]:
     )
 
 
-def _kd_common(
+def kd_overrides(
     cfg: Config, student: str, skw: dict[str, Any], teachers: list[str], epochs: int
 ) -> dict[str, Any]:
     """Overrides that turn the teacher recipe into an ensemble-KD run of the student."""
@@ -127,7 +127,7 @@ def kd_configs(p: Plan) -> dict[str, Config]:
     out = {}
     for i, ens in enumerate(test_ensembles(cfg)[: cfg.meta.kd_ensembles]):
         base = t.with_overrides(
-            _kd_common(
+            kd_overrides(
                 cfg, student, skw, [cfg.meta.test_teachers[j] for j in ens], cfg.meta.kd_epochs
             )
         )
@@ -162,7 +162,7 @@ def finetune_configs(p: Plan, init_uris: list[str], ensembles: list[list[int]]) 
     return [
         p.teacher_cfg.with_overrides(
             {
-                **_kd_common(
+                **kd_overrides(
                     cfg, student, skw, [m.test_teachers[j] for j in ens], m.finetune_epochs
                 ),
                 "task": "kd_finetune",
