@@ -30,8 +30,7 @@ def main() -> int:
     from metaensemble import leaderboard as experiment
     from metaensemble import tracking
 
-    experiment.validate(cfg)
-    out = experiment.run(cfg, train_missing=not args.no_train_zoo)
+    out = experiment.run(cfg, train_missing=not args.no_train_zoo)  # validates first: bad input before any work
     work_done()
     print()
     print(experiment.format_board(cfg, out.summary))

@@ -45,6 +45,7 @@ from metaensemble.evaluation import (
     save_figure,
     train_seconds,
 )
+from metaensemble.methods import soups
 from metaensemble.methods.base import predict_logp
 from metaensemble.methods.compare.config import ROWS
 from metaensemble.methods.weightformer import plan as wf_plan
@@ -275,8 +276,6 @@ def evaluate(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]], ru
                                                                              m.align)
         align_s = time.perf_counter() - t0
         parents = [parent_of.get(uris[j]) for j in ens]
-        from metaensemble.methods import soups
-
         for key, make in (("best_member", soups.best_member), ("uniform_soup", soups.uniform_soup),
                           ("greedy_soup", soups.greedy_soup), ("learned_soup", soups.learned_soup)):
             if key in methods:
