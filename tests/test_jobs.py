@@ -77,7 +77,7 @@ def test_train_teachers_job_interrupted_then_rerun_resumes_and_finishes(mlflow_u
     from metaensemble.config import REPO_ROOT
 
     experiment = f"jobtest/teachers-{uuid.uuid4().hex[:6]}"
-    args = ["jobs/train_teachers.py", "zoo.num_teachers=2", "zoo.pack_size=2", "train.epochs=40", "model.name=convnet",
+    args = ["jobs/train_teachers.py", "zoo.num_teachers=2", "zoo.pack_size=2", "train.epochs=12", "model.name=convnet",
             "model.kwargs.width=4", f"storage_path={tmp_path / 'ray'}", f"experiment={experiment}"]
     invocation = f"test-{uuid.uuid4().hex}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "METAENSEMBLE_INVOCATION": invocation}

@@ -307,12 +307,15 @@ def evaluate(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]], ru
                 model, bn_s = sc.bn(load(f"runs:/{rid}/model"))
                 row, t = sc.measure(model, train_seconds(client, rid) + bn_s)
                 add(d, row, t, model, i)
-    for key, made in (("fusion", fused), ("weightformer", generated)):
-        if made:
-            tuned = finetune(p, [s for s, _ in made], ensembles, parent_run_id, ev.bn, of=key)
-            for i, ((_, before), (model, seconds)) in enumerate(zip(made, tuned, strict=True)):
-                row, t = sc.measure(model, before + seconds)
-                add(f"{key}_ft", row, t, model, i)
+    # the fused and the generated students finetuned together: one Ray Train run (a pack)
+    made = [(key, i, s, before) for key, ms in (("fusion", fused), ("weightformer", generated))
+            for i, (s, before) in enumerate(ms)]
+    if made:
+        tuned = finetune(p, [s for _, _, s, _ in made], [ensembles[i] for _, i, _, _ in made], parent_run_id,
+                         ev.bn, of=[key for key, _, _, _ in made])
+        for (key, i, _, before), (model, seconds) in zip(made, tuned, strict=True):
+            row, t = sc.measure(model, before + seconds)
+            add(f"{key}_ft", row, t, model, i)
     params = {k: sum(q.numel() for q in n.parameters()) for k, n in nets.items()}
     flops = {k: flops_of(n, sc.x) for k, n in nets.items()}
     params["ensemble"] = sum(sum(q.numel() for q in teachers[j].parameters()) for j in ensembles[0])

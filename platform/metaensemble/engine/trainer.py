@@ -255,14 +255,15 @@ def fit(cfg: Config, *, method: methods.Method | None = None, run_name: str | No
 
 
 def fit_pack(cfgs: list[Config], *, run_names: list[str] | None = None, parent_run_id: str | None = None,
-             tags: dict[str, str] | None = None, in_tune: bool = False) -> list[RunOutcome]:
+             tags: dict[str, str] | list[dict[str, str]] | None = None, in_tune: bool = False) -> list[RunOutcome]:
     """Train several configs one after another in ONE Ray Train run (one worker group).
 
     Each config is still its own MLflow run under its own run key, trained exactly as
     ``fit`` would train it (same seeds, same data order, same weights); only the
     workers' start-up (Ray actors, torch import, process group: seconds) is paid once
     per pack instead of once per run, which dominates for small models such as a digits
-    zoo. Members already FINISHED in MLflow are skipped; a member is marked FINISHED as
+    zoo. ``tags`` go on every member's run, or one dict per member. Members already
+    FINISHED in MLflow are skipped; a member is marked FINISHED as
     soon as it is done, so an interrupted pack resumes at its interrupted member (from
     that member's latest checkpoint when the same pack is run again).
     """
@@ -272,6 +273,8 @@ def fit_pack(cfgs: list[Config], *, run_names: list[str] | None = None, parent_r
     names = run_names or [c.run_key() for c in cfgs]
     if len(set(names)) != len(names):
         raise ConfigError(f"a pack needs distinct runs; got run keys {names}")
+    if isinstance(tags, list) and len(tags) != len(cfgs):
+        raise ValueError(f"fit_pack: {len(cfgs)} configs but {len(tags)} tag dicts")
     return _fit(cfgs, names, parent_run_id=parent_run_id, tags=tags, in_tune=in_tune)
 
 
@@ -290,7 +293,7 @@ def check_pack(cfgs: list[Config]) -> None:
 
 
 def _fit(cfgs: list[Config], names: list[str], *, method: methods.Method | None = None,
-         parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+         parent_run_id: str | None = None, tags: dict[str, str] | list[dict[str, str]] | None = None,
          in_tune: bool = False) -> list[RunOutcome]:
     for c in cfgs:
         validate(c, method)
@@ -329,13 +332,14 @@ def _fit(cfgs: list[Config], names: list[str], *, method: methods.Method | None 
 
 
 def _open_runs(client, cfgs: list[Config], names: list[str], parent_run_id: str | None,
-               tags: dict[str, str] | None):
+               tags: dict[str, str] | list[dict[str, str]] | None):
     """Find or create each config's MLflow run: (outcomes, with those already FINISHED
     filled in; the members left to train as (index, run handle, loop entry); every run id)."""
     outcomes: list[RunOutcome | None] = [None] * len(cfgs)
     members, all_ids = [], []
-    for i, (c, key) in enumerate(zip(cfgs, names, strict=True)):
-        handle = tracking.open_run(client, c, key, parent_run_id=parent_run_id, tags=tags)
+    per_run = tags if isinstance(tags, list) else [tags] * len(cfgs)
+    for i, (c, key, t) in enumerate(zip(cfgs, names, per_run, strict=True)):
+        handle = tracking.open_run(client, c, key, parent_run_id=parent_run_id, tags=t)
         all_ids.append(handle.run_id)
         if handle.status == "FINISHED":
             run = client.get_run(handle.run_id)

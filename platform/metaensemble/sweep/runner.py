@@ -175,6 +175,15 @@ def train_configs(runs: dict[str, Config], groups: list[list[str]], *, experimen
     uri = tracking.ensure_tracking()
     engine.ensure_ray()
     first = next(iter(runs.values()))
+    named = {k: c.with_overrides({"experiment": experiment}) for k, c in runs.items()}
+    if len(groups) == 1 or concurrency(first, 0) == 1:
+        # One trial at a time: Tune would add a trial process per group and nothing else;
+        # each group is one engine run (a pack) from here, resumed by its run keys as a trial is.
+        ids = {}
+        for g in groups:
+            outs = engine.fit_pack([named[k] for k in g], parent_run_id=parent_run_id)
+            ids.update({k: o.run_id for k, o in zip(g, outs, strict=True)})
+        return ids
     static = {"base": first.to_dict(), "experiment": experiment, "tracking_uri": uri, "name": name,
               "parent_run_id": parent_run_id, "run_name_fn": run_key_name}
 
@@ -195,8 +204,8 @@ def train_configs(runs: dict[str, Config], groups: list[list[str]], *, experimen
     client = tracking.client(uri)
     exp_id = tracking.experiment_id(client, experiment)
     ids = {}
-    for key, c in runs.items():
-        run = tracking.find_run(client, exp_id, c.with_overrides({"experiment": experiment}).run_key())
+    for key, c in named.items():
+        run = tracking.find_run(client, exp_id, c.run_key())
         if run is None or run.info.status != "FINISHED":
             raise RuntimeError(f"run {key} ({c.run_key()}) did not finish")
         ids[key] = run.info.run_id

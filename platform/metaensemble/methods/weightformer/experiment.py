@@ -208,23 +208,32 @@ def finetune(
     ensembles: list[list[int]],
     parent_run_id: str,
     bn_loader,
-    of: str = "weightformer",
+    of: str | list[str] = "weightformer",
 ) -> list[tuple[torch.nn.Module, float]]:
-    """KD-finetune the students (generated, or made by method ``of``) as engine runs
-    packed into one Ray Train run; returns each selected model, its BN statistics
-    recomputed on ``bn_loader``, and the seconds it cost (the run's training time + the BN
-    pass)."""
+    """KD-finetune the students (generated, or made by method ``of``; a list gives each
+    student's own) as engine runs packed into one Ray Train run; returns each selected
+    model, its BN statistics recomputed on ``bn_loader``, and the seconds it cost (the
+    run's training time + the BN pass)."""
     client = tracking.client()
-    artifact = "finetune_init" if of == "weightformer" else f"{of}_init"
-    uris = save_students(client, parent_run_id, students, p.cfg.data.name, artifact)
+    ofs = [of] * len(students) if isinstance(of, str) else list(of)
+    if len(ofs) != len(students):
+        raise ValueError(f"finetune: {len(students)} students but {len(ofs)} methods in `of`")
+    uris: list[str] = [""] * len(students)
+    for name in dict.fromkeys(ofs):  # each method's students under its own artifact folder
+        idx = [i for i, o in enumerate(ofs) if o == name]
+        artifact = "finetune_init" if name == "weightformer" else f"{name}_init"
+        saved = save_students(client, parent_run_id, [students[i] for i in idx], p.cfg.data.name, artifact)
+        for i, uri in zip(idx, saved, strict=True):
+            uris[i] = uri
     cfgs = finetune_configs(p, uris, ensembles)
+    counts = " and ".join(f"{ofs.count(n)} {n}" for n in dict.fromkeys(ofs))
     print(
-        f"finetuning {len(cfgs)} {of} students "
+        f"finetuning {counts} students "
         f"({p.cfg.meta.finetune_epochs} epoch(s) of KD each, one Ray Train run)",
         flush=True,
     )
     outcomes = engine.fit_pack(
-        cfgs, parent_run_id=parent_run_id, tags={"metaensemble.finetune_of": of}
+        cfgs, parent_run_id=parent_run_id, tags=[{"metaensemble.finetune_of": o} for o in ofs]
     )
     out = []
     for o in outcomes:
