@@ -75,8 +75,12 @@ def test_every_row_is_on_the_board_with_intervals_and_costs(job):
 
 
 def test_mlflow_holds_the_board_its_plots_and_one_child_run_per_row(job):
-    _cfg, _res, client, exp_id, parent, board, _tmp, _args = job
+    cfg, _res, client, exp_id, parent, board, _tmp, _args = job
     assert parent.info.status == "FINISHED"
+    # the trials' Tune configs are indices of the runs, not whole configs copied into every result row
+    trials = sorted(json.loads(f.read_text())["params"]
+                    for f in Path(cfg.resolved_storage_path()).glob("compare/*/*/params.json"))
+    assert trials == list(range(len(trials))) and len(trials) >= 2
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"leaderboard.md", "leaderboard.json", "pareto.png", "reliability.png", "leaderboard_table.json"} <= names
     rows = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "

@@ -174,6 +174,7 @@ def _train_runs(cfg: Config, runs: dict[int, Config], groups: list[list[int]], o
     """Train ``runs`` (seed -> config), each group of seeds one Ray Train run (a pack), as
     many at once as the cluster allows; ``on_done(config, outcome)`` after each run."""
     from metaensemble.sweep import concurrency, launch
+    from metaensemble.sweep.runner import grid_of
 
     if not runs:
         return
@@ -184,8 +185,6 @@ def _train_runs(cfg: Config, runs: dict[int, Config], groups: list[list[int]], o
             for c, outcome in zip(cs, engine.fit_pack(cs), strict=True):
                 on_done(c, outcome)
         return
-    from ray import tune
-
     uri = tracking.ensure_tracking()
     static = {"base": cfg.to_dict(), "experiment": cfg.experiment_name, "tracking_uri": uri, "name": "zoo",
               "run_name_fn": _teacher_run_name, "on_done": on_done}
@@ -196,7 +195,7 @@ def _train_runs(cfg: Config, runs: dict[int, Config], groups: list[list[int]], o
     space = [{"pack": [overrides(s) for s in g]} if len(g) > 1 else overrides(g[0]) for g in groups]
     seeds = sorted(runs)
     name = f"{label}-seeds{'_'.join(map(str, seeds))}-packs{'_'.join(str(len(g)) for g in groups)}"
-    grid = launch(static, {"params": tune.grid_search(space)}, name=name[:180],
+    grid = launch({**static, "grid": space}, grid_of(space), name=name[:180],
                   storage=f"{cfg.resolved_storage_path()}/zoo", metric="val_acc", mode="max",
                   num_samples=1, max_concurrent=n_conc, verbose=0)
     errors = [r.error for r in grid if r.error]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,6 +27,10 @@ def test_zoo_trains_missing_seeds_concurrently_registers_and_skips_known(ray_loc
     # seeds 0 and 1 trained in one packed Ray run, seed 2 alone in its own
     assert ray_runs[0].startswith("pack-") and ray_runs[0] == ray_runs[1]
     assert ray_runs[2].startswith("teachers-") and ray_runs[2].endswith(entries[2].run_id[:8])
+    # Tune copies a trial's config into every result row it writes: the trials' configs are
+    # indices into the trainable's parameters, not whole configs (a zoo's result.json was 26 MB)
+    params = sorted(json.loads(f.read_text())["params"] for f in Path(cfg.storage_path).glob("zoo/*/*/params.json"))
+    assert params == [0, 1]
 
     # A downloaded teacher is the model whose test accuracy was logged.
     teacher = zoo.load(entries[1])

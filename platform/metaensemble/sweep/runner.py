@@ -75,7 +75,8 @@ def _max_epochs(space: SearchSpace, base: Config) -> int:
 def trial_driver(params: dict[str, Any], static: dict[str, Any]) -> None:
     """One trial: the base config + this trial's sampled params, trained by the engine.
     ``{"pack": [overrides, ...]}`` makes the trial a pack: one config per entry, trained
-    one after another in one Ray Train run (``engine.fit_pack``)."""
+    one after another in one Ray Train run (``engine.fit_pack``). An int picks entry i of
+    ``static["grid"]`` (see ``grid_of``)."""
     from ray import tune
     from ray.train import TrainingFailedError
 
@@ -85,7 +86,10 @@ def trial_driver(params: dict[str, Any], static: dict[str, Any]) -> None:
     quiet_worker()  # on a cluster, trial processes do not inherit the driver's settings
     ctx = tune.get_context()
     base = build_config(static["base"])
-    entries = params["params"].get("pack") or [params["params"]]
+    chosen = params["params"]
+    if isinstance(chosen, int):  # a grid of fixed runs: the trial's entry of static["grid"]
+        chosen = static["grid"][chosen]
+    entries = chosen.get("pack") or [chosen]
     cfgs = [base.with_overrides({**e, "experiment": static["experiment"]}) for e in entries]
     name_fn = static.get("run_name_fn", lambda c, t: f"{static['name']}-{t}")
     names = [name_fn(c, ctx.get_trial_id()) for c in cfgs]
@@ -104,6 +108,15 @@ def trial_driver(params: dict[str, Any], static: dict[str, Any]) -> None:
     if on_done is not None:
         for c, o in zip(cfgs, outcomes, strict=True):
             on_done(c, o)
+
+
+def grid_of(space: list[dict[str, Any]]) -> dict[str, Any]:
+    """A Tune grid over fixed runs by index: the runs' configs go once into the trainable's
+    parameters (``static["grid"]``), not into each trial's config, which Tune copies into
+    every result row it writes (whole configs per row made a zoo's result.json 26 MB)."""
+    from ray import tune
+
+    return {"params": tune.grid_search(list(range(len(space))))}
 
 
 def fail_unfinished(cfgs: list[Config], names: list[str], tracking_uri: str) -> list[str]:
@@ -167,8 +180,6 @@ def train_configs(runs: dict[str, Config], groups: list[list[str]], *, experimen
     (a group of several is a pack: one Ray Train run trained one after another, for runs
     of seconds whose start-up would dominate), started in the order given. Runs finished
     before are not retrained. Returns key -> MLflow run id; raises if any run failed."""
-    from ray import tune
-
     listed = [k for g in groups for k in g]
     if sorted(listed) != sorted(runs) or len(set(listed)) != len(listed):
         raise ValueError(f"groups must hold every run key exactly once; runs {sorted(runs)}, groups {groups}")
@@ -195,7 +206,7 @@ def train_configs(runs: dict[str, Config], groups: list[list[str]], *, experimen
     # (same parent run), never by another store's or another set of runs.
     digest = hashlib.sha256(json.dumps(sorted(c.run_key() for c in runs.values())).encode()).hexdigest()[:8]
     name = f"{name[:120]}-{parent_run_id[:8]}-{digest}"
-    results = launch(static, {"params": tune.grid_search(space)}, name=name, storage=storage, metric="val_acc",
+    results = launch({**static, "grid": space}, grid_of(space), name=name, storage=storage, metric="val_acc",
                      mode="max", num_samples=1, max_concurrent=concurrency(first, 0),
                      verbose=0)  # the runs print their own epoch lines
     errors = [r.error for r in results if r.error]
