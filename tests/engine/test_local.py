@@ -31,3 +31,16 @@ def test_train_local_is_deterministic_selects_on_val_and_starts_from_init_from(t
     assert torch.allclose(_params(child.model), parent, atol=1e-6)
     scratch = train_local(cfg.with_overrides({"optim.lr": 1e-9, "optim.warmup_epochs": 0, "train.epochs": 1}))
     assert (_params(scratch.model) - parent).norm() > 0.1 * parent.norm()
+
+
+def test_train_local_clips_as_the_engine_does():
+    """``train.grad_clip`` reaches the in-process run too: at a tiny bound each step moves
+    the weights by at most lr x the bound (plain SGD, no momentum), unclipped it moves more."""
+    cfg = load_config("configs/teachers/digits_meta.yaml", [
+        "train.epochs=1", "train.steps_per_epoch=1", "optim.name=sgd", "optim.momentum=0", "optim.lr=0.5",
+        "optim.weight_decay=0", "optim.warmup_epochs=0", "optim.schedule=constant"])
+    start = _params(train_local(cfg.with_overrides({"optim.lr": 1e-12})).model)
+    clipped = _params(train_local(cfg.with_overrides({"train.grad_clip": 1e-3})).model)
+    free = _params(train_local(cfg).model)
+    assert (clipped - start).norm() <= 0.5 * 1e-3 * 1.01
+    assert (free - start).norm() > 10 * 0.5 * 1e-3

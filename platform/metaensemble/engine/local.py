@@ -29,6 +29,7 @@ from metaensemble.engine.loop import (
     MemberRun,
     build_initial_model,
     build_loaders,
+    configure_optimizer,
     evaluate_split,
     rebuild_point,
     run_context,
@@ -84,7 +85,8 @@ def train_local(cfg: Config, method: methods.Method | None = None) -> LocalRun:
 class _InProcess(MemberRun):
     def wrap(self, model: torch.nn.Module) -> None:
         """``MemberRun.wrap`` for one CPU process: no DDP (Ray's ``prepare_model`` adds
-        none for one worker), a fresh optimiser and the schedule at the current step."""
+        none for one worker), a fresh optimiser (clipping to ``train.grad_clip`` as the
+        engine's does) and the schedule at the current step."""
         self.model = self.base = model
-        self.optimizer, self.scheduler = self.method.configure_optimizer(model, self.steps_per_epoch)
+        self.optimizer, self.scheduler = configure_optimizer(self.method, model, self.cfg, self.steps_per_epoch)
         self.scheduler.set_step(self.state["global_step"])
