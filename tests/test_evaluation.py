@@ -305,3 +305,25 @@ def test_the_superweight_claims_table_uses_the_verdict_rule():
     assert three["SuperWeight ACC above Independent, same WRNs"] == "holds"
     assert three["SuperWeight NLL below Independent, same WRNs"] == "holds"
     assert claims([run(0.90, 0.95)])["SuperWeight ACC above Independent, same WRNs"] == "does not hold"
+
+
+def test_the_fusion_benchmarks_claims_use_the_verdict_rule():
+    """benchmarks/fusion.py's claims are judged by evaluation.verdict over the parent
+    seeds (accuracies in points): a margin met on average but not in every repeat is not
+    "holds"."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_fusion", Path(__file__).parents[1] / "benchmarks/fusion.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def results(ot: list[float], naive: list[float]) -> dict:
+        acc = lambda v: {"acc": {"values": v, "mean": sum(v) / len(v)}}  # noqa: E731
+        return {"mlp_same": {"rows": {"ot": acc(ot), "naive": acc(naive)}}}
+
+    claim = "OT one-shot far above the naive average (same architecture)"
+    assert bench.check(results([80.0, 82.0, 81.0], [50.0, 52.0, 49.0]))[claim]["verdict"] == "holds"
+    # more than 10 points on average, but one repeat 2 points above: the interval includes 10
+    noisy = bench.check(results([80.0, 52.0, 81.0], [50.0, 50.0, 49.0]))[claim]["verdict"]
+    assert noisy == "same direction, not significant"
+    assert bench.check(results([50.0, 52.0, 51.0], [50.0, 52.0, 49.0]))[claim]["verdict"] == "does not hold"

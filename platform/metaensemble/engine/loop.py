@@ -123,13 +123,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def quiet_worker() -> None:
     """What a worker prints is the loop's own lines: not Ray Train's dump of every report,
-    MLflow's run links and artifact bars, or DDP's stride notice on small convnets."""
+    MLflow's run links and artifact bars, urllib3's notes of retried requests, or DDP's
+    stride notice on small convnets."""
     import logging
     import warnings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # a request to the tracking server that urllib3 retried and then sent is not news (a
+    # busy server resets a connection now and then); one that fails for good raises
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     try:
         from ray.train.v2._internal.execution import context as train_context
