@@ -83,6 +83,22 @@ def throughput(shapes: list[dict]) -> list[dict]:
     return out
 
 
+def accuracy_claims(rows, speed: list[dict], n: int) -> dict[str, str]:
+    """The paper's accuracy and throughput claims, each by ``evaluation.verdict`` over the
+    depths' rows (``learngene`` / ``scratch`` dicts per depth) and the shapes' speed ratios.
+    One seed per depth: an accuracy claim is at most "same direction, not significant"."""
+    from metaensemble.evaluation import paired_interval, verdict
+
+    return {
+        f"learngene init above random init after {n} epochs (test), every depth":
+            verdict([paired_interval(r.learngene["test_acc"], r.scratch["test_acc"]) for r in rows], "higher"),
+        "learngene init after 1 epoch above random init after all epochs (val), every depth":
+            verdict([paired_interval(r.learngene["val_acc_1"], r.scratch["val_acc_n"]) for r in rows], "higher"),
+        "aux-net costs no more compute per image than a plain ViT (images/s within 10%), every shape":
+            verdict([paired_interval(s["ratio"], 0.9, exact=True) for s in speed], "higher"),
+    }
+
+
 def main() -> int:
     from metaensemble.cli import work_done
     from metaensemble.methods.learngene import experiment
@@ -108,15 +124,7 @@ def main() -> int:
     n = cfg.learngene.finetune_epochs
     from metaensemble.evaluation import paired_interval, verdict
 
-    # one seed: an accuracy claim can be at most "same direction, not significant"
-    claims = {
-        f"learngene init above random init after {n} epochs (test), every depth":
-            verdict([paired_interval(r.learngene["test_acc"], r.scratch["test_acc"]) for r in rows], "higher"),
-        "learngene init after 1 epoch above random init after all epochs (val), every depth":
-            verdict([paired_interval(r.learngene["val_acc_1"], r.scratch["val_acc_n"]) for r in rows], "higher"),
-        "aux-net costs no more compute per image than a plain ViT (images/s within 10%), every shape":
-            verdict([paired_interval(s["ratio"], 0.9, exact=True) for s in speed], "higher"),
-    }
+    claims = accuracy_claims(rows, speed, n)
     # The paper's cost claim: one aux-net training + a short finetune per depth, against
     # training each depth from scratch. Measured: the optimisation seconds of each part.
     aux_s = sum(m.value for m in __import__("metaensemble.tracking", fromlist=["client"]).client()

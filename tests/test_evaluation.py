@@ -327,3 +327,24 @@ def test_the_fusion_benchmarks_claims_use_the_verdict_rule():
     noisy = bench.check(results([80.0, 52.0, 81.0], [50.0, 50.0, 49.0]))[claim]["verdict"]
     assert noisy == "same direction, not significant"
     assert bench.check(results([50.0, 52.0, 51.0], [50.0, 52.0, 49.0]))[claim]["verdict"] == "does not hold"
+
+
+def test_the_learngene_benchmarks_claims_use_the_verdict_rule():
+    """benchmarks/learngene.py: one seed per depth never makes an accuracy claim "holds";
+    the throughput claim is a single measurement against its 0.9 target."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("bench_learngene", Path(__file__).parents[1] / "benchmarks/learngene.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(lg: float, scratch: float):
+        return SimpleNamespace(learngene={"test_acc": lg, "val_acc_1": lg}, scratch={"test_acc": scratch, "val_acc_n": scratch})
+
+    out = bench.accuracy_claims([row(0.9, 0.2), row(0.95, 0.1)], [{"ratio": 1.04}, {"ratio": 0.97}], 5)
+    assert out["learngene init above random init after 5 epochs (test), every depth"] == "same direction, not significant"
+    assert out["aux-net costs no more compute per image than a plain ViT (images/s within 10%), every shape"] == "holds"
+    worse = bench.accuracy_claims([row(0.9, 0.2), row(0.1, 0.5)], [{"ratio": 0.85}], 5)
+    assert worse["learngene init above random init after 5 epochs (test), every depth"] == "does not hold"
+    assert worse["aux-net costs no more compute per image than a plain ViT (images/s within 10%), every shape"] == "does not hold"
