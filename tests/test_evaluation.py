@@ -307,15 +307,21 @@ def test_the_superweight_claims_table_uses_the_verdict_rule():
     assert claims([run(0.90, 0.95)])["SuperWeight ACC above Independent, same WRNs"] == "does not hold"
 
 
+def _benchmark(name: str):
+    """A script of benchmarks/ loaded as a module (its main() is not run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[1] / f"benchmarks/{name}.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_the_fusion_benchmarks_claims_use_the_verdict_rule():
     """benchmarks/fusion.py's claims are judged by evaluation.verdict over the parent
     seeds (accuracies in points): a margin met on average but not in every repeat is not
     "holds"."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_fusion", Path(__file__).parents[1] / "benchmarks/fusion.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark("fusion")
 
     def results(ot: list[float], naive: list[float]) -> dict:
         acc = lambda v: {"acc": {"values": v, "mean": sum(v) / len(v)}}  # noqa: E731
@@ -332,12 +338,9 @@ def test_the_fusion_benchmarks_claims_use_the_verdict_rule():
 def test_the_learngene_benchmarks_claims_use_the_verdict_rule():
     """benchmarks/learngene.py: one seed per depth never makes an accuracy claim "holds";
     the throughput claim is a single measurement against its 0.9 target."""
-    import importlib.util
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("bench_learngene", Path(__file__).parents[1] / "benchmarks/learngene.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark("learngene")
 
     def row(lg: float, scratch: float):
         return SimpleNamespace(learngene={"test_acc": lg, "val_acc_1": lg}, scratch={"test_acc": scratch, "val_acc_n": scratch})
