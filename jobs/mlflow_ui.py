@@ -10,7 +10,10 @@ training") holds: a per-browser setting in the page's localStorage, "GenAI" (tra
 overview, token usage) until the user switches; no experiment tag or server option
 changes it. So the UI is served on ``--port`` through a small front that passes every
 request through to the store's ``mlflow server`` unchanged and, in the HTML page, makes
-"Model training" (the runs table) the default for a browser that has not chosen yet.
+"Model training" (the runs table) the default for a browser that has not chosen yet, and
+opens an experiment's runs table in the platform's saved view (its key metrics as columns,
+``tracking.runs.TAG_VIEW``) the first time this browser visits that experiment; MLflow's
+banner then offers "Override saved view" to keep those columns, or "Exit shared view".
 """
 
 import _library  # noqa: F401  # isort: skip - this checkout's library first (jobs/_library.py)
@@ -23,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from metaensemble.tracking import LocalTrackingServer
+from metaensemble.tracking.runs import TAG_VIEW, VIEW_KEY
 
 # MLflow's UI keeps the switch as useLocalStorage({key: "mlflow.workflowType", version: 1}).
 WORKFLOW_KEY = "mlflow.workflowType_v1"
@@ -30,6 +34,20 @@ TRAINING_VIEW = b"".join([
     b"<script>try{if(localStorage.getItem('", WORKFLOW_KEY.encode(), b"')===null)",
     b"localStorage.setItem('", WORKFLOW_KEY.encode(), b"','\"machine_learning\"')}catch(e){}</script>",
 ])
+# On an experiment's page with no state in its address (#/experiments/<id> or .../runs),
+# visited for the first time by this browser, and only if the experiment has the saved
+# view: the same page with ?viewStateShareKey=<key> (MLflow's own share link).
+SAVED_VIEW = ("""<script>(function(){
+var seen='metaensemble.savedViewOpened.';
+function open(){var h=location.hash,m=h.match(/^#\\/experiments\\/([0-9]+)(\\/runs)?\\/?$/);
+if(!m)return;try{if(localStorage.getItem(seen+m[1]))return}catch(e){return}
+fetch('/ajax-api/2.0/mlflow/experiments/get?experiment_id='+m[1]).then(function(r){return r.json()})
+.then(function(d){var t=(d.experiment&&d.experiment.tags)||[];
+if(!t.some(function(x){return x.key==='@TAG@'})||location.hash!==h)return;
+localStorage.setItem(seen+m[1],'1');
+location.replace('#/experiments/'+m[1]+'/runs?viewStateShareKey=@KEY@')}).catch(function(){})}
+window.addEventListener('hashchange',open);open()})();</script>""").replace("@TAG@", TAG_VIEW).replace(
+    "@KEY@", VIEW_KEY).encode()
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
               "upgrade", "content-length", "host", "accept-encoding"}
 CHUNK = 1 << 16
@@ -71,7 +89,7 @@ def front(upstream: str, port: int) -> ThreadingHTTPServer:
                     if k.lower() not in HOP_BY_HOP:
                         self.send_header(k, v)
                 if html:  # the app's page: small, read whole to add the default view
-                    page = resp.read().replace(b"<head>", b"<head>" + TRAINING_VIEW, 1)
+                    page = resp.read().replace(b"<head>", b"<head>" + TRAINING_VIEW + SAVED_VIEW, 1)
                     self.send_header("Content-Length", str(len(page)))
                     self.end_headers()
                     self.wfile.write(page)

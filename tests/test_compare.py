@@ -22,7 +22,8 @@ from metaensemble.validation import load_config
 
 TINY = ["compare.ensembles=2", "compare.distill_epochs=1", "meta.finetune_epochs=1", "fusion.act_samples=50",
         "meta.zoo_size=7", "meta.num_test_teachers=3",  # two distinct held-out ensembles of K=2
-        "scaling.num_workers=1"]  # one worker per run: the DDP path is the main job's test
+        "scaling.num_workers=1",  # one worker per run: the DDP path is the main job's test
+        "scaling.cpus_per_worker=2"]  # one run fits at a time: every trained row in one pack
 
 
 @pytest.fixture(scope="module")

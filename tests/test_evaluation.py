@@ -351,3 +351,12 @@ def test_the_learngene_benchmarks_claims_use_the_verdict_rule():
     worse = bench.accuracy_claims([row(0.9, 0.2), row(0.1, 0.5)], [{"ratio": 0.85}], 5)
     assert worse["learngene init above random init after 5 epochs (test), every depth"] == "does not hold"
     assert worse["aux-net costs no more compute per image than a plain ViT (images/s within 10%), every shape"] == "does not hold"
+
+
+def test_the_data_benchmarks_steady_state_leaves_out_the_shuffle_buffers_fill_and_drain():
+    """A stream that yields nothing for 5 s (its shuffle buffer filling), then 100 images/s,
+    then its last 200 images at once (the buffer draining): the steady rate is the 100."""
+    bench = _benchmark("data_throughput")
+    marks = [(5.0 + i, 100 * (i + 1)) for i in range(8)] + [(12.5, 1000)]
+    assert bench.steady_rate(marks) == pytest.approx(100.0)
+    assert 1000 / 12.5 < 100.0  # what the whole-epoch rate would have said

@@ -64,7 +64,10 @@ def test_train_teachers_job_interrupted_then_rerun_resumes_and_finishes(mlflow_u
     """The teacher-zoo job end to end, interrupted first (issue 29): SIGINT mid-run ends
     it with one line and exit 130, no traceback and no Ray hint; every run it opened is
     KILLED with an end time; none of its processes keeps running. The same command again
-    resumes from the checkpoints, finishes every run and prints the zoo."""
+    resumes from the checkpoints, finishes every run and prints the zoo, while a second
+    job started at the same moment on the same store (its own zoo) runs beside it: both
+    finish with no traceback or Ray error in either console, sharing the one MLflow server
+    and the one Ray storage folder, each with its own local Ray instance."""
     import os
     import signal
     import subprocess
@@ -106,8 +109,23 @@ def test_train_teachers_job_interrupted_then_rerun_resumes_and_finishes(mlflow_u
         time.sleep(0.5)
     assert not left, f"processes of the interrupted job still running: {[_cmdline(p) for p in left]}"
 
-    r = _run(args, {"MLFLOW_TRACKING_URI": mlflow_uri})  # the same command: resumed, not restarted
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the same command (resumed, not restarted) and, side by side, another zoo's job
+    beside = [args[0], "zoo.num_teachers=1", "zoo.pack_size=1", "train.epochs=2", *args[4:-1],
+              f"experiment={experiment}-beside"]
+    assert beside[4] == "model.name=convnet" and beside[-2].startswith("storage_path=")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    env.pop("RAY_ADDRESS", None)
+    procs = [subprocess.Popen([sys.executable, *a], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for a in (args, beside)]
+    (r, b) = [_Done(p, *p.communicate(timeout=600)) for p in procs]
+    for job in (r, b):
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        console = job.stdout + job.stderr
+        for noise in ("Traceback", "Found multiple active Ray instances", "GetTimeoutError", "Error"):
+            assert noise not in console, f"{noise!r} in a console of two jobs side by side:\n{console[-4000:]}"
+    assert "teacher zoo teacher.digits.convnet" in b.stdout
+    (other,) = c.search_runs([c.get_experiment_by_name(f"{experiment}-beside").experiment_id])
+    assert other.info.status == "FINISHED" and other.data.metrics["test_acc"] > 0.3
     assert "training 2: [0, 1] in 1 Ray Train run of up to 2" in r.stdout  # one pack
     assert "resumed from checkpoint after epoch" in r.stdout + r.stderr
     again = c.search_runs([exp.experiment_id])
@@ -118,6 +136,11 @@ def test_train_teachers_job_interrupted_then_rerun_resumes_and_finishes(mlflow_u
     assert "seed version  val_acc test_acc" in r.stdout
     listed = {int(m.group(1)) for m in re.finditer(r"^\s+(\d+)\s+\d+\s+[01]\.\d{4}\s", r.stdout, re.M)}
     assert {0, 1} <= listed  # seed, version, val_acc rows of the listing
+
+
+class _Done:
+    def __init__(self, proc, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = proc.returncode, stdout, stderr
 
 
 def _cmdline(proc) -> str:

@@ -68,10 +68,12 @@ class DataConfig(_Strict):
     this side, centred on a random pixel and clipped at the border, set to the mean
     (zero after normalisation); 0: none. The SuperWeight recipe uses 16 on CIFAR."""
     transform: Literal["standard", "deit"] = "standard"
-    """Training augmentation of file datasets (imagefolder): ``standard`` is
-    RandomResizedCrop + flip; ``deit`` is timm's transform factory with RandAugment
-    (``auto_augment``) and random erasing (``re_prob``), the DeiT recipe. Array datasets
-    (digits, synthetic, cifar) have their own augmentation and take only ``standard``."""
+    """Training augmentation of file datasets (imagefolder, and parquet shards of encoded
+    images): ``standard`` is RandomResizedCrop + flip; ``deit`` is timm's transform factory
+    with RandAugment (``auto_augment``) and random erasing (``re_prob``), the DeiT recipe
+    (on parquet shards the PIL stages run on Ray Data's workers and the erasing on the
+    training worker's normalised batch). Array datasets (digits, synthetic, cifar, and
+    their parquet shards) have their own augmentation and take only ``standard``."""
     auto_augment: str = "rand-m9-mstd0.5-inc1"
     re_prob: float = Field(0.25, ge=0.0, le=1.0)
     repeated_aug: int = Field(1, ge=1)

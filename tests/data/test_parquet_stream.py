@@ -127,6 +127,20 @@ def test_bad_inputs_are_one_clear_message_and_nothing_is_written(folder, tmp_pat
     with pytest.raises(DataError, match=r"part-09999.parquet belongs to another dataset \(its dataset id is None"):
         data.check(_pq_cfg(b))
     stray.unlink()
+    # the DeiT transform on shards of arrays (digits), which augment as arrays
+    with pytest.raises(DataError, match=r"data.transform='deit' augments images decoded from files; .* holds "
+                                        r"uint8-chw arrays \(written from data.name=digits\)"):
+        data.check(_pq_cfg(a, transform="deit"))
+    data.check(_pq_cfg(b, transform="deit"))  # encoded images take it
+    # data.root as a URI of a pyarrow filesystem (file:// here; s3://, gs://, hdfs:// the same
+    # way): the same shards through the same reader
+    by_uri, by_path = load_parquet_arrays(_pq_cfg(f"file://{b}")), load_parquet_arrays(_pq_cfg(b))
+    assert all(torch.equal(getattr(by_uri, s).images, getattr(by_path, s).images) for s in ("train", "val", "test"))
+    assert read_meta(_pq_cfg(f"file://{b}"))["shards"] == read_meta(_pq_cfg(b))["shards"]
+    with pytest.raises(DataError, match=r"data.root=nosuch://x/y is not a filesystem pyarrow can open"):
+        data.check(_pq_cfg("nosuch://x/y"))
+    with pytest.raises(DataError, match=r"/nowhere/meta.json not found"):
+        data.check(_pq_cfg("file:///nowhere"))
     # a meta.json that is not ours
     (a / "meta.json").write_text(json.dumps({"info": {}}))
     with pytest.raises(DataError, match="malformed"):
@@ -164,8 +178,107 @@ def test_ray_data_decodes_and_augments_on_its_workers_with_a_new_file_order_each
     o2, r2 = epoch(datasets["train"])
     assert sorted(o1) == sorted(o2) and len(o1) == sizes["train"]
     assert o1 != o2, "shard files are read in a new order every epoch"
+    # a run resumed after one epoch (its latest checkpoint says so) reads epoch 1's order
+    # first, as the uninterrupted run did, not epoch 0's again
+    from metaensemble.engine.trainer import _ray_datasets
+    from metaensemble.validation import load_config
+
+    ckpt = tmp_path / "ray" / "run-a" / "checkpoint_2026-01-01_00-00-01.000000"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"epochs_done": 1, "run_id": "a"}))
+    run_cfg = load_config("configs/teachers/digits.yaml", ["data.name=parquet", f"data.root={root}", "seed=3",
+                                                           "data.image_size=24"])
+    ctx.execution_options.preserve_order = True
+    try:
+        resumed, _ = _ray_datasets(run_cfg, str(tmp_path / "ray" / "run-a"))
+        fresh, _ = _ray_datasets(run_cfg, str(tmp_path / "ray" / "run-b"))  # no checkpoint: epoch 0
+    finally:
+        ctx.execution_options.preserve_order = keep
+    assert epoch(resumed["train"])[0] == o2 and epoch(resumed["train"])[0] != o2
+    assert epoch(fresh["train"])[0] == o1
     assert not r1[bad][1] and all(ok for i, (_, ok) in r1.items() if i != bad), "only the corrupt row is flagged"
     same = [np.array_equal(r1[i][0], r2[i][0]) for i in r1 if i != bad]
     assert sum(same) < len(same) / 4, "random crops and flips differ between epochs"
     v1, v2 = epoch(datasets["val"])[1], epoch(datasets["val"])[1]
     assert all(np.array_equal(v1[i][0], v2[i][0]) for i in v1), "evaluation decoding is deterministic"
+    # the same shards named by a pyarrow filesystem URI: Ray Data reads them through it
+    by_uri = epoch(ray_datasets(_pq_cfg(f"file://{root}"), seed=3)[0]["val"])[1]
+    assert sorted(by_uri) == sorted(v1) and all(np.array_equal(by_uri[i][0], v1[i][0]) for i in v1)
+
+    # data.transform=deit: the DeiT recipe's PIL stages (RandAugment among them) on Ray Data's
+    # workers, its random erasing on the training worker's normalised batch
+    deit, _, _ = ray_datasets(_pq_cfg(root, transform="deit", re_prob=1.0), seed=3)
+    d1 = epoch(deit["train"])[1]
+    assert sorted(d1) == sorted(r1) and not d1[bad][1]
+    ev = epoch(deit["val"])[1]
+    assert all(np.array_equal(ev[i][0], v1[i][0]) for i in v1), "evaluation decoding is the standard one"
+    grid = ((torch.arange(256) / 255.0).view(1, -1) - torch.tensor(info.mean).view(-1, 1)) / torch.tensor(info.std).view(-1, 1)
+
+    def off_grid(erase: float) -> list[int]:
+        """Per image, the pixels that no uint8 value normalises to: the erased box's noise."""
+        loader = data.RayShardLoader(deit["train"].iterator(), info, 8, shuffle=True, augment=True, erase=erase)
+        counts = []
+        for b in loader:
+            x = b["x"]  # [B, 3, H, W]
+            near = (x.unsqueeze(-1) - grid.view(1, 3, 1, 1, 256)).abs().min(-1).values < 1e-4
+            counts += (~near).flatten(1).sum(1).tolist()
+        return counts
+
+    assert all(c > 0 for c in off_grid(1.0)), "every image has its erased box at re_prob=1"
+    assert not any(off_grid(0.0)), "no erasing: every pixel is a normalised uint8"
+
+
+def test_the_deit_transform_of_encoded_shards_is_timms_pil_stages_then_uint8():
+    from metaensemble.data.parquet import _image_transform, _tensor_train_transform
+
+    ops = [type(t).__name__ for t in _image_transform(16, True, "rand-m9-mstd0.5-inc1").transforms]
+    assert ops == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "RandAugment", "PILToTensor"]
+    assert [type(t).__name__ for t in _image_transform(16, False, "rand-m9-mstd0.5-inc1").transforms] == [
+        "Resize", "CenterCrop", "PILToTensor"]  # evaluation never augments
+    assert [type(t).__name__ for t in _tensor_train_transform(16).transforms] == [
+        "RandomResizedCrop", "RandomHorizontalFlip"]  # the standard recipe, on decoded tensors
+
+
+def test_standard_training_images_decode_through_torchvision_and_corrupt_ones_are_flagged(folder, tmp_path):
+    """The standard training decode (torchvision, uint8 tensors) gives uint8 [3, size, size]
+    crops of the image (a crop of a one-colour image is that colour) and flags bytes that
+    are no image; evaluation decoding is PIL's, as the ImageFolder path's."""
+    import io
+
+    from PIL import Image
+
+    from metaensemble.data.parquet import decode_images
+
+    def jpeg(colour, size=(60, 40)):
+        b = io.BytesIO()
+        Image.new("RGB", size, colour).save(b, "JPEG", quality=95)
+        return b.getvalue()
+
+    png = io.BytesIO()
+    Image.new("L", (30, 50), 200).save(png, "PNG")  # greyscale: decoded to RGB
+    batch = {"image": np.array([jpeg((250, 10, 10)), b"\xff\xd8 not a jpeg", png.getvalue(), jpeg((0, 0, 255))],
+                               dtype=object), "label": np.arange(4), "index": np.arange(4)}
+    for train in (True, False):
+        out = decode_images(batch, 16, train)
+        assert out["image"].shape == (4, 3, 16, 16) and out["image"].dtype == np.uint8
+        assert out["ok"].tolist() == [True, False, True, True]
+        px = out["image"].reshape(4, 3, -1).astype(int)
+        assert (abs(px[0] - np.array([[250], [10], [10]])) <= 8).all() and (abs(px[3] - np.array([[0], [0], [255]])) <= 8).all()
+        assert (abs(px[2] - 200) <= 1).all() and not out["image"][1].any()
+
+
+def test_a_rerun_resumes_at_the_epochs_its_latest_finished_checkpoint_records(tmp_path):
+    from metaensemble.engine.checkpoint import epochs_done
+
+    run = tmp_path / "run"
+    assert epochs_done(str(run)) == 0  # no folder yet
+    run.mkdir()
+    assert epochs_done(str(run)) == 0
+    for stamp, done in (("2026-01-01_00-00-01.000000", 1), ("2026-01-01_00-00-09.000000", 3),
+                        ("2026-01-01_00-00-05.000000", 2)):
+        (run / f"checkpoint_{stamp}").mkdir()
+        (run / f"checkpoint_{stamp}" / "state.json").write_text(json.dumps({"epochs_done": done}))
+    (run / "checkpoint_2026-01-01_00-00-10.000000").mkdir()  # Ray was still writing it: no state.json
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert epochs_done(str(run)) == 3
+    assert epochs_done(f"file://{run}") == 3  # storage_path as a URI

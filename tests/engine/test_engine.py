@@ -110,6 +110,12 @@ def test_encoded_shards_stream_through_ray_data_into_ddp_training(ray_local, dig
     pq.write_table(t.set_column(0, "image", pa.array([b"\x89PNG rotten"] * len(t), pa.binary()))
                    .replace_schema_metadata(pq.read_schema(f).metadata), f)
     bad = set(t.column("index").to_pylist())
+    for split in ("val", "test"):  # and one row of each evaluation split
+        f = sorted((root / split).glob("*.parquet"))[0]
+        t = pq.read_table(f)
+        images = t.column("image").to_pylist()
+        t = t.set_column(0, "image", pa.array([b"\xff\xd8 rotten", *images[1:]], pa.binary()))
+        pq.write_table(t.replace_schema_metadata(pq.read_schema(f).metadata), f)
     cfg = digits_cfg("data.name=parquet", f"data.root={root}", "scaling.num_workers=2", "train.epochs=1",
                      "model.kwargs.width=16", "data.batch_size=32", "data.augment=false", "data.shuffle_buffer=256",
                      "data.data_cpus=2")
@@ -124,6 +130,11 @@ def test_encoded_shards_stream_through_ray_data_into_ddp_training(ray_local, dig
     assert len(set(s0 + s1)) >= n_train - len(bad) - 2 * 32, "every readable row, up to the dropped partial batches"
     (skipped,) = [m.value for m in tracking.client().get_metric_history(outcome.run_id, "data_skipped")]
     assert len(bad) - 2 * 32 <= skipped <= len(bad), "the corrupt images are dropped and counted"
+    # the evaluation splits count theirs too: val at every epoch and at the end, test at the end
+    history = {k: [m.value for m in tracking.client().get_metric_history(outcome.run_id, k)]
+               for k in ("val_skipped", "test_skipped")}
+    assert history == {"val_skipped": [1, 1], "test_skipped": [1]}, history
+    assert outcome.metrics["val_skipped"] == outcome.metrics["test_skipped"] == 1
     # one epoch reaches 0.35-0.6 (one shard short); images paired with the wrong labels stay
     # near 0.1 (+-0.02 on these 359 test images)
     assert outcome.metrics["test_acc"] > 0.25, outcome.metrics

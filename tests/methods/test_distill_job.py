@@ -127,6 +127,12 @@ def test_latentbe_students_are_selected_on_their_folded_network(job):
     splits = data.load(cfg.data)
     logp, y = predict_logp(load(f"runs:/{rid}/model"), data.ArrayLoader(splits.val, splits.info, 512))
     assert float((logp.argmax(1) == y).float().mean()) == pytest.approx(hist[best], abs=1e-6)
+    # the gap to the other fold, evaluated beside it, is a metric of its own
+    m = run.data.metrics
+    for split in ("val", "test"):
+        for k in ("acc", "nll", "ece"):
+            assert m[f"fold_gap/{split}_{k}"] == pytest.approx(m[f"fold_exact/{split}_{k}"] - m[f"{split}_{k}"])
+    assert not any(k.startswith("fold_gap/") for k in client.get_run(out.run_ids["kd/s0"]).data.metrics)
 
 
 def test_a_tdiv_sdiv_student_trains_with_two_gloo_ddp_workers(job, tmp_path):

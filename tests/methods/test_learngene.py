@@ -274,10 +274,10 @@ def stages(ray_local, tmp_path_factory):
     cfg = _cfg(tmp, f"learngene.teacher={_teacher_dir(tmp, seed=1)}", "train.epochs=2", "scaling.num_workers=2",
                "scaling.cpus_per_worker=1", "learngene.depths=[2,4]", "learngene.finetune_epochs=2")
     aux = experiment.run_aux(cfg)
-    # The descendants need no DDP (the aux-net run covers it): one worker of a quarter CPU
-    # each lets all four finetuning runs go side by side (0.5 + 0.25 CPU per trial on the
-    # 4 logical CPUs: one wave, not 3 runs and then 1).
-    cfg = cfg.with_overrides({"scaling.num_workers": 1, "scaling.cpus_per_worker": 0.25})
+    # The descendants need no DDP (the aux-net run covers it): one worker, of 2 of the 4
+    # logical CPUs, so that one run fits at a time and train_configs packs all four runs
+    # into one Ray Train run (one start-up; on 2 cores, 4 at once paid 4).
+    cfg = cfg.with_overrides({"scaling.num_workers": 1, "scaling.cpus_per_worker": 2})
     return cfg, aux, experiment.run_descendants(cfg)
 
 

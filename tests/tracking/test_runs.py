@@ -98,3 +98,22 @@ def test_open_run_waits_for_a_racer_still_taking_its_ticket(mlflow_uri, digits_c
     c.set_tag(racer.info.run_id, TAG_TICKET, "1")
     t.join(timeout=30)
     assert result and result[0].run_id == racer.info.run_id and result[0].resumed
+
+
+def test_every_experiment_carries_the_runs_tables_saved_view(mlflow_uri):
+    """A new experiment, and one made by someone else without the platform's tags, both end
+    up tagged as model training with the saved view whose columns are the key metrics."""
+    import json
+    import uuid
+
+    c = tracking.client(mlflow_uri)
+    fresh = runs.experiment_id(c, f"test/view-{uuid.uuid4().hex[:8]}")
+    foreign = c.create_experiment(f"test/foreign-{uuid.uuid4().hex[:8]}")
+    assert runs.experiment_id(c, c.get_experiment(foreign).name) == foreign
+    for exp in (fresh, foreign):
+        tags = c.get_experiment(exp).tags
+        assert tags[runs.TAG_EXPERIMENT_KIND] == runs.KIND_TRAINING
+        assert runs.TAG_VIEW == "mlflow.sharedViewState.metaensemble"
+        columns = json.loads(tags[runs.TAG_VIEW])["selectedColumns"]
+        assert "metrics.`val_acc`" in columns and "metrics.`test_acc`" in columns and "params.`model.name`" in columns
+        assert columns == [f"params.`{k}`" for k in runs.KEY_PARAMS] + [f"metrics.`{k}`" for k in runs.KEY_METRICS]

@@ -44,9 +44,14 @@ from metaensemble.validation import load_config
 SHOTS = REPO_ROOT / "runs" / "ui"
 EXPERIMENT = "ui-test/digits"
 RUN = "ui-run"
-METRICS = {"val/acc": 0.875, "test/acc": 0.8125}
+METRICS = {"val_acc": 0.875, "test_acc": 0.8125, "train_loss": 0.25}  # the first two are key
 START_TIMEOUT_S = 180.0  # a fresh SQLite store's migrations are slow on a busy machine
 PAGE_TRIES = 3
+
+
+def _headers(dom: str) -> list[str]:
+    """The runs table's column headers, left to right."""
+    return re.findall(r'data-testid="sort-header-([^"]+)"', dom)
 
 
 def _browser() -> str:
@@ -160,18 +165,27 @@ def test_mlflow_ui_in_chromium(tmp_path):
         assert f'href="#/experiments/{exp}"' in dom  # the link the user follows next
 
         # The experiment opens in the model-training view (the runs table), not in MLflow 3's
-        # GenAI overview (trace usage, token usage, costs).
+        # GenAI overview (trace usage, token usage, costs), and on a first visit in the
+        # platform's saved view: the key metrics and the model as columns, not MLflow's
+        # default Dataset and Source.
         run_link = f'href="#/experiments/{exp}/runs/{run.run_id}"'
-        dom = browser.open(f"{ui}/#/experiments/{exp}", SHOTS / "experiment.png", run_link, "<title>Overview - ")
+        dom = browser.open(f"{ui}/#/experiments/{exp}", SHOTS / "experiment.png", "sort-header-val_acc",
+                           "<title>Overview - ")
         text = _text(dom)
         assert f"<title>Runs - Experiment {exp} - MLflow</title>" in dom, text[:3000]
-        assert 'data-testid="sort-header-Run Name"' in dom, text[:3000]
+        assert _headers(dom) == ["Run Name", "Created", "Duration", "model.name", "test_acc", "val_acc"], text[:3000]
         assert re.search(rf"{run_link}><span[^>]*>{RUN}</span>", dom), text[:3000]  # a row of the table
+        assert "| 0.8125 | 0.875 | convnet |" in text, text[:3000]  # its key values in the row
+        assert "viewing a shared view" in text, text[:3000]  # MLflow's banner: keep it or exit
         for genai in ("Token Usage", "Tokens per Trace", "Cost Breakdown", "Overview - Experiment"):
             assert genai not in dom, f"GenAI overview: {genai!r} on the experiment page:\n{text[:3000]}"
+        # the second visit is the user's own view (what "Exit shared view" leads back to)
+        dom = browser.open(f"{ui}/#/experiments/{exp}", SHOTS / "experiment-again.png", run_link)
+        assert "viewing a shared view" not in _text(dom) and "sort-header-val_acc" not in dom, _text(dom)[:3000]
+        assert 'data-testid="sort-header-Run Name"' in dom, _text(dom)[:3000]
 
         run_url = f"{ui}/#/experiments/{exp}/runs/{run.run_id}"
-        dom = browser.open(run_url, SHOTS / "run.png", "val/acc")
+        dom = browser.open(run_url, SHOTS / "run.png", "val_acc")
         text = _text(dom)
         assert f"| {RUN} |" in text and "| Finished |" in text, text[:3000]
         for name, value in METRICS.items():

@@ -80,17 +80,12 @@ def check(cfg) -> None:
 
         raise ConfigError(f"data.label_split is not supported for the streaming dataset {cfg.name!r}; write each "
                           f"part with jobs/prepare_data.py")
-    if cfg.transform != "standard" and cfg.name == "parquet":
-        from metaensemble.errors import ConfigError
-
-        raise ConfigError(f"data.transform={cfg.transform!r} is not supported for parquet shards yet: they are "
-                          f"augmented with RandomResizedCrop + flip (data.transform=standard); the DeiT recipe's "
-                          f"RandAugment and random erasing need data.name=imagefolder")
-    if cfg.transform != "standard" and cfg.name != "imagefolder":
+    if cfg.transform != "standard" and cfg.name not in ("imagefolder", "parquet"):
         from metaensemble.errors import ConfigError
 
         raise ConfigError(f"data.transform={cfg.transform!r} applies to images read from files (data.name="
-                          f"imagefolder); {cfg.name!r} augments its arrays itself: use data.transform=standard")
+                          f"imagefolder, or parquet shards of encoded images); {cfg.name!r} augments its arrays "
+                          f"itself: use data.transform=standard")
     if cfg.repeated_aug > 1 and cfg.name != "imagefolder":
         from metaensemble.errors import ConfigError
 

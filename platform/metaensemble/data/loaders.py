@@ -28,7 +28,10 @@ def normalise(x_uint8: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
         _STATS[key] = (torch.tensor(info.mean, device=x_uint8.device).view(1, -1, 1, 1),
                        torch.tensor(info.std, device=x_uint8.device).view(1, -1, 1, 1))
     mean, std = _STATS[key]
-    return (x_uint8.float().div_(255.0) - mean) / std
+    # in place on the one float copy: the same operations in the same order (bit for bit
+    # the out-of-place result), a third of the CPU time on a CPU (0.37 against 1.08 ms per
+    # 224 x 224 image, benchmarks/data_throughput.py)
+    return x_uint8.float().div_(255.0).sub_(mean).div_(std)
 
 
 def augment_batch(x: torch.Tensor, family: str, gen: torch.Generator) -> torch.Tensor:
@@ -52,6 +55,14 @@ def augment_batch(x: torch.Tensor, family: str, gen: torch.Generator) -> torch.T
         flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
         out = torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
     return out.contiguous()
+
+
+def random_erasing(prob: float, device: torch.device):
+    """The DeiT recipe's random erasing (timm's, one box of per-pixel normal noise with
+    probability ``prob``) for normalised batches, as timm's transform applies it per image."""
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(probability=prob, mode="pixel", max_count=1, device=str(device))
 
 
 def cutout_batch(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -198,9 +209,9 @@ class RayShardLoader:
 
     def __init__(self, shard, info: DatasetInfo, batch_size: int, *, shuffle=False, augment=False,
                  seed=0, rank=0, device="cpu", length: int | None = None, cutout: int = 0,
-                 shuffle_buffer: int = 0) -> None:
+                 shuffle_buffer: int = 0, erase: float = 0.0) -> None:
         self.shard, self.info, self.batch_size = shard, info, batch_size
-        self.cutout = cutout
+        self.cutout, self.erase = cutout, erase
         self.shuffle, self.augment, self.seed, self.rank = shuffle, augment, seed, rank
         self.shuffle_buffer = shuffle_buffer
         self.device = torch.device(device)
@@ -249,6 +260,7 @@ class RayShardLoader:
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 31 + self.rank)
+        erase = random_erasing(self.erase, self.device) if self.augment and self.erase else None
         for x, y, index in self._batches():
             x = x.to(self.device)
             if self.augment:
@@ -256,6 +268,8 @@ class RayShardLoader:
             x = normalise(x, self.info)
             if self.augment and self.cutout:
                 x = cutout_batch(x, self.cutout, gen)
+            if erase is not None:
+                x = erase(x)
             yield {
                 "x": x,
                 "y": y.long().to(self.device),

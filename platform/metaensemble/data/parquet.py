@@ -245,20 +245,51 @@ def write_image_folder(src: str | Path, root: str | Path, *, image_size: int = 2
 
 
 # ---- reading ------------------------------------------------------------------------------
+def filesystem(root: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path in it) of ``data.root``: a local folder (relative to the
+    repository root), or a URI of any filesystem pyarrow has (``s3://bucket/prefix``,
+    ``gs://``, ``hdfs://``, ``file://``), with its credentials from the environment as
+    pyarrow reads them. Ray Data reads the shards through the same filesystem."""
+    from pyarrow import fs
+
+    if "://" not in root:
+        return fs.LocalFileSystem(), str(resolve_path(root))
+    try:
+        return fs.FileSystem.from_uri(root)
+    except (pa.ArrowException, ValueError, OSError) as e:
+        raise DataError(f"parquet: data.root={root} is not a filesystem pyarrow can open ({e}); use a local "
+                        f"folder or a URI such as s3://bucket/prefix") from None
+
+
+def _listing(filesystem, folder: str) -> list[str]:
+    """The parquet files directly in ``folder``, sorted; [] when it does not exist."""
+    from pyarrow import fs
+
+    infos = filesystem.get_file_info(fs.FileSelector(folder, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == fs.FileType.File and i.path.endswith(".parquet"))
+
+
 def read_meta(cfg: DataConfig) -> dict[str, Any]:
     """meta.json of ``cfg.root``, checked against every shard (schema and dataset id), with
     ``info`` a DatasetInfo (its img_size set to ``data.image_size`` for encoded shards)."""
+    from pyarrow import fs
+
     if cfg.root is None:
         raise DataError("parquet needs data.root: a folder written by jobs/prepare_data.py")
-    root = resolve_path(cfg.root)
-    meta_path = root / "meta.json"
-    if not meta_path.is_file():
+    filesystem_, root = filesystem(cfg.root)
+    meta_path = f"{root}/meta.json"
+    try:
+        found = filesystem_.get_file_info(meta_path).type == fs.FileType.File
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"parquet: cannot read {cfg.root}: {e}") from None
+    if not found:
         raise DataError(
             f"parquet: {meta_path} not found; data.root must be a folder written by "
             f"jobs/prepare_data.py (meta.json + train/ val/ test/ shards)"
         )
     try:
-        meta = json.loads(meta_path.read_text())
+        with filesystem_.open_input_stream(meta_path) as f:
+            meta = json.loads(f.read().decode())
         meta["info"] = DatasetInfo.from_dict(meta["info"])
         fmt, dataset_id = meta["format"], meta["dataset_id"]
     except (ValueError, KeyError, TypeError) as e:
@@ -266,13 +297,13 @@ def read_meta(cfg: DataConfig) -> dict[str, Any]:
                         f"with jobs/prepare_data.py") from None
     if fmt not in FORMATS:
         raise DataError(f"parquet: {meta_path} has format {fmt!r}; this version reads {', '.join(FORMATS)}")
+    shards = {s: _listing(filesystem_, f"{root}/{s}") for s in SPLITS}
     for s in SPLITS:
-        shards = sorted((root / s).glob("*.parquet"))
-        if not shards:
-            raise DataError(f"parquet: no shards in {root / s}")
-        for f in shards:
+        if not shards[s]:
+            raise DataError(f"parquet: no shards in {root}/{s}")
+        for f in shards[s]:
             try:
-                schema = pq.read_schema(f)
+                schema = pq.read_schema(f, filesystem=filesystem_)
             except (pa.ArrowException, OSError) as e:
                 raise DataError(f"parquet: {f} is not a readable parquet file: {e}") from None
             got = (schema.metadata or {}).get(ID_KEY, b"").decode() or None
@@ -282,41 +313,80 @@ def read_meta(cfg: DataConfig) -> dict[str, Any]:
                     f"{dataset_id}); a shard folder holds the shards of one jobs/prepare_data.py run only")
             if not schema.remove_metadata().equals(SCHEMA):
                 raise DataError(f"parquet: {f} has columns {schema.names}; expected image, label, index")
-    meta["shards"] = {s: sorted(str(f) for f in (root / s).glob("*.parquet")) for s in SPLITS}
+    if cfg.transform != "standard" and fmt != "encoded":
+        raise DataError(f"data.transform={cfg.transform!r} augments images decoded from files; {root} holds {fmt} "
+                        f"arrays (written from data.name={meta['info'].name}), augmented as arrays: use "
+                        f"data.transform=standard")
+    meta["shards"], meta["filesystem"] = shards, filesystem_
     if fmt == "encoded" and cfg.image_size and cfg.image_size != meta["info"].img_size:
         meta["info"] = DatasetInfo.from_dict({**meta["info"].to_dict(), "img_size": cfg.image_size})
     meta["root"] = root
     return meta
 
 
-def _image_transform(size: int, train: bool):
+def _image_transform(size: int, train: bool, auto_augment: str | None = None):
+    """PIL image -> uint8 [3, size, size]: evaluation's resize + centre crop, or with
+    ``train`` and ``auto_augment`` the DeiT recipe's PIL stages (timm's bicubic
+    RandomResizedCrop, flip, RandAugment); its random erasing works on normalised pixels,
+    so the training worker applies it to the batch (``data.RayShardLoader``'s ``erase``).
+    The standard training augmentation works on tensors (``_tensor_train_transform``)."""
     from torchvision import transforms
 
-    if train:
-        return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                   transforms.PILToTensor()])
+    if train and auto_augment:
+        from timm.data import create_transform
+
+        crop_flip, rand_augment, _ = create_transform(size, is_training=True, auto_augment=auto_augment,
+                                                      interpolation="bicubic", separate=True)
+        return transforms.Compose([*crop_flip.transforms, *rand_augment.transforms, transforms.PILToTensor()])
     return transforms.Compose([transforms.Resize(int(size / EVAL_RESIZE)), transforms.CenterCrop(size),
                                transforms.PILToTensor()])
 
 
-def decode_images(batch: dict[str, np.ndarray], size: int, train: bool) -> dict[str, np.ndarray]:
-    """Ray Data UDF: encoded image bytes -> uint8 [3, size, size] (augmented for training).
+def _tensor_train_transform(size: int):
+    """The standard training augmentation on a decoded uint8 [3, H, W] tensor:
+    RandomResizedCrop (antialiased bilinear, as PIL's) + horizontal flip."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+
+
+def decode_images(batch: dict[str, np.ndarray], size: int, train: bool,
+                  auto_augment: str | None = None) -> dict[str, np.ndarray]:
+    """Ray Data UDF: encoded image bytes -> uint8 [3, size, size] (augmented for training;
+    ``auto_augment``: the DeiT recipe's, see ``_image_transform``).
+
+    Standard training images are decoded by torchvision (libjpeg-turbo, libpng) and
+    cropped and resized as uint8 tensors: 1.3-1.4 ms of CPU per ImageNet-sized JPEG
+    against 2.4 ms through PIL (benchmarks/data_throughput.py). Evaluation images go
+    through PIL, pixel for pixel the ImageFolder path's; the DeiT recipe's RandAugment is
+    timm's PIL transform.
 
     A row whose bytes do not decode keeps its place with ``ok`` False and a black image:
     the training worker drops it and counts it (``data_skipped`` in the run's metrics), so
     a corrupt image never kills a data worker or the run."""
-    from PIL import Image
-
-    tf = _image_transform(size, train)
     n = len(batch["label"])
     out = np.zeros((n, 3, size, size), np.uint8)
     ok = np.ones(n, bool)
-    for k, data in enumerate(batch["image"]):
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                out[k] = tf(im.convert("RGB")).numpy()
-        except Exception:  # noqa: BLE001 - any decoding failure is one corrupt image
-            ok[k] = False
+    if train and not auto_augment:
+        from torchvision.io import ImageReadMode, decode_image
+
+        tf = _tensor_train_transform(size)
+        for k, data in enumerate(batch["image"]):
+            try:
+                out[k] = tf(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                         mode=ImageReadMode.RGB)).numpy()
+            except Exception:  # noqa: BLE001 - any decoding failure is one corrupt image
+                ok[k] = False
+    else:
+        from PIL import Image
+
+        tf = _image_transform(size, train, auto_augment)
+        for k, data in enumerate(batch["image"]):
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    out[k] = tf(im.convert("RGB")).numpy()
+            except Exception:  # noqa: BLE001 - any decoding failure is one corrupt image
+                ok[k] = False
     return {"image": out, "label": batch["label"], "index": batch["index"], "ok": ok}
 
 
@@ -329,19 +399,39 @@ def _unpack(batch: dict[str, np.ndarray], shape: tuple[int, ...]) -> dict[str, n
     return {"image": images, "label": batch["label"], "index": batch["index"], "ok": np.ones(n, bool)}
 
 
-def ray_datasets(cfg: DataConfig, seed: int = 0) -> tuple[dict[str, Any], DatasetInfo, dict[str, int]]:
+def ray_datasets(cfg: DataConfig, seed: int = 0,
+                 first_epoch: int = 0) -> tuple[dict[str, Any], DatasetInfo, dict[str, int]]:
     """Lazy Ray Data datasets for each split, yielding ``image`` uint8 [C, H, W], ``label``,
-    ``index``, ``ok``. Train reads its shard files in a new order each epoch (seeded)."""
+    ``index``, ``ok``. Train reads its shard files in a new order each epoch (seeded by
+    ``seed`` and the epoch; the first read is epoch ``first_epoch``'s)."""
     import ray.data
+
+    from metaensemble.data.shuffle import EpochFileShuffle
 
     meta = read_meta(cfg)
     info: DatasetInfo = meta["info"]
     out = {}
     for s in SPLITS:
-        shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if s == "train" else None
-        ds = ray.data.read_parquet(meta["shards"][s], shuffle=shuffle)
+        shuffle = EpochFileShuffle(seed=seed, first_epoch=first_epoch) if s == "train" else None
+        context = ray.data.DataContext.get_current()
+        saved = context.target_max_block_size
         if meta["format"] == "encoded":
-            out[s] = ds.map_batches(decode_images, fn_kwargs={"size": info.img_size, "train": s == "train" and cfg.augment},
+            # Blocks of one shard file: Ray Data 2.60 merges files into read tasks of up to
+            # target_max_block_size (128 MiB), and emits decoded blocks of that size, so a
+            # 2,700-image epoch was 2 read tasks and its first batch waited for 670 decoded
+            # images. A block of one shard's bytes is one read task per file and a decoded
+            # block every ~100 images; the dataset keeps the setting (its own context copy).
+            context.target_max_block_size = _largest_file(meta["filesystem"], meta["shards"][s])
+        try:
+            ds = ray.data.read_parquet(meta["shards"][s], filesystem=meta["filesystem"], shuffle=shuffle,
+                                       override_num_blocks=len(meta["shards"][s]))
+        finally:
+            context.target_max_block_size = saved
+        if meta["format"] == "encoded":
+            train = s == "train" and cfg.augment
+            deit = cfg.auto_augment if train and cfg.transform == "deit" else None
+            out[s] = ds.map_batches(decode_images, fn_kwargs={"size": info.img_size, "train": train,
+                                                              "auto_augment": deit},
                                     batch_size=64, batch_format="numpy")
         else:
             shape = (info.in_chans, info.img_size, info.img_size)
@@ -349,10 +439,15 @@ def ray_datasets(cfg: DataConfig, seed: int = 0) -> tuple[dict[str, Any], Datase
     return out, info, meta["sizes"]
 
 
-def iter_rows(files: list[str], columns: list[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
+def _largest_file(filesystem_, paths: list[str]) -> int:
+    return max(i.size for i in filesystem_.get_file_info(paths))
+
+
+def iter_rows(files: list[str], columns: list[str] | None = None,
+              filesystem_=None) -> Iterator[dict[str, np.ndarray]]:
     """Row groups of ``files`` as numpy columns, one at a time (pyarrow, no Ray)."""
     for f in files:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, filesystem=filesystem_)
         for g in range(pf.num_row_groups):
             t = pf.read_row_group(g, columns=columns)
             yield {k: t.column(k).to_numpy(zero_copy_only=False) for k in t.column_names}
@@ -369,10 +464,10 @@ def load_parquet_arrays(cfg: DataConfig) -> DataSplits:
     parts = {}
     for s in SPLITS:
         chunks = []
-        for batch in iter_rows(meta["shards"][s]):
+        for batch in iter_rows(meta["shards"][s], filesystem_=meta["filesystem"]):
             d = decode_images(batch, info.img_size, False) if encoded else _unpack(batch, shape)
             if not d["ok"].all():
-                raise DataError(f"parquet: {int((~d['ok']).sum())} image(s) in {meta['root'] / s} do not decode "
+                raise DataError(f"parquet: {int((~d['ok']).sum())} image(s) in {meta['root']}/{s} do not decode "
                                 f"(indices {d['index'][~d['ok']][:5].tolist()})")
             chunks.append(d)
         parts[s] = ArraySplit(*(torch.from_numpy(np.concatenate([c[k] for c in chunks]).copy())

@@ -96,3 +96,22 @@ def read_checkpoint(d: Path, rank: int, device) -> dict[str, Any]:
 def checkpoint_owner(d: Path) -> str | None:
     """The MLflow run id a checkpoint folder belongs to (a pack's members share one Ray run)."""
     return json.loads((d / "state.json").read_text()).get("run_id")
+
+
+def epochs_done(run_dir: str) -> int:
+    """Epochs done by the latest checkpoint of the Ray run folder ``run_dir`` (a local path
+    or a pyarrow filesystem URI, as ``storage_path``): the epoch a rerun resumes at; 0 when
+    it has none. Checkpoint folders are named by the time Ray took them."""
+    from pyarrow import fs
+
+    filesystem, root = (fs.FileSystem.from_uri(run_dir) if "://" in run_dir
+                        else (fs.LocalFileSystem(), run_dir))
+    found = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    for d in sorted((i.path for i in found if i.type == fs.FileType.Directory
+                     and i.base_name.startswith("checkpoint_")), reverse=True):
+        try:
+            with filesystem.open_input_stream(f"{d}/state.json") as f:
+                return int(json.loads(f.read().decode())["epochs_done"])
+        except (OSError, ValueError, KeyError):  # a folder Ray had not finished writing
+            continue
+    return 0

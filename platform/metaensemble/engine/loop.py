@@ -370,12 +370,14 @@ def finish_member(run: MemberRun, packed: bool) -> None:
         broadcast(None, ctx)
     exported = method.export(run.base)
     _check_exportable(method, exported)
+    before = {s: skipped_rows(run.loaders[s]) for s in ("val", "test")}
     val = gather(predict_named(method, exported, run.loaders["val"], "val"), ctx)
     test = gather(predict_named(method, exported, run.loaders["test"], "test"), ctx)
     ranks = gather((rng_state(), _to_cpu(method.state_dict())), ctx)
     ckpt_dir = None
     if ctx.rank == 0:
         final.update(final_report(concat_predictions(val), concat_predictions(test)))
+        final.update({f"{s}_skipped": skipped_rows(run.loaders[s]) - n for s, n in before.items() if n is not None})
         final["best_epoch"] = run.state["best_epoch"]
         _save_model(run, exported, final)
         run.tracker.metrics({k: v for k, v in final.items() if k not in ("epoch", "final")}, step=cfg.train.epochs)
@@ -432,9 +434,22 @@ class EpochTotals:
 
 def evaluate_split(method, base, loader, split: str, ctx: RunContext) -> dict[str, float]:
     """Metrics of every named prediction of the export of ``base`` on the whole split
-    (on rank 0; {} elsewhere): ``<split>_acc`` etc., the others ``<name>/<split>_acc``."""
+    (on rank 0; {} elsewhere): ``<split>_acc`` etc., the others ``<name>/<split>_acc``;
+    for a streamed split also ``<split>_skipped``, its rows that did not decode."""
+    before = skipped_rows(loader)
     parts = gather(predict_named(method, method.export(base), loader, split), ctx)
-    return {} if parts is None else split_metrics(concat_predictions(parts), split)
+    if parts is None:
+        return {}
+    out = split_metrics(concat_predictions(parts), split)
+    if before is not None:
+        out[f"{split}_skipped"] = skipped_rows(loader) - before
+    return out
+
+
+def skipped_rows(loader) -> int | None:
+    """Rows a streamed loader has dropped so far because their image did not decode
+    (``data.RayShardLoader.skipped``); None for a loader of decoded arrays."""
+    return getattr(loader, "skipped", None)
 
 
 def sync_buffers(base, ctx: RunContext) -> None:
@@ -567,7 +582,8 @@ def _streamed_loaders(cfg, rank: int, world: int, device: torch.device):
     mk = lambda split, **kw: data.RayShardLoader(ray.train.get_dataset_shard(split), info, device=device, rank=rank, seed=cfg.seed, **kw)  # noqa: E731
     loaders = {
         "train": mk("train", batch_size=d.batch_size, shuffle=True, augment=d.augment, cutout=d.cutout,
-                    length=meta["sizes"]["train"] // world // d.batch_size, shuffle_buffer=d.shuffle_buffer),
+                    length=meta["sizes"]["train"] // world // d.batch_size, shuffle_buffer=d.shuffle_buffer,
+                    erase=d.re_prob if d.transform == "deit" else 0.0),
         "val": mk("val", batch_size=d.eval_batch_size) if rank == 0 else None,
         "test": mk("test", batch_size=d.eval_batch_size) if rank == 0 else None,
     }

@@ -364,7 +364,7 @@ def _torch_trainer(cfg: Config, ray_name: str, loop_config: dict[str, Any], in_t
     # driver-side one (no MLflow client in the processes that never write to MLflow)
     from metaensemble.engine.loop import train_loop_per_worker
 
-    datasets, dataset_config = _ray_datasets(cfg)
+    datasets, dataset_config = _ray_datasets(cfg, f"{cfg.resolved_storage_path()}/{ray_name}")
     callbacks = []
     if in_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -387,16 +387,19 @@ def _torch_trainer(cfg: Config, ray_name: str, loop_config: dict[str, Any], in_t
     )
 
 
-def _ray_datasets(cfg: Config):
+def _ray_datasets(cfg: Config, run_dir: str):
     """(datasets, DataConfig) for streamed data (train split over the workers, with its
-    ``data.data_cpus`` budget); (None, None) for in-memory data."""
+    ``data.data_cpus`` budget); (None, None) for in-memory data. A run resumed from the
+    checkpoints in ``run_dir`` reads its shard files in the order its next epoch would have
+    had (streamed runs are never packed: the checkpoint is this run's)."""
     if not data.is_streaming(cfg.data):
         return None, None
     import ray.train
 
     from metaensemble.data.parquet import ray_datasets
+    from metaensemble.engine.checkpoint import epochs_done
 
-    datasets, _, _ = ray_datasets(cfg.data, seed=cfg.seed)
+    datasets, _, _ = ray_datasets(cfg.data, seed=cfg.seed, first_epoch=epochs_done(run_dir))
     options = None
     if cfg.data.data_cpus:
         from ray.data import ExecutionOptions, ExecutionResources

@@ -21,7 +21,7 @@ from mlflow.entities import Param
 
 from metaensemble import engine, tracking
 from metaensemble.config import Config, build_config, save_config
-from metaensemble.errors import SearchSpaceError
+from metaensemble.errors import ConfigError, SearchSpaceError
 from metaensemble.sweep.space import SearchSpace
 
 TRIAL_DRIVER_CPU = 0.5  # the trial's own process only waits on its TorchTrainer
@@ -178,7 +178,8 @@ def train_configs(runs: dict[str, Config], groups: list[list[str]], *, experimen
     """Train every config of ``runs`` as child runs of ``parent_run_id`` in ``experiment``,
     side by side as the cluster allows: each group of keys in ``groups`` is one Tune trial
     (a group of several is a pack: one Ray Train run trained one after another, for runs
-    of seconds whose start-up would dominate), started in the order given. Runs finished
+    of seconds whose start-up would dominate), started in the order given. More groups than
+    fit at once are first merged into as many packs as fit (``merge_groups``). Runs finished
     before are not retrained. Returns key -> MLflow run id; raises if any run failed."""
     listed = [k for g in groups for k in g]
     if sorted(listed) != sorted(runs) or len(set(listed)) != len(listed):
@@ -187,6 +188,7 @@ def train_configs(runs: dict[str, Config], groups: list[list[str]], *, experimen
     engine.ensure_ray()
     first = next(iter(runs.values()))
     named = {k: c.with_overrides({"experiment": experiment}) for k, c in runs.items()}
+    groups = merge_groups([g for g in groups if g], concurrency(first, 0), runs)
     if len(groups) == 1 or concurrency(first, 0) == 1:
         # One trial at a time: Tune would add a trial process per group and nothing else;
         # each group is one engine run (a pack) from here, resumed by its run keys as a trial is.
@@ -221,6 +223,26 @@ def train_configs(runs: dict[str, Config], groups: list[list[str]], *, experimen
             raise RuntimeError(f"run {key} ({c.run_key()}) did not finish")
         ids[key] = run.info.run_id
     return ids
+
+
+def merge_groups(groups: list[list[str]], at_once: int, runs: dict[str, Config]) -> list[list[str]]:
+    """``groups`` as at most ``at_once`` packs when more are given than run at once: group
+    i joins pack i mod ``at_once``, so the groups' order (the slowest first, by the callers'
+    convention) spreads over the packs. A trial waiting for a free slot would start a Ray
+    Train run (seconds of start-up: a trial process, a controller, the workers' imports)
+    that the pack already has running; every run is still trained as ``engine.fit`` would
+    train it. Left as given when the runs cannot share one Ray Train run
+    (``engine.check_pack``: streamed data, or another scaling section)."""
+    if len(groups) <= at_once:
+        return groups
+    try:
+        engine.check_pack([runs[k] for g in groups for k in g])
+    except ConfigError:
+        return groups
+    packs: list[list[str]] = [[] for _ in range(max(1, at_once))]
+    for i, g in enumerate(groups):
+        packs[i % len(packs)].extend(g)
+    return packs
 
 
 def prepare(base: Config) -> Config:

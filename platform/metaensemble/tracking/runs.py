@@ -50,18 +50,41 @@ TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 KIND_TRAINING = "custom_model_development"
 
 
+# The runs table's saved view: MLflow's UI opens an experiment's runs table with the
+# columns of the experiment tag ``mlflow.sharedViewState.<key>`` (JSON of the page's state)
+# when the page's address carries ``?viewStateShareKey=<key>`` (the UI's own "share view"
+# link; jobs/mlflow_ui.py opens it the first time a browser visits the experiment).
+# The UI leaves out a selected column that no run of the experiment has, so one list
+# serves every experiment: the engine's runs show val/test accuracy, NLL and ECE and
+# their training time; the leaderboard's rows their means, paired gap and time.
+VIEW_KEY = "metaensemble"
+TAG_VIEW = f"mlflow.sharedViewState.{VIEW_KEY}"
+KEY_METRICS = ("val_acc", "test_acc", "test_nll", "test_ece", "train_time_s",
+               "acc", "acc_minus_kd", "nll", "ece", "time_s")
+KEY_PARAMS = ("model.name",)
+
+
+def runs_view() -> str:
+    """The saved view's JSON: the key metrics and params as the runs table's columns."""
+    columns = [f"params.`{k}`" for k in KEY_PARAMS] + [f"metrics.`{k}`" for k in KEY_METRICS]
+    return json.dumps({"selectedColumns": columns})
+
+
 def experiment_id(c: MlflowClient, name: str) -> str:
     """The experiment's id, creating (or restoring) it, tagged as a model-training
-    experiment (``TAG_EXPERIMENT_KIND``) if it is not tagged yet."""
+    experiment (``TAG_EXPERIMENT_KIND``) with the runs table's saved view (``TAG_VIEW``)
+    where those tags are missing or out of date."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         if TAG_EXPERIMENT_KIND not in exp.tags:
             c.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, KIND_TRAINING)
+        if exp.tags.get(TAG_VIEW) != runs_view():
+            c.set_experiment_tag(exp.experiment_id, TAG_VIEW, runs_view())
         return exp.experiment_id
     try:
-        return c.create_experiment(name, tags={TAG_EXPERIMENT_KIND: KIND_TRAINING})
+        return c.create_experiment(name, tags={TAG_EXPERIMENT_KIND: KIND_TRAINING, TAG_VIEW: runs_view()})
     except Exception:  # noqa: BLE001 - another process created it first
         exp = c.get_experiment_by_name(name)
         if exp is None:

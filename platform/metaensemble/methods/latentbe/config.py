@@ -22,8 +22,8 @@ class LatentBEConfig(Section):
     """The plain network that is evaluated, selected and registered: ``mean_factors`` (the
     paper's) folds the members' mean r and s into W, W * r_bar[in] * s_bar[out];
     ``exact`` gives each layer the mean of the members' own weights, W * mean_m(s_m r_m^T).
-    The other fold is evaluated beside it (metrics ``fold_<other>/val_acc``, ...), so
-    every run logs the gap between the two."""
+    The other fold is evaluated beside it (metrics ``fold_<other>/val_acc``, ...), and the
+    distill job logs the gap between the two (``fold_gap/test_acc``: other minus selected)."""
 
     added_later: ClassVar[tuple[str, ...]] = ("fold",)
 

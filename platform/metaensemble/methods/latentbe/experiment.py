@@ -216,6 +216,7 @@ def run(cfg: Config, *, train_missing: bool = True) -> DistillOutcome:
         run_ids = train_configs(p.students, groups, experiment=cfg.experiment_name, parent_run_id=parent,
                                 storage=f"{cfg.resolved_storage_path()}/distill", name=key[:150])
         t_train = time.perf_counter()
+        log_fold_gaps(client, run_ids)
         rows, curves = evaluate(p, run_ids)
         versions = register_students(client, p, run_ids, parent)
         dirs = directions(rows)
@@ -225,6 +226,25 @@ def run(cfg: Config, *, train_missing: bool = True) -> DistillOutcome:
         seconds = {"plan_s": t_plan - t0, "train_s": t_train - t_plan, "total_s": time.perf_counter() - t0}
         tracking.log_metrics(client, parent, seconds)
     return DistillOutcome(parent, rows, run_ids, versions, dirs, p.teachers, seconds)
+
+
+FOLD_GAP = "fold_gap"
+"""Metric prefix of the gap between a LatentBE student's two folds: ``fold_gap/<split>_<m>``
+is the other fold's ``<split>_<m>`` minus the selected fold's (positive acc: the other
+fold is more accurate; see ``latentbe.fold``)."""
+
+
+def log_fold_gaps(client, run_ids: dict[str, str]) -> None:
+    """On every student run that evaluated the other fold beside the selected one (its
+    ``fold_<other>/...`` metrics), the gaps as ``fold_gap/...`` metrics."""
+    for rid in run_ids.values():
+        m = client.get_run(rid).data.metrics
+        other = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("fold_") and "/" in k
+                 and not k.startswith(f"{FOLD_GAP}/")}
+        gaps = {f"{FOLD_GAP}/{k}": v - m[k] for k, v in other.items()
+                if k in m and k.split("_", 1)[0] in ("val", "test") and k.split("_", 1)[1] in ("acc", "nll", "ece")}
+        if gaps:
+            tracking.log_metrics(client, rid, gaps)
 
 
 def log_results(client, run_id: str, rows: list[SeedRow], curves, dirs: dict[str, str], title: str) -> None:
