@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform as _stdlib_platform  # noqa: F401  (proves the stdlib module is not shadowed)
 import shutil
@@ -204,10 +205,12 @@ def steady_rate(marks: list[tuple[float, int]]) -> float:
     a quarter of the epoch's images to the one past three quarters. With at least four
     times the shuffle buffer's rows in an epoch this leaves out the buffer's filling (no
     batch until it holds ``shuffle_buffer`` rows) and its draining at the end."""
+    if not marks:
+        return float("nan")
     n = marks[-1][1]
     t1, n1 = next(m for m in marks if m[1] >= n / 4)
     t2, n2 = next(m for m in marks if m[1] >= 3 * n / 4)
-    return (n2 - n1) / (t2 - t1) if t2 > t1 else float("nan")
+    return (n2 - n1) / (t2 - t1) if t2 > t1 else float("nan")  # nan: no middle half to time
 
 
 def summarise(times: list[float], counts: list[int], first: list[float], cpu: list[float | None],
@@ -216,7 +219,7 @@ def summarise(times: list[float], counts: list[int], first: list[float], cpu: li
     steady = [steady_rate(m) for m in marks]
     out = {"epoch_s": times, "images_per_epoch": counts, "first_batch_s": first, "images_per_s_all": rates,
            "images_per_s": statistics.median(rates[1:]), "steady_images_per_s_all": steady,
-           "steady_images_per_s": statistics.median(steady[1:])}
+           "steady_images_per_s": statistics.median([r for r in steady[1:] if math.isfinite(r)] or [math.nan])}
     if all(c is not None for c in cpu):
         ms = [1e3 * c / n for c, n in zip(cpu, counts, strict=True)]
         out.update({"cpu_s": cpu, "cpu_ms_per_image_all": ms, "cpu_ms_per_image": statistics.median(ms[1:]),

@@ -358,5 +358,8 @@ def test_the_data_benchmarks_steady_state_leaves_out_the_shuffle_buffers_fill_an
     then its last 200 images at once (the buffer draining): the steady rate is the 100."""
     bench = _benchmark("data_throughput")
     marks = [(5.0 + i, 100 * (i + 1)) for i in range(8)] + [(12.5, 1000)]
-    assert bench.steady_rate(marks) == pytest.approx(100.0)
-    assert 1000 / 12.5 < 100.0  # what the whole-epoch rate would have said
+    assert bench.steady_rate(marks) == pytest.approx(100.0)  # the whole epoch: 1000 / 12.5 = 80
+    assert math.isnan(bench.steady_rate([(3.0, 1000)])) and math.isnan(bench.steady_rate([]))  # no middle half
+    times, counts, first, cpu = [12.5, 12.5, 12.5], [1000] * 3, [5.0] * 3, [None] * 3
+    out = bench.summarise(times, counts, first, cpu, [marks, marks, [(3.0, 1000)]])
+    assert out["steady_images_per_s"] == pytest.approx(100.0) and out["images_per_s"] == pytest.approx(80.0)

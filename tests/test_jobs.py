@@ -126,6 +126,8 @@ def test_train_teachers_job_interrupted_then_rerun_resumes_and_finishes(mlflow_u
     assert "teacher zoo teacher.digits.convnet" in b.stdout
     (other,) = c.search_runs([c.get_experiment_by_name(f"{experiment}-beside").experiment_id])
     assert other.info.status == "FINISHED" and other.data.metrics["test_acc"] > 0.3
+    # side by side, not one after the other: the second zoo's run began before the resumed one ended
+    assert other.info.start_time < max(x.info.end_time for x in c.search_runs([exp.experiment_id]))
     assert "training 2: [0, 1] in 1 Ray Train run of up to 2" in r.stdout  # one pack
     assert "resumed from checkpoint after epoch" in r.stdout + r.stderr
     again = c.search_runs([exp.experiment_id])

@@ -191,3 +191,14 @@ def test_repeated_augmentation_is_refused_for_array_datasets():
 
     with pytest.raises(ConfigError, match="data.repeated_aug=3 applies to images read from files"):
         data.check(DataConfig(name="digits", repeated_aug=3))
+
+
+def test_normalise_is_bit_for_bit_the_textbook_formula():
+    """The in-place normalise (one float copy) gives exactly (x / 255 - mean) / std."""
+    from metaensemble.data.core import DatasetInfo
+    from metaensemble.data.loaders import normalise
+
+    info = DatasetInfo("imagefolder", "imagenet", 10, 3, 8, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    x = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    mean, std = torch.tensor(info.mean).view(1, -1, 1, 1), torch.tensor(info.std).view(1, -1, 1, 1)
+    assert torch.equal(normalise(x, info), (x.float() / 255.0 - mean) / std)

@@ -192,10 +192,12 @@ def test_ray_data_decodes_and_augments_on_its_workers_with_a_new_file_order_each
     try:
         resumed, _ = _ray_datasets(run_cfg, str(tmp_path / "ray" / "run-a"))
         fresh, _ = _ray_datasets(run_cfg, str(tmp_path / "ray" / "run-b"))  # no checkpoint: epoch 0
+        # the train split is built when Ray Train starts (or restarts) the worker group
+        resumed_train, fresh_train = resumed["train"](), fresh["train"]()
     finally:
         ctx.execution_options.preserve_order = keep
-    assert epoch(resumed["train"])[0] == o2 and epoch(resumed["train"])[0] != o2
-    assert epoch(fresh["train"])[0] == o1
+    assert epoch(resumed_train)[0] == o2 and epoch(resumed_train)[0] != o2
+    assert epoch(fresh_train)[0] == o1
     assert not r1[bad][1] and all(ok for i, (_, ok) in r1.items() if i != bad), "only the corrupt row is flagged"
     same = [np.array_equal(r1[i][0], r2[i][0]) for i in r1 if i != bad]
     assert sum(same) < len(same) / 4, "random crops and flips differ between epochs"
@@ -254,17 +256,28 @@ def test_standard_training_images_decode_through_torchvision_and_corrupt_ones_ar
         Image.new("RGB", size, colour).save(b, "JPEG", quality=95)
         return b.getvalue()
 
-    png = io.BytesIO()
-    Image.new("L", (30, 50), 200).save(png, "PNG")  # greyscale: decoded to RGB
-    batch = {"image": np.array([jpeg((250, 10, 10)), b"\xff\xd8 not a jpeg", png.getvalue(), jpeg((0, 0, 255))],
-                               dtype=object), "label": np.arange(4), "index": np.arange(4)}
+    def encoded(img, fmt):
+        b = io.BytesIO()
+        img.save(b, fmt)
+        return b.getvalue()
+
+    png = encoded(Image.new("L", (30, 50), 200), "PNG")  # greyscale: decoded to RGB
+    bmp = encoded(Image.new("RGB", (30, 20), (10, 200, 10)), "BMP")  # a format torchvision does not read
+    png16 = encoded(Image.new("I;16", (20, 20), 40000), "PNG")  # 16 bits: not torchvision's uint8
+    from metaensemble.data.parquet import _decode_uint8
+
+    assert _decode_uint8(jpeg((1, 2, 3))).shape == (3, 40, 60) and _decode_uint8(png).dtype == torch.uint8
+    assert _decode_uint8(bmp) is None and _decode_uint8(png16) is None  # these go through PIL
+    batch = {"image": np.array([jpeg((250, 10, 10)), b"\xff\xd8 not a jpeg", png, jpeg((0, 0, 255)), bmp, png16],
+                               dtype=object), "label": np.arange(6), "index": np.arange(6)}
     for train in (True, False):
         out = decode_images(batch, 16, train)
-        assert out["image"].shape == (4, 3, 16, 16) and out["image"].dtype == np.uint8
-        assert out["ok"].tolist() == [True, False, True, True]
-        px = out["image"].reshape(4, 3, -1).astype(int)
+        assert out["image"].shape == (6, 3, 16, 16) and out["image"].dtype == np.uint8
+        assert out["ok"].tolist() == [True, False, True, True, True, True]
+        px = out["image"].reshape(6, 3, -1).astype(int)
         assert (abs(px[0] - np.array([[250], [10], [10]])) <= 8).all() and (abs(px[3] - np.array([[0], [0], [255]])) <= 8).all()
         assert (abs(px[2] - 200) <= 1).all() and not out["image"][1].any()
+        assert (abs(px[4] - np.array([[10], [200], [10]])) <= 1).all() and px[5].min() > 0
 
 
 def test_a_rerun_resumes_at_the_epochs_its_latest_finished_checkpoint_records(tmp_path):
@@ -279,6 +292,11 @@ def test_a_rerun_resumes_at_the_epochs_its_latest_finished_checkpoint_records(tm
         (run / f"checkpoint_{stamp}").mkdir()
         (run / f"checkpoint_{stamp}" / "state.json").write_text(json.dumps({"epochs_done": done}))
     (run / "checkpoint_2026-01-01_00-00-10.000000").mkdir()  # Ray was still writing it: no state.json
-    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # no snapshot to go by: the newest whole folder
     assert epochs_done(str(run)) == 3
-    assert epochs_done(f"file://{run}") == 3  # storage_path as a URI
+    assert epochs_done(f"file://{run}/") == 3  # storage_path as a URI
+    # the snapshot names the checkpoint Ray restores: a newer folder it has not recorded
+    # (uploaded by a worker just before the crash) is not the one the rerun resumes from
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-05.000000"}}))
+    assert epochs_done(str(run)) == 2

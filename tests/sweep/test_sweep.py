@@ -261,13 +261,14 @@ def test_a_grace_period_longer_than_the_trials_is_refused_before_any_work(tmp_pa
 
 def test_more_groups_than_fit_at_once_are_merged_into_that_many_packs(digits_cfg, tmp_path):
     """train_configs' groups beyond what runs at once join packs (one Ray Train start-up
-    per pack, not per waiting group), round robin in the given order; runs that cannot
-    share a Ray Train run (another scaling, streamed data) keep their groups."""
+    per pack, not per waiting group), dealt in snake order; runs that cannot share a Ray
+    Train run (another scaling, streamed data) keep their groups."""
     from metaensemble.sweep.runner import merge_groups
 
     runs = {k: digits_cfg(f"seed={i}") for i, k in enumerate("abcde")}
     groups = [["a", "b"], ["c"], ["d"], ["e"]]
-    assert merge_groups(groups, 2, runs) == [["a", "b", "d"], ["c", "e"]]
+    assert merge_groups(groups, 2, runs) == [["a", "b", "e"], ["c", "d"]]
+    assert merge_groups([[k] for k in "abcde"], 3, runs) == [["a"], ["b", "e"], ["c", "d"]]
     assert merge_groups(groups, 1, runs) == [["a", "b", "c", "d", "e"]]
     assert merge_groups(groups, 4, runs) == groups and merge_groups(groups, 9, runs) == groups
     runs["e"] = digits_cfg("seed=4", "scaling.num_workers=3")

@@ -29,8 +29,8 @@ def normalise(x_uint8: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
                        torch.tensor(info.std, device=x_uint8.device).view(1, -1, 1, 1))
     mean, std = _STATS[key]
     # in place on the one float copy: the same operations in the same order (bit for bit
-    # the out-of-place result), a third of the CPU time on a CPU (0.37 against 1.08 ms per
-    # 224 x 224 image, benchmarks/data_throughput.py)
+    # the out-of-place result), half the CPU time or less on a CPU (0.46 against 0.99 ms per
+    # 224 x 224 image in benchmarks/data_throughput.py's per-image figure)
     return x_uint8.float().div_(255.0).sub_(mean).div_(std)
 
 

@@ -255,7 +255,8 @@ def filesystem(root: str) -> tuple[Any, str]:
     if "://" not in root:
         return fs.LocalFileSystem(), str(resolve_path(root))
     try:
-        return fs.FileSystem.from_uri(root)
+        filesystem_, path = fs.FileSystem.from_uri(root)
+        return filesystem_, path.rstrip("/")
     except (pa.ArrowException, ValueError, OSError) as e:
         raise DataError(f"parquet: data.root={root} is not a filesystem pyarrow can open ({e}); use a local "
                         f"folder or a URI such as s3://bucket/prefix") from None
@@ -325,11 +326,12 @@ def read_meta(cfg: DataConfig) -> dict[str, Any]:
 
 
 def _image_transform(size: int, train: bool, auto_augment: str | None = None):
-    """PIL image -> uint8 [3, size, size]: evaluation's resize + centre crop, or with
-    ``train`` and ``auto_augment`` the DeiT recipe's PIL stages (timm's bicubic
-    RandomResizedCrop, flip, RandAugment); its random erasing works on normalised pixels,
-    so the training worker applies it to the batch (``data.RayShardLoader``'s ``erase``).
-    The standard training augmentation works on tensors (``_tensor_train_transform``)."""
+    """PIL image -> uint8 [3, size, size]: evaluation's resize + centre crop; for training
+    RandomResizedCrop + flip (the PIL twin of ``_tensor_train_transform``, for images
+    torchvision does not decode), or with ``auto_augment`` the DeiT recipe's PIL stages
+    (timm's bicubic RandomResizedCrop, flip, RandAugment), whose random erasing works on
+    normalised pixels, so the training worker applies it to the batch
+    (``data.RayShardLoader``'s ``erase``)."""
     from torchvision import transforms
 
     if train and auto_augment:
@@ -338,6 +340,9 @@ def _image_transform(size: int, train: bool, auto_augment: str | None = None):
         crop_flip, rand_augment, _ = create_transform(size, is_training=True, auto_augment=auto_augment,
                                                       interpolation="bicubic", separate=True)
         return transforms.Compose([*crop_flip.transforms, *rand_augment.transforms, transforms.PILToTensor()])
+    if train:
+        return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.PILToTensor()])
     return transforms.Compose([transforms.Resize(int(size / EVAL_RESIZE)), transforms.CenterCrop(size),
                                transforms.PILToTensor()])
 
@@ -357,7 +362,8 @@ def decode_images(batch: dict[str, np.ndarray], size: int, train: bool,
 
     Standard training images are decoded by torchvision (libjpeg-turbo, libpng) and
     cropped and resized as uint8 tensors: 1.3-1.4 ms of CPU per ImageNet-sized JPEG
-    against 2.4 ms through PIL (benchmarks/data_throughput.py). Evaluation images go
+    against 2.4 ms through PIL (docs/cluster.md); an image torchvision cannot decode into
+    8-bit RGB (BMP, TIFF, 16-bit PNG) goes through PIL instead. Evaluation images go
     through PIL, pixel for pixel the ImageFolder path's; the DeiT recipe's RandAugment is
     timm's PIL transform.
 
@@ -367,27 +373,32 @@ def decode_images(batch: dict[str, np.ndarray], size: int, train: bool,
     n = len(batch["label"])
     out = np.zeros((n, 3, size, size), np.uint8)
     ok = np.ones(n, bool)
-    if train and not auto_augment:
-        from torchvision.io import ImageReadMode, decode_image
+    from PIL import Image
 
-        tf = _tensor_train_transform(size)
-        for k, data in enumerate(batch["image"]):
-            try:
-                out[k] = tf(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                         mode=ImageReadMode.RGB)).numpy()
-            except Exception:  # noqa: BLE001 - any decoding failure is one corrupt image
-                ok[k] = False
-    else:
-        from PIL import Image
-
-        tf = _image_transform(size, train, auto_augment)
-        for k, data in enumerate(batch["image"]):
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    out[k] = tf(im.convert("RGB")).numpy()
-            except Exception:  # noqa: BLE001 - any decoding failure is one corrupt image
-                ok[k] = False
+    pil_tf = _image_transform(size, train, auto_augment)
+    tensor_tf = _tensor_train_transform(size) if train and not auto_augment else None
+    for k, data in enumerate(batch["image"]):
+        if tensor_tf is not None and (img := _decode_uint8(data)) is not None:
+            out[k] = tensor_tf(img).numpy()
+            continue
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                out[k] = pil_tf(im.convert("RGB")).numpy()
+        except Exception:  # noqa: BLE001 - any decoding failure is one corrupt image
+            ok[k] = False
     return {"image": out, "label": batch["label"], "index": batch["index"], "ok": ok}
+
+
+def _decode_uint8(data: bytes) -> torch.Tensor | None:
+    """torchvision's decode of ``data`` as uint8 RGB [3, H, W]; None where it cannot
+    (another format, a bit depth above 8, corrupt bytes): PIL then decodes or refuses it."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except Exception:  # noqa: BLE001 - PIL has the last word
+        return None
+    return img if img.dtype == torch.uint8 and img.shape[0] == 3 else None
 
 
 def _unpack(batch: dict[str, np.ndarray], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -419,9 +430,11 @@ def ray_datasets(cfg: DataConfig, seed: int = 0,
             # Blocks of one shard file: Ray Data 2.60 merges files into read tasks of up to
             # target_max_block_size (128 MiB), and emits decoded blocks of that size, so a
             # 2,700-image epoch was 2 read tasks and its first batch waited for 670 decoded
-            # images. A block of one shard's bytes is one read task per file and a decoded
-            # block every ~100 images; the dataset keeps the setting (its own context copy).
-            context.target_max_block_size = _largest_file(meta["filesystem"], meta["shards"][s])
+            # images. A block of one shard's bytes (16 MiB shards: ~100 decoded images) is
+            # a read task per file; never above Ray's own size (prepare_data's default
+            # shards are 256 MiB). The dataset keeps the setting (its own context copy).
+            context.target_max_block_size = min(_largest_file(meta["filesystem"], meta["shards"][s]),
+                                                saved or _RAY_BLOCK_BYTES)
         try:
             ds = ray.data.read_parquet(meta["shards"][s], filesystem=meta["filesystem"], shuffle=shuffle,
                                        override_num_blocks=len(meta["shards"][s]))
@@ -437,6 +450,9 @@ def ray_datasets(cfg: DataConfig, seed: int = 0,
             shape = (info.in_chans, info.img_size, info.img_size)
             out[s] = ds.map_batches(_unpack, fn_kwargs={"shape": shape}, batch_format="numpy")
     return out, info, meta["sizes"]
+
+
+_RAY_BLOCK_BYTES = 128 * 2**20  # Ray Data's default target_max_block_size
 
 
 def _largest_file(filesystem_, paths: list[str]) -> int:

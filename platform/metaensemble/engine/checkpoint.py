@@ -99,19 +99,42 @@ def checkpoint_owner(d: Path) -> str | None:
 
 
 def epochs_done(run_dir: str) -> int:
-    """Epochs done by the latest checkpoint of the Ray run folder ``run_dir`` (a local path
-    or a pyarrow filesystem URI, as ``storage_path``): the epoch a rerun resumes at; 0 when
-    it has none. Checkpoint folders are named by the time Ray took them."""
+    """Epochs done by the checkpoint a rerun of the Ray run folder ``run_dir`` (a local
+    path or a pyarrow filesystem URI, as ``storage_path``) resumes from: the one Ray Train
+    recorded last (``checkpoint_manager_snapshot.json``: a folder uploaded but not yet
+    recorded is not restored), else the newest folder with a ``state.json``; 0 for none."""
     from pyarrow import fs
 
     filesystem, root = (fs.FileSystem.from_uri(run_dir) if "://" in run_dir
                         else (fs.LocalFileSystem(), run_dir))
-    found = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
-    for d in sorted((i.path for i in found if i.type == fs.FileType.Directory
-                     and i.base_name.startswith("checkpoint_")), reverse=True):
+    root = root.rstrip("/")
+
+    def state(folder: str) -> int | None:
         try:
-            with filesystem.open_input_stream(f"{d}/state.json") as f:
+            with filesystem.open_input_stream(f"{root}/{folder}/state.json") as f:
                 return int(json.loads(f.read().decode())["epochs_done"])
-        except (OSError, ValueError, KeyError):  # a folder Ray had not finished writing
-            continue
+        except (OSError, ValueError, KeyError, TypeError):  # absent, or a folder Ray had not finished
+            return None
+
+    try:
+        with filesystem.open_input_stream(f"{root}/checkpoint_manager_snapshot.json") as f:
+            latest = json.loads(f.read().decode())["latest_checkpoint_result"]["checkpoint_dir_name"]
+        if (done := state(latest)) is not None:
+            return done
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    found = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    for d in sorted((i.base_name for i in found if i.type == fs.FileType.Directory
+                     and i.base_name.startswith("checkpoint_")), reverse=True):
+        if (done := state(d)) is not None:
+            return done
     return 0
+
+
+def resumed_train_split(data_cfg, seed: int, run_dir: str):
+    """The streamed train split as a run starting now reads it: its file order begins at
+    the epoch the checkpoint in ``run_dir`` resumes from (``epochs_done``). Ray Train calls
+    it (through ``functools.partial``) at every start of the worker group."""
+    from metaensemble.data.parquet import ray_datasets
+
+    return ray_datasets(data_cfg, seed=seed, first_epoch=epochs_done(run_dir))[0]["train"]

@@ -389,17 +389,22 @@ def _torch_trainer(cfg: Config, ray_name: str, loop_config: dict[str, Any], in_t
 
 def _ray_datasets(cfg: Config, run_dir: str):
     """(datasets, DataConfig) for streamed data (train split over the workers, with its
-    ``data.data_cpus`` budget); (None, None) for in-memory data. A run resumed from the
-    checkpoints in ``run_dir`` reads its shard files in the order its next epoch would have
-    had (streamed runs are never packed: the checkpoint is this run's)."""
+    ``data.data_cpus`` budget); (None, None) for in-memory data. The train split is a
+    callable, which Ray Train calls at every start of the worker group: a run resumed from
+    the checkpoints in ``run_dir`` (a rerun, or Ray's own restart after a worker failed)
+    reads its shard files in the order its next epoch would have had (streamed runs are
+    never packed: the checkpoint is this run's)."""
     if not data.is_streaming(cfg.data):
         return None, None
+    import functools
+
     import ray.train
 
     from metaensemble.data.parquet import ray_datasets
-    from metaensemble.engine.checkpoint import epochs_done
+    from metaensemble.engine.checkpoint import resumed_train_split
 
-    datasets, _, _ = ray_datasets(cfg.data, seed=cfg.seed, first_epoch=epochs_done(run_dir))
+    datasets, _, _ = ray_datasets(cfg.data, seed=cfg.seed)
+    datasets["train"] = functools.partial(resumed_train_split, cfg.data, cfg.seed, run_dir)
     options = None
     if cfg.data.data_cpus:
         from ray.data import ExecutionOptions, ExecutionResources

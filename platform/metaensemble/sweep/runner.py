@@ -206,7 +206,8 @@ def train_configs(runs: dict[str, Config], groups: list[list[str]], *, experimen
     space = [{"pack": [flat(runs[k]) for k in g]} if len(g) > 1 else flat(runs[g[0]]) for g in groups if g]
     # The Tune folder is restored by a rerun of the same runs in the same MLflow store
     # (same parent run), never by another store's or another set of runs.
-    digest = hashlib.sha256(json.dumps(sorted(c.run_key() for c in runs.values())).encode()).hexdigest()[:8]
+    # the grouping too: it depends on the cluster's size, and a restored grid must be this one
+    digest = hashlib.sha256(json.dumps([sorted(c.run_key() for c in runs.values()), groups]).encode()).hexdigest()[:8]
     name = f"{name[:120]}-{parent_run_id[:8]}-{digest}"
     results = launch({**static, "grid": space}, grid_of(space), name=name, storage=storage, metric="val_acc",
                      mode="max", num_samples=1, max_concurrent=concurrency(first, 0),
@@ -226,22 +227,25 @@ def train_configs(runs: dict[str, Config], groups: list[list[str]], *, experimen
 
 
 def merge_groups(groups: list[list[str]], at_once: int, runs: dict[str, Config]) -> list[list[str]]:
-    """``groups`` as at most ``at_once`` packs when more are given than run at once: group
-    i joins pack i mod ``at_once``, so the groups' order (the slowest first, by the callers'
-    convention) spreads over the packs. A trial waiting for a free slot would start a Ray
-    Train run (seconds of start-up: a trial process, a controller, the workers' imports)
-    that the pack already has running; every run is still trained as ``engine.fit`` would
-    train it. Left as given when the runs cannot share one Ray Train run
-    (``engine.check_pack``: streamed data, or another scaling section)."""
+    """``groups`` as at most ``at_once`` packs when more are given than run at once, dealt
+    in snake order (0, 1, .., n-1, n-1, .., 0, ...), so that the groups' order (the slowest
+    first, by the callers' convention) spreads evenly over the packs. A trial waiting for a
+    free slot would start a Ray Train run (seconds of start-up: a trial process, a
+    controller, the workers' imports) that a running pack already has; every run is still
+    trained as ``engine.fit`` would train it. The price: a run that fails stops the rest of
+    its pack (a rerun trains them). Left as given when the runs cannot share one Ray Train
+    run (``engine.check_pack``: streamed data, or another scaling section)."""
     if len(groups) <= at_once:
         return groups
     try:
         engine.check_pack([runs[k] for g in groups for k in g])
     except ConfigError:
         return groups
-    packs: list[list[str]] = [[] for _ in range(max(1, at_once))]
+    n = max(1, at_once)
+    packs: list[list[str]] = [[] for _ in range(n)]
     for i, g in enumerate(groups):
-        packs[i % len(packs)].extend(g)
+        turn, pos = divmod(i, n)
+        packs[pos if turn % 2 == 0 else n - 1 - pos].extend(g)
     return packs
 
 
