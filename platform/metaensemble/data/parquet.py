@@ -410,11 +410,11 @@ def _unpack(batch: dict[str, np.ndarray], shape: tuple[int, ...]) -> dict[str, n
     return {"image": images, "label": batch["label"], "index": batch["index"], "ok": np.ones(n, bool)}
 
 
-def ray_datasets(cfg: DataConfig, seed: int = 0,
-                 first_epoch: int = 0) -> tuple[dict[str, Any], DatasetInfo, dict[str, int]]:
-    """Lazy Ray Data datasets for each split, yielding ``image`` uint8 [C, H, W], ``label``,
-    ``index``, ``ok``. Train reads its shard files in a new order each epoch (seeded by
-    ``seed`` and the epoch; the first read is epoch ``first_epoch``'s)."""
+def ray_datasets(cfg: DataConfig, seed: int = 0, first_epoch: int = 0,
+                 splits: tuple[str, ...] = SPLITS) -> tuple[dict[str, Any], DatasetInfo, dict[str, int]]:
+    """Lazy Ray Data datasets for each of ``splits``, yielding ``image`` uint8 [C, H, W],
+    ``label``, ``index``, ``ok``. Train reads its shard files in a new order each epoch
+    (seeded by ``seed`` and the epoch; the first read is epoch ``first_epoch``'s)."""
     import ray.data
 
     from metaensemble.data.shuffle import EpochFileShuffle
@@ -422,7 +422,7 @@ def ray_datasets(cfg: DataConfig, seed: int = 0,
     meta = read_meta(cfg)
     info: DatasetInfo = meta["info"]
     out = {}
-    for s in SPLITS:
+    for s in splits:
         shuffle = EpochFileShuffle(seed=seed, first_epoch=first_epoch) if s == "train" else None
         context = ray.data.DataContext.get_current()
         saved = context.target_max_block_size

@@ -105,8 +105,9 @@ def epochs_done(run_dir: str) -> int:
     recorded is not restored), else the newest folder with a ``state.json``; 0 for none."""
     from pyarrow import fs
 
-    filesystem, root = (fs.FileSystem.from_uri(run_dir) if "://" in run_dir
-                        else (fs.LocalFileSystem(), run_dir))
+    from metaensemble.data.parquet import filesystem as open_filesystem
+
+    filesystem, root = open_filesystem(run_dir)
     root = root.rstrip("/")
 
     def state(folder: str) -> int | None:
@@ -137,4 +138,4 @@ def resumed_train_split(data_cfg, seed: int, run_dir: str):
     it (through ``functools.partial``) at every start of the worker group."""
     from metaensemble.data.parquet import ray_datasets
 
-    return ray_datasets(data_cfg, seed=seed, first_epoch=epochs_done(run_dir))[0]["train"]
+    return ray_datasets(data_cfg, seed=seed, first_epoch=epochs_done(run_dir), splits=("train",))[0]["train"]

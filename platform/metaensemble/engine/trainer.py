@@ -403,7 +403,7 @@ def _ray_datasets(cfg: Config, run_dir: str):
     from metaensemble.data.parquet import ray_datasets
     from metaensemble.engine.checkpoint import resumed_train_split
 
-    datasets, _, _ = ray_datasets(cfg.data, seed=cfg.seed)
+    datasets, _, _ = ray_datasets(cfg.data, seed=cfg.seed, splits=("val", "test"))
     datasets["train"] = functools.partial(resumed_train_split, cfg.data, cfg.seed, run_dir)
     options = None
     if cfg.data.data_cpus:
