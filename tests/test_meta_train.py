@@ -37,7 +37,7 @@ def _tiny(tmp: Path, experiment: str, zoo_seed0: int) -> list[str]:
             "meta.ensemble_size=2", "meta.train_k=[]", "meta.zoo_size=6", "meta.num_val_teachers=2",
             "meta.num_test_teachers=2", "meta.val_ensembles=2", "meta.test_ensembles=2", "meta.ablations=[]",
             "meta.report_k=[2]", "meta.report_k_ensembles=1", "meta.bootstrap=200",
-            "meta.kd_ensembles=1", "meta.kd_epochs=1", "train.epochs=1", "train.steps_per_epoch=5",
+            "meta.kd_ensembles=1", "meta.kd_epochs=1", "meta.ceiling_ensembles=1", "train.epochs=1", "train.steps_per_epoch=5",
             "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
             "data.batch_size=32"]  # the ~100-image subset split over 2 workers
 
@@ -117,6 +117,7 @@ def _train_and_register(tmp: Path, overrides: list[str], mlflow_uri: str) -> Non
     exp = client.get_experiment_by_name("digits/teachers") or client.get_experiment(client.create_experiment("digits/teachers"))
     zoo = TeacherZoo("digits", "convnet", mlflow_uri)
     for seed in range(tcfg.zoo.first_seed, tcfg.zoo.first_seed + meta.meta.zoo_size):
+        t0 = time.perf_counter()
         torch.manual_seed(seed)
         m = create_model("convnet", num_classes=10, in_chans=1, img_size=8, **tcfg.model.kwargs)
         opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
@@ -125,6 +126,7 @@ def _train_and_register(tmp: Path, overrides: list[str], mlflow_uri: str) -> Non
             F.cross_entropy(m(b["x"]), b["y"]).backward()
             opt.step()
         run = client.create_run(exp.experiment_id, run_name=f"teacher-{seed}")
+        client.log_metric(run.info.run_id, "train_time_s", time.perf_counter() - t0, step=1)  # as the engine logs it
         client.log_artifacts(run.info.run_id, str(save_model(m.eval(), tmp / f"t{seed}", dataset="digits")), "model")
         client.set_terminated(run.info.run_id)
         zoo.register(run.info.run_id, seed, tcfg.config_hash(), {})
@@ -186,7 +188,8 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
                   "naive weight average", "KD student (subset)", "KD student (full train)", "WeightFormer zero-shot",
                   "WeightFormer + finetune", "paired bootstrap 95% intervals", "WeightFormer zero-shot - anchor teacher",
                   "gap closed by zero-shot", "pays for itself after", "relative L2 distance",
-                  "zero-shot at other ensemble sizes", "BatchNorm: every network scored here"):
+                  "zero-shot at other ensemble sizes", "BatchNorm: every network scored here",
+                  "generators: WeightFormer"):
         assert label in out, label
     assert "training the rest" not in out  # the registered zoo was found and used
     assert f"{token} driver" in out and f"{token} worker" in out, "the submitted copy's edits ran"
@@ -206,15 +209,26 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
     diffs = {d["label"]: d for d in evaluation["differences"]}
     d = diffs["WeightFormer zero-shot - anchor teacher"]
     assert d["n"] == 2 and d["lo"] <= d["mean"] <= d["hi"]
-    assert evaluation["cost"]["kd_full_s"] > 0 and evaluation["cost"]["generate_s"] > 0
+    c = evaluation["cost"]  # WeightFormer and KD on the same boundaries
+    assert c["wf_ready_s"] > 0 and c["kd_ready_s"] > c["kd_train_s"] > 0 and c["fetch_s"] > 0
+    assert c["wf_e2e_s"] == pytest.approx(c["fetch_s"] + c["wf_ready_s"])
+    assert c["kd_e2e_s"] == pytest.approx(c["fetch_s"] + c["kd_ready_s"])
+    assert c["wf_ready_s"] == pytest.approx(c["prep_s"] + c["generate_bn_s"])
+    # amortised: meta-training's epochs and the 4 zoo teachers that exist only for it
+    assert c["zoo_only_teachers"] == 4 and c["zoo_only_missing"] == 0 and c["zoo_only_s"] > 0
+    assert c["amortised_s"] == pytest.approx(c["meta_train_s"] + c["zoo_only_s"])
+    assert evaluation["sizes"]["values"] > 0 and evaluation["sizes"]["weightformer"] > 0
     assert len(evaluation["distances"]["rel_l2_to_anchor"]) == 2 and [r["k"] for r in evaluation["by_k"]] == [2]
     png = Path(client.download_artifacts(parent.info.run_id, "eval_bars.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "eval_table.json", str(tmp_path))).read_text())
     keys = {r["key"] for r in table}
     assert {"mean_teacher", "anchor", "ensemble", "weight_average", "best_member", "greedy_soup", "learned_soup",
-            "kd_subset", "kd_full", "weightformer", "weightformer_ft"} == keys
-    assert {"WeightFormer zero-shot - greedy soup", "WeightFormer zero-shot - learned soup"} <= set(diffs)
+            "kd_subset", "kd_full", "kd_long", "fit", "weightformer", "weightformer_ft"} == keys
+    assert {"WeightFormer zero-shot - greedy soup", "WeightFormer zero-shot - learned soup",
+            "WeightFormer zero-shot - ceiling: KD 4x longer",
+            "WeightFormer zero-shot - ceiling: output form fit by KD"} <= set(diffs)
+    assert {r["key"]: r["n"] for r in table}["fit"] == 1
     for r in table:
         assert 0.0 <= r["acc"] <= 1.0 and r["nll"] > 0 and r["n"] >= 1
         assert len(r["accs"]) == r["n"] and abs(sum(r["accs"]) / r["n"] - r["acc"]) < 1e-9
@@ -229,9 +243,14 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
         assert checkpoint_sha256(local_dir(t["uri"])) == t["sha256"]
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     gen_runs = [c for c in children if c.data.params.get("method") == "weightformer"]
-    ft_runs = [c for c in children if c.data.params.get("task") == "kd_finetune"]
-    # WeightFormer, KD on the subset and on the full split, one finetune per test ensemble
-    assert len(gen_runs) == 1 and len(ft_runs) == 2 and len(children) == 5
+    ft_runs = [c for c in children if c.data.tags.get("metaensemble.finetune_of") == "weightformer"]
+    fit_runs = [c for c in children if c.data.tags.get("metaensemble.finetune_of") == "fit"]
+    long_runs = [c for c in children if c.data.params.get("train.epochs") == "4"]
+    # WeightFormer, KD on the subset and on the full split, one finetune per test ensemble,
+    # and the two ceilings of the first ensemble (KD 4x longer, the average fit by KD)
+    assert len(gen_runs) == 1 and len(ft_runs) == 2 and len(children) == 7
+    assert len(fit_runs) == 1 and len(long_runs) == 1 and long_runs[0].data.params["method"] == "kd"
+    assert fit_runs[0].data.params["model.init_from"].startswith(f"runs:/{parent.info.run_id}/fit_init/")
     test_uris = {t["uri"] for t in teachers if t["side"] == "test"}
     # the finetuning is KD engine runs from the generated students, on held-out teachers only
     for c in ft_runs:
@@ -255,6 +274,12 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
     assert len(mine) == 1
     gen = load(f"models:/weightformer.digits.convnet/{mine[0].version}")
     assert gen.student_spec["arch"] == "convnet" and gen.student_spec["kwargs"]["width"] == 4
+    # seen vs unseen teachers x subset vs val images, logged by the engine every epoch
+    diag = {f"{a}_{b}_{c}" for a in ("seen", "unseen") for b in ("subset", "val") for c in ("kd", "acc")}
+    assert diag <= set(wf_run.data.metrics)
+    hist = client.get_metric_history(wf_run.info.run_id, "unseen_val_acc")
+    assert [h.step for h in hist] == list(range(1, int(wf_run.data.params["train.epochs"]) + 1))
+    assert all(0.0 < h.value <= 1.0 for h in hist)
 
     # using it: jobs/generate.py on the two held-out teachers (zoo versions), registered as a student
     test_versions = [t["version"] for t in teachers if t["side"] == "test"]
@@ -297,6 +322,8 @@ def _job(args, mlflow_uri, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["meta.ensemble_size=9"], "meta.ensemble_size=9 exceeds the generator's max_teachers=8; valid ensemble sizes: 2..8"),
     (["meta.zoo_size=18"], "meta.zoo_size=18 leaves 2 meta-train teachers"),
+    (["meta.num_train_teachers=49"], "meta.num_train_teachers=49 exceeds the 48 meta-train teachers meta.zoo_size=64 "
+                                     "leaves after 8 val + 8 test; valid: 0 (all of them) or 1..48"),
     (["meta.zoo_size=22"], "leaves 6 meta-train teachers after 8 val + 8 test; meta.train_k=[2, 8] needs at least 8"),
     (["scaling.num_workers=2", "data.batch_size=128"],
      "data.batch_size=128 exceeds each worker's share of the training subset"),

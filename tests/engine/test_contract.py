@@ -100,6 +100,12 @@ class FoldedEnsembleMethod(Method):
             ys.append(b["y"])
         return {k: torch.cat(v) for k, v in lps.items()}, torch.cat(ys)
 
+    @torch.no_grad()
+    def epoch_metrics(self, model):
+        """Counts its calls and says whether it was handed the export (no scale left)."""
+        self._calls = getattr(self, "_calls", 0) + 1
+        return {"epoch_calls": float(self._calls), "export_scaled": float(any("scale" in k for k in model.state_dict()))}
+
 
 class GrowingMethod(Method):
     """A convnet that gains a learnable per-class logit bias after epoch 2 (a rebuild);
@@ -184,6 +190,10 @@ def test_export_named_predictions_scalars_rank_rng_and_evaluate(ray_local, digit
     assert {"test_acc", "member/0/test_acc", "member/1/test_cnll"} <= keys
     hist = tracking.client().get_metric_history(outcome.run_id, "train_margin")
     assert sorted(m.step for m in hist) == [1, 2]
+    # epoch_metrics: once per epoch (rank 0), on the export, logged at the epoch's step
+    calls = tracking.client().get_metric_history(outcome.run_id, "epoch_calls")
+    assert sorted((m.step, m.value) for m in calls) == [(1, 1.0), (2, 2.0)]
+    assert [m.value for m in tracking.client().get_metric_history(outcome.run_id, "export_scaled")] == [0.0, 0.0]
 
     # the saved model is the export (folded: no scale parameter) ...
     d = models.local_dir(outcome.model_uri)

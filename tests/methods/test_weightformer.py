@@ -180,6 +180,98 @@ def test_zeroed_residual_outputs_the_anchor_or_the_mean_exactly(name, base):
         assert torch.allclose(state[k], expect, rtol=0, atol=0 if base == "anchor" else 1e-6), k
 
 
+# ---- 5b: a coherent mix, no teacher-blind output ------------------------------------------
+def _unit_of_column(layout, li):
+    """For layer li's row columns: the previous layer's unit each incoming weight reads
+    (from the weight's shape: dim 1 is the unit), None for bias and norm columns."""
+    layer = layout.layers[li]
+    w = next(s for s in layer.segments if len(s.shape) >= 2)
+    per = w.width // w.shape[1]
+    return [(j - w.start) // per if w.start <= j < w.start + w.width else None for j in range(layer.row_len)]
+
+
+def test_a_unit_that_prefers_a_teacher_takes_its_row_and_the_next_layers_column_from_it():
+    """Unit 3 of the second conv scores teacher 2 far above the others (every other score
+    0). Its incoming row, bias and BN values and the next layer's column 3 (every output
+    unit's weights from it) are teacher 2's; the rest is the mean. Mixed per row (the old
+    base, ``coherent=False``), the next layer's column 3 would be the mean."""
+    from metaensemble.methods.weightformer.generator import coherent_mix, unit_links
+
+    g = gen()
+    rows, _ = pool(nets(n=4, width=4), g.layout)
+    xs = ensemble_input(rows, [[0, 1, 2, 3]])
+    links = unit_links(g.layout)
+    scores = [torch.zeros(1, 4, ly.rows) for ly in g.layout.layers]
+    scores[1][0, 2, 3] = 60.0
+    mixed = [coherent_mix(xs[li], scores[li], scores[li - 1] if li else None, links[li]) for li in range(len(xs))]
+    mean = [x.mean(dim=1) for x in xs]
+    assert torch.allclose(mixed[1][0, 3], xs[1][0, 2, 3], atol=1e-6)  # the unit's whole row
+    col = [j for j, u in enumerate(_unit_of_column(g.layout, 2)) if u == 3]
+    assert len(col) == 9  # a 3x3 kernel per input unit
+    assert torch.allclose(mixed[2][0][:, col], xs[2][0, 2][:, col], atol=1e-6)  # the next layer's column 3
+    other = [j for j in range(g.layout.layers[2].row_len) if j not in col]
+    assert torch.allclose(mixed[2][0][:, other], mean[2][0][:, other], atol=1e-6)
+    keep = [r for r in range(g.layout.layers[1].rows) if r != 3]
+    assert torch.allclose(mixed[1][0, keep], mean[1][0, keep], atol=1e-6)
+    per_row = coherent_mix(xs[2], scores[2])
+    assert (per_row[0][:, col] - xs[2][0, 2][:, col]).abs().max() > 1e-2  # incoherent: teacher 2 does not show
+
+
+def test_the_generators_mix_is_the_coherent_mix_of_its_own_scores():
+    """With the correction zeroed and random scorer weights, every generated value is
+    sum_k softmax_k(s_l[k, r] + s_{l-1}[k, unit read by the column]) x_k, written out here
+    value by value from the weights' shapes; with ``coherent=False`` the column's unit
+    plays no part."""
+    for coherent in (True, False):
+        g = gen(coherent=coherent)
+        with torch.no_grad():
+            g.codec.zero_residual_()
+            g.mix_score.weight.normal_(0, 1.0)
+        rows, _ = pool(nets(n=3, width=4), g.layout)
+        xs = ensemble_input(rows, [[0, 1, 2]])
+        out = g(xs)
+        s = out["mix_scores"]
+        assert len(s) == len(xs) and s[1].abs().max() > 0.1
+        for li, x in enumerate(xs):
+            units = _unit_of_column(g.layout, li) if li else [None] * x.shape[-1]
+            for r in range(x.shape[2]):
+                for j in range(x.shape[3]):
+                    logit = s[li][0, :, r].clone()
+                    if coherent and units[j] is not None:
+                        logit = logit + s[li - 1][0, :, units[j]]
+                    expect = (logit.softmax(0) * x[0, :, r, j]).sum()
+                    assert torch.allclose(out["rows"][li][0, r, j], expect, atol=1e-5), (coherent, li, r, j)
+
+
+def test_the_mix_is_per_row_where_the_student_is_not_a_chain():
+    from metaensemble.methods.weightformer.generator import unit_links
+
+    g = gen(student="resnet18", skw={"width": 4, "stem": "cifar"})
+    assert all(link is None for link in unit_links(g.layout)) and all(link is None for link in g.links)
+    assert any(link is not None for link in gen().links)
+
+
+@pytest.mark.parametrize("name", ["weightformer", "mlp_generator"])
+def test_a_zero_state_decodes_to_a_zero_correction_and_rows_are_not_padded(name):
+    """No output path ignores the teachers: with every codec parameter random (the
+    per-chunk embeddings too), a zero hidden state decodes to exactly zero, whatever the
+    base and scale; an output bias or a per-chunk offset would not. A row shorter than
+    ``chunk`` is one chunk of its own length."""
+    g = gen(name)
+    with torch.no_grad():
+        for prm in g.codec.parameters():
+            prm.normal_()
+    for li, ly in enumerate(g.layout.layers):
+        assert g.codec.widths[li] == min(256, ly.row_len) and g.codec.inp[li].in_features % ly.row_len == 0
+        d = g.codec.out[li].in_features
+        h = torch.zeros(2, ly.rows, d)
+        base, scale = torch.randn(2, ly.rows, ly.row_len), torch.rand(2, ly.row_len) + 0.5
+        assert torch.equal(g.codec.decode(li, h, base, scale), torch.zeros_like(base))
+        assert g.codec.decode(li, torch.randn(2, ly.rows, d), base, scale).abs().max() > 0
+    if name == "weightformer":
+        assert g.norm.bias is None  # the state decoded has no learned offset either
+
+
 # ---- 6: order ----------------------------------------------------------------------------
 def test_identical_teachers_make_the_output_order_invariant_exactly():
     g = gen()
@@ -297,6 +389,44 @@ def test_training_samples_only_meta_train_teachers(tmp_path):
     assert float(ls * logs["shift"]) > 1e-4 * float(loss) and float(lm * logs["mask_l1"]) > 1e-7
 
 
+def test_epoch_metrics_score_seen_and_unseen_students_on_subset_and_val_images(tmp_path):
+    """With the correction zeroed (students are the teachers' weight averages), each of
+    the 8 diagnostics equals the same score computed here from its own ensembles and
+    images: seen = fixed ensembles of meta-train teachers, unseen = the meta-val
+    ensembles; subset = the meta-training subset, val = the val split."""
+    from metaensemble import data
+    from metaensemble.methods.distill import ensemble_kd_loss
+    from metaensemble.methods.weightformer.student import build_student, weight_average
+    from metaensemble.models.batchnorm import recompute_bn
+
+    paths = write_teachers(tmp_path, 8)
+    m = WeightFormerMethod(meta_cfg(paths))
+    splits = data.load(m.cfg.data)
+    g = m.build_model(splits.info)
+    g.zero_residual_()
+    got = m.epoch_metrics(g)
+    d = m.cfg.distill
+    images = {"subset": splits.train, "val": splits.val}
+    assert len(splits.train) < len(data.load(m.cfg.data.model_copy(update={"train_fraction": 1.0})).train)
+    seen = make_ensembles(4, 2, m.cfg.meta.val_ensembles, m.cfg.seed + 2)
+    for side, pool_, ensembles in (("seen", m.pools["train"], seen), ("unseen", m.pools["val"], m.ensembles["val"])):
+        for name, split in images.items():
+            whole = next(iter(data.eval_loader(split, splits.info, len(split))))  # one batch, normalised
+            x, y = whole["x"], whole["y"]
+            kd, acc = [], []
+            for order in ensembles:
+                st = build_student(g.student_spec, weight_average([pool_.states[i] for i in order]))
+                recompute_bn(st, m.bn_loader("cpu"))
+                with torch.no_grad():
+                    z = st.eval()(x)
+                    t = torch.stack([pool_.models[i](x) for i in order])
+                kd.append(float(ensemble_kd_loss(z, t, y, d.alpha, d.temperature)))
+                acc.append(float((z.argmax(1) == y).float().mean()))
+            assert got[f"{side}_{name}_acc"] == pytest.approx(sum(acc) / len(acc), abs=1e-6), (side, name)
+            assert got[f"{side}_{name}_kd"] == pytest.approx(sum(kd) / len(kd), rel=1e-4), (side, name)
+    assert len(got) == 8
+
+
 def _order_sensitivity(lambda_shift, paths, steps=60):
     """Train a generator ``steps`` Adam steps through the method's own loss, then measure
     on 4 distinct held-out teachers how much a cyclic shift of their order moves the
@@ -408,6 +538,18 @@ def test_the_default_config_and_every_run_it_starts_validate():
     # what the variant check catches: an MLP generator asked for more than its one K
     with pytest.raises(ConfigError, match="cannot take"):
         check_generator(variants["mlp"].with_overrides({"meta.report_k": [2, 3]}))
+
+
+def test_fewer_meta_train_teachers_keep_the_same_held_out_teachers():
+    from metaensemble.methods.weightformer.plan import split_sides
+
+    full = split_sides(40, 4, 4, seed=3)
+    some = split_sides(40, 4, 4, seed=3, n_train=7)
+    assert [i for i, s in enumerate(full) if s in ("val", "test")] == [i for i, s in enumerate(some) if s in ("val", "test")]
+    assert all(a == b for a, b in zip(full, some, strict=True) if a != "train")
+    train = [i for i, s in enumerate(full) if s == "train"]
+    assert [i for i, s in enumerate(some) if s == "train"] == train[:7]
+    assert some.count("unused") == len(train) - 7
 
 
 def test_make_ensembles_are_distinct_and_in_range():

@@ -70,6 +70,7 @@ def train_local(cfg: Config, method: methods.Method | None = None) -> LocalRun:
         m = train_epoch(run, epoch)
         rebuild_point(run, epoch, m)  # a rebuilt module is wrapped by _InProcess.wrap
         m.update(evaluate_split(method, run.base, loaders["val"], "val", ctx))
+        m.update(method.epoch_metrics(method.export(run.base)))
         score = sign * m[cfg.train.select_metric]
         if state["best_score"] is None or score > state["best_score"]:
             state["best_score"], state["best_epoch"] = score, epoch + 1

@@ -342,6 +342,7 @@ def validate_and_checkpoint(run: MemberRun, epoch: int, epoch_metrics: dict[str,
     ckpt_dir = None
     if ctx.rank == 0:
         epoch_metrics.update(val)
+        epoch_metrics.update(run.method.epoch_metrics(run.method.export(run.base)))
         score = (1.0 if cfg.train.select_mode == "max" else -1.0) * epoch_metrics[cfg.train.select_metric]
         if state["best_score"] is None or score > state["best_score"]:
             state["best_score"], state["best_epoch"] = score, epoch + 1

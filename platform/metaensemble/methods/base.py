@@ -200,6 +200,14 @@ class Method:
         derived models (the meta-learners) use it to pick which ones."""
         return predict_logp(model, loader)
 
+    @torch.no_grad()
+    def epoch_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Extra scalars of the exported ``model`` after each epoch's validation, logged to
+        MLflow with the epoch's own (called on rank 0 only; the other ranks wait at the
+        epoch's report). For what the split predictions cannot show, e.g. a meta-learner's
+        students on seen against unseen inputs. Default: none."""
+        return {}
+
     # ---- teachers ----------------------------------------------------------------------
     def teacher_uris(self) -> list[str]:
         """Checkpoints this method distils from (folders, ``runs:/``, ``models:/``)."""

@@ -37,8 +37,9 @@ _NEEDS = ("meta.align=permutation needs a sequential student (conv/linear layers
           "e.g. convnet, mlp, vgg)")
 
 
-def _weight(layer: LayerSpec) -> Segment | None:
-    """The layer's incoming-weight segment (a ``.weight`` of at least 2 dimensions)."""
+def incoming_weight(layer: LayerSpec) -> Segment | None:
+    """The layer's incoming-weight segment (a ``.weight`` of at least 2 dimensions: dim 0
+    its units, dim 1 the units it reads)."""
     return next((s for s in layer.segments if s.key.endswith(".weight") and len(s.shape) >= 2), None)
 
 
@@ -50,7 +51,7 @@ def chain(layout: Layout) -> list[int]:
         raise ConfigError(f"{_NEEDS}; the layout has no layers")
     prev: LayerSpec | None = None
     for layer in layout.layers:
-        w = _weight(layer)
+        w = incoming_weight(layer)
         if w is None:
             raise ConfigError(f"{_NEEDS}; layer {layer.name} ({', '.join(s.key for s in layer.segments)}) "
                               "is not a conv/linear layer (a standalone norm, embedding or token)")
@@ -63,7 +64,7 @@ def chain(layout: Layout) -> list[int]:
 
 def _rows(state: dict[str, torch.Tensor], layer: LayerSpec, p_in: torch.Tensor | None) -> torch.Tensor:
     """The layer's token rows [C_out, row_len] with its inputs reordered by ``p_in``."""
-    parts, w = [], _weight(layer)
+    parts, w = [], incoming_weight(layer)
     for s in layer.segments:
         t = state[s.key]
         if p_in is not None and s is w:
@@ -106,7 +107,7 @@ def apply_permutation(state: dict[str, torch.Tensor], perms: list[torch.Tensor],
             raise ValueError(f"layer {layer.name}: a permutation of shape {tuple(p.shape)}, want ({layer.rows},)")
         for s in layer.segments:
             out[s.key] = out[s.key].index_select(0, p.to(out[s.key].device))
-        w = _weight(nxt).key
+        w = incoming_weight(nxt).key
         out[w] = out[w].index_select(1, p.to(out[w].device))
     return out
 

@@ -14,7 +14,7 @@ class MetaConfig(Section):
 
     eval_only: ClassVar[tuple[str, ...]] = (
         "zoo_size", "num_val_teachers", "num_test_teachers", "teacher_config", "test_ensembles", "ablations",
-        "mlp_hidden", "kd_epochs", "kd_ensembles", "finetune_epochs", "finetune_lr", "report_k", "report_k_ensembles",
+        "mlp_hidden", "kd_epochs", "kd_ensembles", "ceiling_ensembles", "finetune_epochs", "finetune_lr", "report_k", "report_k_ensembles",
         "bootstrap")
 
     ensemble_size: int = Field(4, ge=2)
@@ -30,6 +30,11 @@ class MetaConfig(Section):
     test_teachers: list[str] = Field(default_factory=list)
     """Teacher URIs per side; the meta-train job fills them from the teacher zoo."""
     zoo_size: int = Field(16, ge=2)
+    num_train_teachers: int = Field(0, ge=0)
+    """Meta-train on only the first this many (by seed) of the meta-train teachers the
+    split leaves (0: all of them). The val and test teachers stay the same, so runs that
+    differ only in this see the same held-out ensembles (benchmarks/meta_ensemble.py
+    --teachers)."""
     num_val_teachers: int = Field(4, ge=0)
     num_test_teachers: int = Field(4, ge=1)
     teacher_config: str = "configs/teachers/digits.yaml"
@@ -49,13 +54,18 @@ class MetaConfig(Section):
     """Where every evaluated network's BatchNorm statistics are recomputed (no augmentation,
     no momentum: PyTorch's cumulative average over the batches): the whole train split or
     the meta-training subset."""
-    ablations: list[Literal["no_mask", "no_shift", "no_cross", "base_mean", "base_anchor", "mlp"]] = Field(
+    ablations: list[Literal["no_mask", "no_shift", "no_cross", "base_mean", "base_anchor", "per_row_mix", "mlp"]] = Field(
         default_factory=lambda: ["no_mask", "no_shift", "no_cross", "base_mean", "mlp"])
     mlp_hidden: int = Field(256, gt=0)
     kd_epochs: int = Field(15, ge=1)
     """Epochs of the KD baselines (on the subset and on the full train split)."""
     kd_ensembles: int = Field(2, ge=0)
     """How many of the test ensembles get KD baselines (each costs two training runs)."""
+    ceiling_ensembles: int = Field(0, ge=0)
+    """How many of the test ensembles get the two ceilings: the student's parameters fit to
+    the ensemble directly (KD on the full train split for ``kd_epochs`` from the teachers'
+    average, where the generator starts: the generator's output form with the best
+    correction KD finds) and KD from scratch trained 4 x ``kd_epochs``."""
     finetune_epochs: int = Field(1, ge=0)
     finetune_lr: float = Field(0.01, gt=0.0)
     report_k: list[int] = Field(default_factory=list)

@@ -57,7 +57,7 @@ from metaensemble.methods.weightformer.student import (
     relative_l2,
     weight_average,
 )
-from metaensemble.methods.weightformer.use import BN_LABEL, EvalData, eval_data, prepare
+from metaensemble.methods.weightformer.use import BN_LABEL, EvalData, eval_data, prepare, run_id_of
 from metaensemble.models import load, save_model
 from metaensemble.models.batchnorm import recompute_bn
 
@@ -72,6 +72,8 @@ LABELS = {
     "learned_soup": "learned soup",
     "kd_subset": "KD student (subset)",
     "kd_full": "KD student (full train)",
+    "kd_long": "ceiling: KD 4x longer",
+    "fit": "ceiling: output form fit by KD",
     "mlp": "MLP generator",
     "weightformer": "WeightFormer zero-shot",
     "weightformer_ft": "WeightFormer + finetune",
@@ -80,6 +82,7 @@ LABELS = {
     "no_cross": "  ablation: no cross-layer flow",
     "base_mean": "  ablation: base=mean",
     "base_anchor": "  ablation: base=anchor",
+    "per_row_mix": "  ablation: per-row mix",
 }
 ORDER = list(LABELS)
 """The table's row order (LABELS is written in it)."""
@@ -135,6 +138,9 @@ def kd_configs(p: Plan) -> dict[str, Config]:
         out[f"kd_subset/{i}"] = base.with_overrides(
             {"data.train_fraction": cfg.data.train_fraction, "train.steps_per_epoch": steps}
         )
+    for i, ens in enumerate(test_ensembles(cfg)[: cfg.meta.ceiling_ensembles]):  # a ceiling: KD 4x longer
+        out[f"kd_long/{i}"] = t.with_overrides(
+            kd_overrides(cfg, student, skw, [cfg.meta.test_teachers[j] for j in ens], 4 * cfg.meta.kd_epochs))
     return out
 
 
@@ -153,17 +159,20 @@ def train_all(
 
 
 # ---- 3. evaluate -----------------------------------------------------------------------
-def finetune_configs(p: Plan, init_uris: list[str], ensembles: list[list[int]]) -> list[Config]:
+def finetune_configs(p: Plan, init_uris: list[str], ensembles: list[list[int]],
+                     epochs: list[int] | None = None) -> list[Config]:
     """One KD engine run per generated student: ``model.init_from`` its saved weights,
-    distilled from its own ensemble for ``meta.finetune_epochs`` epochs of SGD (momentum
-    0.9, Nesterov, cosine to 0 from ``meta.finetune_lr``), in the job's experiment."""
+    distilled from its own ensemble for ``meta.finetune_epochs`` epochs (or ``epochs[i]``)
+    of SGD (momentum 0.9, Nesterov, cosine to 0 from ``meta.finetune_lr``), in the job's
+    experiment."""
     cfg, m = p.cfg, p.cfg.meta
     student, skw = student_of(cfg)
+    epochs = epochs or [m.finetune_epochs] * len(init_uris)
     return [
         p.teacher_cfg.with_overrides(
             {
                 **kd_overrides(
-                    cfg, student, skw, [m.test_teachers[j] for j in ens], m.finetune_epochs
+                    cfg, student, skw, [m.test_teachers[j] for j in ens], n_epochs
                 ),
                 "task": "kd_finetune",
                 "experiment": cfg.experiment_name,
@@ -185,7 +194,7 @@ def finetune_configs(p: Plan, init_uris: list[str], ensembles: list[list[int]]) 
                 "train.grad_clip": None,
             }
         )
-        for uri, ens in zip(init_uris, ensembles, strict=True)
+        for uri, ens, n_epochs in zip(init_uris, ensembles, epochs, strict=True)
     ]
 
 
@@ -209,11 +218,13 @@ def finetune(
     parent_run_id: str,
     bn_loader,
     of: str | list[str] = "weightformer",
+    epochs: list[int] | None = None,
 ) -> list[tuple[torch.nn.Module, float]]:
     """KD-finetune the students (generated, or made by method ``of``; a list gives each
-    student's own) as engine runs packed into one Ray Train run; returns each selected
-    model, its BN statistics recomputed on ``bn_loader``, and the seconds it cost (the
-    run's training time + the BN pass)."""
+    student's own) as engine runs packed into one Ray Train run, for
+    ``meta.finetune_epochs`` (or ``epochs[i]``); returns each selected model, its BN
+    statistics recomputed on ``bn_loader``, and the seconds it cost (the run's training
+    time + the BN pass)."""
     client = tracking.client()
     ofs = [of] * len(students) if isinstance(of, str) else list(of)
     if len(ofs) != len(students):
@@ -225,7 +236,7 @@ def finetune(
         saved = save_students(client, parent_run_id, [students[i] for i in idx], p.cfg.data.name, artifact)
         for i, uri in zip(idx, saved, strict=True):
             uris[i] = uri
-    cfgs = finetune_configs(p, uris, ensembles)
+    cfgs = finetune_configs(p, uris, ensembles, epochs)
     counts = " and ".join(f"{ofs.count(n)} {n}" for n in dict.fromkeys(ofs))
     print(
         f"finetuning {counts} students "
@@ -257,11 +268,14 @@ class Evaluation:
     cost: dict[str, float]
     distances: dict[str, list[float]]
     by_k: list[dict[str, Any]]
+    sizes: dict[str, int] = field(default_factory=dict)
+    """Parameters of each generator (by row key) and ``values``: the numbers it generates
+    per student (the student's floating-point tensors)."""
 
     def to_dict(self) -> dict[str, Any]:
         cost = {k: (v if math.isfinite(v) else None) for k, v in self.cost.items()}  # JSON has no inf
         return {"rows": [r.to_dict() for r in self.rows], "differences": [d.to_dict() for d in self.differences],
-                "cost": cost, "distances": self.distances, "by_k": self.by_k}
+                "cost": cost, "distances": self.distances, "by_k": self.by_k, "sizes": self.sizes}
 
 
 def evaluate(p: Plan, run_ids: dict[str, str], parent_run_id: str) -> Evaluation:
@@ -284,42 +298,85 @@ def evaluate(p: Plan, run_ids: dict[str, str], parent_run_id: str) -> Evaluation
     scores = [predict_logp(t, ev.test) for t in teachers]
     per: dict[str, list[dict[str, float]]] = {}
     dist: dict[str, list[float]] = {"rel_l2_to_anchor": [], "rel_l2_to_mean": []}
-    split_s: dict[str, list[float]] = {"load_s": [], "generate_bn_s": []}
+    split_s: dict[str, list[float]] = {"fetch_s": [], "prep_s": [], "generate_bn_s": [], "kd_train_s": [],
+                                       "kd_bn_s": []}
     to_finetune: list[tuple[torch.nn.Module, float]] = []
     ensembles = test_ensembles(cfg)
     for ens in ensembles:
-        # what a user pays before generating: loading, aligning and tokenising this ensemble
-        load_s = prepare([m.test_teachers[j] for j in ens], wf, m.align, reference).seconds
+        # what a user pays before generating: fetching the checkpoints (``fetch_s``, as KD
+        # does too), aligning and tokenising them (``prep_s``, from memory)
+        prep = prepare([m.test_teachers[j] for j in ens], wf, m.align, reference)
+        prep_s = prep.seconds - prep.fetch_seconds
         for key, row in _baselines(p, ens, raw.states, pool.states, scores, ev).items():
             per.setdefault(key, []).append(row)
         for key, gen in gens.items():
             student, dt = generate_student(gen, pool.rows, pool.states, ens, ev.bn)
-            per.setdefault(key, []).append(measure(*predict_logp(student, ev.test), load_s + dt))
+            per.setdefault(key, []).append(measure(*predict_logp(student, ev.test), prep_s + dt))
             if key == "weightformer":
-                to_finetune.append((student, load_s + dt))
-                split_s["load_s"].append(load_s)
+                to_finetune.append((student, prep_s + dt))
+                split_s["fetch_s"].append(prep.fetch_seconds)
+                split_s["prep_s"].append(prep_s)
                 split_s["generate_bn_s"].append(dt)
                 st = student.state_dict()
                 dist["rel_l2_to_anchor"].append(relative_l2(st, pool.states[ens[0]]))
                 dist["rel_l2_to_mean"].append(relative_l2(st, weight_average([pool.states[j] for j in ens])))
-    if m.finetune_epochs:
-        tuned = finetune(p, [s for s, _ in to_finetune], ensembles, parent_run_id, ev.bn)
-        per["weightformer_ft"] = [
-            measure(*predict_logp(model, ev.test), dt + seconds)
-            for (_, dt), (model, seconds) in zip(to_finetune, tuned, strict=True)
-        ]
+    # one Ray Train run finetunes the generated students and fits the ceiling's averages
+    fit = [(_timed(lambda ens=ens: recompute_bn(build_student(p.student_spec, weight_average(
+        [pool.states[j] for j in ens])), ev.bn)), ens) for ens in ensembles[: m.ceiling_ensembles]]
+    jobs = [(s, ens, "weightformer", m.finetune_epochs) for (s, _), ens in zip(to_finetune, ensembles, strict=True)
+            if m.finetune_epochs] + [(s, ens, "fit", m.kd_epochs) for (s, _), ens in fit]
+    if jobs:
+        tuned = finetune(p, [j[0] for j in jobs], [j[1] for j in jobs], parent_run_id, ev.bn,
+                         of=[j[2] for j in jobs], epochs=[j[3] for j in jobs])
+        start = [dt for _, dt in to_finetune] if m.finetune_epochs else []
+        start += [dt for (_, dt), _ in fit]
+        for (_, _, of, _), t0, (model, seconds) in zip(jobs, start, tuned, strict=True):
+            key = "weightformer_ft" if of == "weightformer" else "fit"
+            per.setdefault(key, []).append(measure(*predict_logp(model, ev.test), t0 + seconds))
     client = tracking.client()
-    for kind in ("kd_subset", "kd_full"):
+    for kind in ("kd_subset", "kd_full", "kd_long"):
         for i in range(len(ensembles)):
             rid = run_ids.get(f"{kind}/{i}")
-            if rid is not None:  # its cost: the training epochs alone (the issue's rule for KD)
-                model = recompute_bn(load(f"runs:/{rid}/model"), ev.bn)
-                per.setdefault(kind, []).append(measure(*predict_logp(model, ev.test), train_seconds(client, rid)))
+            if rid is not None:  # teachers in memory -> ready: its training epochs and the BN pass
+                model = load(f"runs:/{rid}/model")
+                (_, bn_s), train_s = _timed(lambda model=model: recompute_bn(model, ev.bn)), train_seconds(client, rid)
+                per.setdefault(kind, []).append(measure(*predict_logp(model, ev.test), train_s + bn_s))
+                if kind == "kd_full":
+                    split_s["kd_train_s"].append(train_s)
+                    split_s["kd_bn_s"].append(bn_s)
     rows = [mean_row(k, LABELS[k], per[k]) for k in ORDER if k in per]
     by_k = [_at_k(p, wf, pool, raw, scores, ev, k) for k in m.report_k]
-    meta_s = train_seconds(client, run_ids["weightformer"])
     spent = {k: float(np.mean(v)) for k, v in split_s.items() if v}
-    return Evaluation(rows, differences(rows, m.bootstrap, cfg.seed), {**cost(rows, meta_s), **spent}, dist, by_k)
+    meta_s = {"meta_train_s": epoch_seconds(client, run_ids["weightformer"]), **zoo_only_seconds(p, client)}
+    sizes = {k: sum(p.numel() for p in g.parameters()) for k, g in gens.items()}
+    sizes["values"] = wf.layout.num_values()
+    return Evaluation(rows, differences(rows, m.bootstrap, cfg.seed), {**spent, **cost(rows, spent, meta_s)}, dist,
+                      by_k, sizes)
+
+
+def epoch_seconds(client, run_id: str) -> float:
+    """A run's epochs end to end: training, validation and checkpointing (the sum of its
+    ``epoch_time_s``), without Ray's start-up."""
+    return float(sum(x.value for x in client.get_metric_history(run_id, "epoch_time_s")))
+
+
+def zoo_only_seconds(p: Plan, client) -> dict[str, float]:
+    """The zoo teachers that exist only for meta-training (the meta-train and meta-val
+    sides; the meta-test teachers are the user's own ensembles): how many, and the sum of
+    their training epochs. A teacher whose run cannot be found (a checkpoint folder, not
+    an MLflow run) or logged no ``train_time_s`` counts in ``zoo_only_missing``."""
+    n, total, missing = 0, 0.0, 0
+    for t in p.teachers:
+        if t.side not in ("train", "val"):
+            continue
+        n += 1
+        try:
+            hist = client.get_metric_history(run_id_of(t.uri, client), "train_time_s")
+        except Exception:  # noqa: BLE001 - a folder or a pruned run: said, not fatal
+            hist = []
+        total += sum(x.value for x in hist)
+        missing += not hist
+    return {"zoo_only_teachers": float(n), "zoo_only_s": total, "zoo_only_missing": float(missing)}
 
 
 def differences(rows: list[Row], resamples: int, seed: int) -> list[Difference]:
@@ -332,7 +389,8 @@ def differences(rows: list[Row], resamples: int, seed: int) -> list[Difference]:
     pairs = [("weightformer", "anchor"), ("weightformer", "weight_average"), ("weightformer", "aligned_average"),
              ("weightformer", "mean_teacher"), ("weightformer", "best_member"), ("weightformer", "greedy_soup"),
              ("weightformer", "learned_soup"), ("weightformer", "kd_full"), ("weightformer", "kd_subset"),
-             ("weightformer_ft", "kd_full"), ("weightformer", "mlp")]
+             ("weightformer_ft", "kd_full"), ("weightformer", "mlp"), ("weightformer", "fit"),
+             ("weightformer", "kd_long")]
     pairs += [(k, "weightformer") for k in VARIANT_OVERRIDES if k != "weightformer"]
     for a, b in pairs:
         if a in by and b in by:
@@ -344,22 +402,28 @@ def differences(rows: list[Row], resamples: int, seed: int) -> list[Difference]:
     return out
 
 
-def cost(rows: list[Row], meta_train_s: float) -> dict[str, float]:
-    """Seconds per network (KD: its training epochs alone; WeightFormer: load + align +
-    tokenise + generate + BN) and after how many ensembles meta-training has paid for
-    itself against full-data KD (inf when KD is not slower). Meta-training's time is its
-    training epochs alone: neither its per-epoch meta-validation nor the zoo's extra
-    meta-train and meta-val teachers are counted."""
+def cost(rows: list[Row], spent: dict[str, float], meta: dict[str, float]) -> dict[str, float]:
+    """Seconds per network on the same boundaries for WeightFormer and full-data KD:
+
+    - ``*_ready_s``, teachers in memory to a network ready to use: align + tokenise +
+      generate + BN against KD's training epochs + BN (the table's time column);
+    - ``*_e2e_s``, end to end: the same plus fetching the K checkpoints (``fetch_s``,
+      measured for the generator and charged to KD alike, which loads the same files);
+    - ``amortised_s``: meta-training's epochs (training and meta-validation) plus the
+      training of the zoo teachers that exist only for meta-training, and
+      ``break_even_ensembles``, after how many ensembles that has paid for itself end to
+      end (inf when KD is not slower)."""
     by = {r.key: r for r in rows}
-    out = {"meta_train_s": meta_train_s}
-    if "weightformer" in by:
-        out["generate_s"] = by["weightformer"].time_s
-    if "kd_full" in by:
-        out["kd_full_s"] = by["kd_full"].time_s
-        if "weightformer" in by:
-            saving = by["kd_full"].time_s - by["weightformer"].time_s
-            out["speedup"] = by["kd_full"].time_s / max(by["weightformer"].time_s, 1e-9)
-            out["break_even_ensembles"] = math.ceil(meta_train_s / saving) if saving > 0 else math.inf
+    out = dict(meta)
+    out["amortised_s"] = meta.get("meta_train_s", 0.0) + meta.get("zoo_only_s", 0.0)
+    if "weightformer" not in by or "kd_full" not in by:
+        return out
+    fetch = spent.get("fetch_s", 0.0)
+    wf, kd = by["weightformer"].time_s, by["kd_full"].time_s
+    out.update({"wf_ready_s": wf, "kd_ready_s": kd, "speedup_ready": kd / max(wf, 1e-9),
+                "wf_e2e_s": fetch + wf, "kd_e2e_s": fetch + kd, "speedup_e2e": (fetch + kd) / max(fetch + wf, 1e-9)})
+    saving = kd - wf
+    out["break_even_ensembles"] = math.ceil(out["amortised_s"] / saving) if saving > 0 else math.inf
     return out
 
 
@@ -423,19 +487,12 @@ def format_evaluation(cfg: Config, ev: Evaluation) -> str:
     lines = [f"held-out ensembles: {m.test_ensembles} of K={m.ensemble_size} meta-test teachers "
              f"({m.num_test_teachers} teachers meta-training never saw), test split; "
              f"align={m.align}",
-             f"BatchNorm: {BN_LABEL} ({bn}, unaugmented)", "", format_table(ev.rows), "",
+             f"BatchNorm: {BN_LABEL} ({bn}, unaugmented)", *_size_lines(cfg, ev), "", format_table(ev.rows), "",
              f"paired bootstrap 95% intervals over held-out ensembles (accuracy points; {m.bootstrap} resamples):"]
     pts = [d for d in ev.differences if not d.label.startswith("gap")]
     lines.append(format_differences(pts))
     lines += [format_differences([d for d in ev.differences if d.label.startswith("gap")], unit="fraction")]
-    c = ev.cost
-    if "kd_full_s" in c:
-        be = c["break_even_ensembles"]
-        lines += ["", f"cost per network: WeightFormer {c['generate_s']:.3f} s (load + align + tokenise "
-                      f"{c.get('load_s', float('nan')):.3f}, generate + BN {c.get('generate_bn_s', float('nan')):.3f}), "
-                      f"KD (full train) {c['kd_full_s']:.2f} s of training: {c['speedup']:.0f}x; "
-                      f"meta-training {c['meta_train_s']:.0f} s pays for itself after "
-                      f"{be if be != math.inf else 'no number of'} ensembles"]
+    lines += _cost_lines(ev.cost)
     if ev.distances["rel_l2_to_anchor"]:
         a, mn = (np.asarray(ev.distances[k]) for k in ("rel_l2_to_anchor", "rel_l2_to_mean"))
         lines.append(f"generated students' relative L2 distance (weights, biases, BN affine): to their anchor "
@@ -448,6 +505,35 @@ def format_evaluation(cfg: Config, ev: Evaluation) -> str:
             lines.append(f"{r['k']:>3} {r['n']:>3} {100 * r['mean_teacher']:>12.2f} {100 * r['ensemble']:>9.2f} "
                          f"{100 * r['weight_average']:>7.2f} {100 * r['weightformer']:>13.2f}")
     return "\n".join(lines)
+
+
+def _cost_lines(c: dict[str, float]) -> list[str]:
+    """The cost paragraph: the same boundaries for WeightFormer and KD (see ``cost``)."""
+    if "kd_ready_s" not in c:
+        return []
+    be = c["break_even_ensembles"]
+    zoo = f"{int(c['zoo_only_teachers'])} zoo teachers used only for meta-training {c['zoo_only_s']:.0f} s"
+    if c.get("zoo_only_missing"):
+        zoo += f" ({int(c['zoo_only_missing'])} without a run to time)"
+    return ["", "cost per network (mean over held-out ensembles):",
+            f"  teachers in memory -> network ready: WeightFormer {c['wf_ready_s']:.3f} s (align + tokenise "
+            f"{c['prep_s']:.3f}, generate + BN {c['generate_bn_s']:.3f}), KD (full train) {c['kd_ready_s']:.2f} s "
+            f"(training {c['kd_train_s']:.2f}, BN {c['kd_bn_s']:.3f}): {c['speedup_ready']:.0f}x",
+            f"  end to end (+ fetching the K checkpoints, {c['fetch_s']:.3f} s): WeightFormer {c['wf_e2e_s']:.3f} s, "
+            f"KD {c['kd_e2e_s']:.2f} s: {c['speedup_e2e']:.0f}x",
+            f"  amortised: meta-training {c['meta_train_s']:.0f} s (training and meta-validation) + {zoo} = "
+            f"{c['amortised_s']:.0f} s; pays for itself after {be if be != math.inf else 'no number of'} "
+            "ensembles (end to end)"]
+
+
+def _size_lines(cfg: Config, ev: Evaluation) -> list[str]:
+    """The legend's line on how large each generator is against what it learns from."""
+    if "weightformer" not in ev.sizes:
+        return []
+    z, n = ev.sizes, len(cfg.meta.train_teachers)
+    mlp = f", the MLP generator {z['mlp']:,}" if "mlp" in z else ""
+    return [f"generators: WeightFormer {z['weightformer']:,} parameters{mlp}; a student is {z['values']:,} "
+            f"values; meta-training sees {n} teachers ({n * z['values']:,} values)"]
 
 
 # ---- the whole job ---------------------------------------------------------------------

@@ -11,15 +11,30 @@ The residual is predicted in units of each segment's RMS over the ensemble (weig
 bias, BN scale, BN statistics differ in scale by orders of magnitude), multiplied by a
 learned per-layer scale (``residual_scale`` at initialisation) and added to the base
 row: teacher 1's (``base="anchor"``), the teachers' mean (``base="mean"``), or a learned
-per-row mix of the teachers' rows (``base="mix"``: softmax weights scored from each
-teacher token's output, uniform at initialisation). ``mean`` and ``mix`` do not depend on
-the teachers' order, so an order-invariant generator can return its base exactly.
+mix of the teachers' values (``base="mix"``, uniform at initialisation). ``mean`` and
+``mix`` do not depend on the teachers' order, so an order-invariant generator can return
+its base exactly.
+
+The mix keeps each hidden unit coherent across the layers it connects (``coherent``, on
+by default). Each teacher token scores its teacher for its unit: ``s_l[k, r]``. A weight
+joins two units, unit ``r`` of layer l and unit ``c`` of layer l-1 that it reads, so
+its value is mixed with ``softmax_k(s_l[k, r] + s_{l-1}[k, c])``; a unit's bias and norm
+values with ``softmax_k(s_l[k, r])``. A unit that prefers teacher k takes its incoming
+row and the next layer's matching column from teacher k together (``coherent_mix``).
+This needs a plain chain of layers (``align.chain``); on any other student, and with
+``coherent=False``, every row is mixed on its own scores (unit r's row and the next
+layer's column r can then come from different teachers).
+
+Every output path goes through the teachers: the correction is linear in each row's
+pooled output state (no output bias, no per-chunk output offset, no bias in the final
+norm), so a zero state decodes to a zero correction.
 
 ``generator(xs, cutoff=[0.0, 0.25])``: view v's token embeddings of a random contiguous
 ``cutoff[v]`` fraction of each layer's teacher tokens are zeroed (span cutoff, a view the
 consistency loss compares with the full one); the base always sees every row.
 Rows longer than ``chunk`` are cut into chunks, embedded by one per-layer projection and
-pooled, so no layer needs a projection as wide as its rows.
+pooled, so no layer needs a projection as wide as its rows; a shorter row is one chunk of
+its own length (nothing is padded to ``chunk``).
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from metaensemble.errors import ConfigError
+from metaensemble.methods.weightformer.align import chain, incoming_weight
 from metaensemble.methods.weightformer.tokens import Layout, build_layout, num_chunks, segment_ids
 from metaensemble.models.registry import create_model, register_model
 
@@ -69,24 +85,30 @@ def distance_bucket(d: torch.Tensor, buckets: int) -> torch.Tensor:
 
 
 class _RowCodec(nn.Module):
-    """Per-layer chunked row <-> d_model maps, in segment-RMS units."""
+    """Per-layer chunked row <-> d_model maps, in segment-RMS units. A layer's chunk is
+    ``min(chunk, row_len)``. Decoding is linear in the hidden state (no bias, the per-chunk
+    embedding scales it): a zero state decodes to a zero correction."""
 
     def __init__(self, layout: Layout, d_model: int, chunk: int, in_mult: int = 1, residual_scale: float = 0.05,
                  out_init: float = 0.02) -> None:
         super().__init__()
         if not residual_scale > 0:
             raise ConfigError(f"residual_scale must be positive (the correction's initial scale), got {residual_scale}")
-        self.chunk = chunk
+        self.widths = [min(chunk, ly.row_len) for ly in layout.layers]
         # the correction's scale, learned per layer (log-parametrised, so it stays positive)
         self.log_scale = nn.Parameter(torch.full((len(layout.layers),), math.log(residual_scale)))
-        self.inp = nn.ModuleList(nn.Linear(chunk * in_mult, d_model) for _ in layout.layers)
-        self.out = nn.ModuleList(nn.Linear(d_model, chunk) for _ in layout.layers)
-        self.chunk_in = nn.ParameterList(nn.Parameter(torch.randn(num_chunks(ly, chunk), d_model) * 0.02) for ly in layout.layers)
-        self.chunk_out = nn.ParameterList(nn.Parameter(torch.randn(num_chunks(ly, chunk), d_model) * 0.02) for ly in layout.layers)
+        self.inp = nn.ModuleList(nn.Linear(w * in_mult, d_model) for w in self.widths)
+        self.out = nn.ModuleList(nn.Linear(d_model, w, bias=False) for w in self.widths)
+        self.chunk_in = nn.ParameterList(nn.Parameter(torch.randn(num_chunks(ly, w), d_model) * 0.02)
+                                         for ly, w in zip(layout.layers, self.widths, strict=True))
+        # per chunk, a scaling of the state it is decoded from (1 + this): not an offset,
+        # which would be a correction no teacher has any say in
+        self.chunk_out = nn.ParameterList(nn.Parameter(torch.randn(num_chunks(ly, w), d_model) * 0.02)
+                                          for ly, w in zip(layout.layers, self.widths, strict=True))
         # Per row and segment, a multiplicative correction of the base: rescaling a
         # neuron's weights or a BN scale is the correction most often needed, and a
         # low-dimensional state reconstructs it poorly as an additive row.
-        self.gain = nn.ModuleList(nn.Linear(d_model, len(ly.segments)) for ly in layout.layers)
+        self.gain = nn.ModuleList(nn.Linear(d_model, len(ly.segments), bias=False) for ly in layout.layers)
         for li, ly in enumerate(layout.layers):
             self.register_buffer(f"seg{li}", segment_ids(ly), persistent=False)
         self.n_seg = [len(ly.segments) for ly in layout.layers]
@@ -95,18 +117,17 @@ class _RowCodec(nn.Module):
         # the output); the multiplicative gain, one very sensitive direction, near zero.
         for lin in self.out:
             nn.init.normal_(lin.weight, std=out_init)
-            nn.init.zeros_(lin.bias)
         for lin in self.gain:
             nn.init.normal_(lin.weight, std=1e-3 / math.sqrt(d_model))
-            nn.init.zeros_(lin.bias)
 
     def seg(self, li: int) -> torch.Tensor:
         return getattr(self, f"seg{li}")
 
-    def chunks(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., L] -> [..., n_chunks, chunk], zero-padded."""
-        n = math.ceil(x.shape[-1] / self.chunk)
-        return F.pad(x, (0, n * self.chunk - x.shape[-1])).unflatten(-1, (n, self.chunk))
+    def chunks(self, li: int, x: torch.Tensor) -> torch.Tensor:
+        """[..., L] -> [..., n_chunks, width] (layer ``li``'s chunk width), zero-padded."""
+        w = self.widths[li]
+        n = math.ceil(x.shape[-1] / w)
+        return F.pad(x, (0, n * w - x.shape[-1])).unflatten(-1, (n, w))
 
     def encode(self, li: int, xn: torch.Tensor) -> torch.Tensor:
         """Normalised rows [..., R, L * in_mult chunks] -> [..., R, d]; chunk embeddings pooled."""
@@ -118,7 +139,7 @@ class _RowCodec(nn.Module):
         both times the layer's learned scale (``residual_scale`` at initialisation): a
         layer-wide gain is one very sensitive direction (it rescales every neuron at once),
         and undamped it makes SGD diverge in tens of steps."""
-        y = self.out[li](h.unsqueeze(-2) + self.chunk_out[li]).flatten(-2)[..., :base.shape[-1]]
+        y = self.out[li](h.unsqueeze(-2) * (1.0 + self.chunk_out[li])).flatten(-2)[..., :base.shape[-1]]
         g = self.gain[li](h)[..., self.seg(li)]  # [V, R, L]
         return self.log_scale[li].exp() * (base * g + y * scale[:, None, :])
 
@@ -126,7 +147,6 @@ class _RowCodec(nn.Module):
         with torch.no_grad():
             for lin in [*self.out, *self.gain]:
                 lin.weight.zero_()
-                lin.bias.zero_()
 
 
 class _Block(nn.Module):
@@ -152,13 +172,38 @@ class _Block(nn.Module):
 BASES = ("anchor", "mean", "mix")
 
 
-def _base(x: torch.Tensor, base: str, mix: torch.Tensor | None = None) -> torch.Tensor:
-    """[V, K, R, L] teachers' rows -> [V, R, L]; ``mix`` [V, K, R]: softmax weights over K."""
-    if base == "anchor":
-        return x[:, 0]
-    if base == "mix" and mix is not None:
-        return (x * mix.unsqueeze(-1)).sum(dim=1)
-    return x.mean(dim=1)
+def unit_links(layout: Layout) -> list[torch.Tensor | None]:
+    """Per layer, which unit of the layer before it each column of its rows reads: a
+    LongTensor [row_len] holding that unit (0..R_prev-1) on the incoming-weight columns
+    and R_prev on the others (bias, norm values); None for the first layer. All None when
+    the layout is not a plain chain (``align.chain``): there the input of a layer is not
+    simply the layer before it."""
+    try:
+        chain(layout)
+    except ConfigError:
+        return [None] * len(layout.layers)
+    links: list[torch.Tensor | None] = [None]
+    for prev, layer in zip(layout.layers[:-1], layout.layers[1:], strict=True):
+        w = incoming_weight(layer)
+        per_unit = w.width // prev.rows  # kernel positions per input unit (dim 1 is the unit)
+        link = torch.full((layer.row_len,), prev.rows, dtype=torch.long)
+        link[w.start:w.start + w.width] = torch.arange(w.width) // per_unit
+        links.append(link)
+    return links
+
+
+def coherent_mix(x: torch.Tensor, scores: torch.Tensor, prev: torch.Tensor | None = None,
+                 link: torch.Tensor | None = None) -> torch.Tensor:
+    """Teachers' rows x [V, K, R, L] mixed into [V, R, L]. ``scores`` [V, K, R]: each
+    unit's score of each teacher. With ``prev`` [V, K, R_prev] (the layer before's scores)
+    and ``link`` (``unit_links``), the value in column j of row r is mixed with
+    ``softmax_k(scores[k, r] + prev[k, link[j]])``, a score of 0 for columns that read no
+    unit; without, with ``softmax_k(scores[k, r])``."""
+    if prev is None or link is None:
+        return (x * scores.softmax(dim=1).unsqueeze(-1)).sum(dim=1)
+    s_in = F.pad(prev, (0, 1))[..., link.to(x.device)]  # [V, K, L]
+    w = (scores.unsqueeze(-1) + s_in.unsqueeze(2)).softmax(dim=1)  # [V, K, R, L]
+    return (x * w).sum(dim=1)
 
 
 def cutoff_keep(v: int, k: int, r: int, cutoff: list[float] | None, device) -> torch.Tensor | None:
@@ -178,17 +223,20 @@ def cutoff_keep(v: int, k: int, r: int, cutoff: list[float] | None, device) -> t
 class WeightFormer(nn.Module):
     """The transformer generator (see the module docstring). Switches for ablations:
     ``mask`` (learnable attention-mask bias), ``cross_layer`` ([cross] flow between
-    layers), ``base`` (anchor, mean or mix); shift consistency is a loss (the method's).
+    layers), ``base`` (anchor, mean or mix), ``coherent`` (the mix keeps units coherent
+    across layers); shift consistency is a loss (the method's).
     ``mask_init``: std of the mask bias at initialisation (0: all zero)."""
 
     def __init__(self, layout: Layout, *, d_model: int = 64, depth: int = 2, heads: int = 4, max_teachers: int = 8,
                  chunk: int = 256, mask: bool = True, cross_layer: bool = True,
                  base: Literal["anchor", "mean", "mix"] = "mix", ff_mult: int = 2, dist_buckets: int = 8,
-                 residual_scale: float = 0.05, mask_init: float = 0.0, out_init: float = 0.02) -> None:
+                 residual_scale: float = 0.05, mask_init: float = 0.0, out_init: float = 0.02,
+                 coherent: bool = True) -> None:
         super().__init__()
         if base not in BASES:
             raise ConfigError(f"base must be one of {', '.join(BASES)}, got {base!r}")
         self.layout, self.max_teachers, self.base = layout, max_teachers, base
+        self.links = unit_links(layout) if coherent and base == "mix" else [None] * len(layout.layers)
         self.use_mask, self.cross_layer, self.dist_buckets = mask, cross_layer, dist_buckets
         self.codec = _RowCodec(layout, d_model, chunk, residual_scale=residual_scale, out_init=out_init)
         self.mix_score = nn.Linear(d_model, 1) if base == "mix" else None
@@ -203,7 +251,7 @@ class WeightFormer(nn.Module):
         self.blocks = nn.ModuleList(_Block(d_model, heads, ff_mult) for _ in range(depth))
         self.mask_bias = nn.Parameter(torch.randn(heads, max_teachers + 1, max_teachers + 1, dist_buckets) * mask_init
                                       ) if mask else None
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = nn.LayerNorm(d_model, bias=False)  # no offset every row would decode alike
         self._index_cache: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def token_ids(self, k: int, rows: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -227,11 +275,12 @@ class WeightFormer(nn.Module):
         if not 2 <= k <= self.max_teachers:
             raise ConfigError(f"ensemble of {k} teachers; this generator takes 2 to max_teachers={self.max_teachers}")
         cross_in = self.cross0.expand(v, -1)
-        rows_out, cross_inputs = [], []
+        rows_out, cross_inputs, mix_scores = [], [], []
+        prev = None
         for li, (x, layer) in enumerate(zip(xs, self.layout.layers, strict=True)):
             r = layer.rows
             scale = segment_scale(x, self.codec.seg(li), self.codec.n_seg[li])  # [V, L]
-            xn = self.codec.chunks(x / scale[:, None, None, :])  # [V, K, R, nc, chunk]
+            xn = self.codec.chunks(li, x / scale[:, None, None, :])  # [V, K, R, nc, width]
             tok = self.codec.encode(li, xn)  # [V, K, R, d]
             keep = cutoff_keep(v, k, r, cutoff, x.device)
             if keep is not None:
@@ -249,12 +298,17 @@ class WeightFormer(nn.Module):
             h = self.norm(h)
             th = h[:, 1:].reshape(v, k, r, -1)
             pooled = th.mean(dim=1)  # [V, R, d]
-            mix = self.mix_score(th).squeeze(-1).softmax(dim=1) if self.mix_score is not None else None
-            base = _base(x, self.base, mix)
+            if self.mix_score is not None:
+                scores = self.mix_score(th).squeeze(-1)  # [V, K, R]
+                base = coherent_mix(x, scores, prev, self.links[li])
+                prev = scores
+                mix_scores.append(scores)
+            else:
+                base = x[:, 0] if self.base == "anchor" else x.mean(dim=1)
             rows_out.append(base + self.codec.decode(li, pooled, base, scale))
             cross_in = self.cross_proj(h[:, 0]) if self.cross_proj is not None else self.cross0.expand(v, -1)
         mask_l1 = self.mask_bias.abs().mean() if self.mask_bias is not None else xs[0].new_zeros(())
-        return {"rows": rows_out, "cross": cross_inputs, "mask_l1": mask_l1}
+        return {"rows": rows_out, "cross": cross_inputs, "mask_l1": mask_l1, "mix_scores": mix_scores}
 
     def zero_residual_(self) -> None:
         """Zero correction and, for ``base="mix"``, uniform weights: the output is the base
@@ -286,12 +340,12 @@ class MLPGenerator(nn.Module):
         rows_out = []
         for li, x in enumerate(xs):
             scale = segment_scale(x, self.codec.seg(li), self.codec.n_seg[li])
-            xn = self.codec.chunks(x / scale[:, None, None, :])  # [V, K, R, nc, chunk]
-            xn = xn.permute(0, 2, 3, 1, 4).flatten(-2)  # [V, R, nc, K*chunk]
+            xn = self.codec.chunks(li, x / scale[:, None, None, :])  # [V, K, R, nc, width]
+            xn = xn.permute(0, 2, 3, 1, 4).flatten(-2)  # [V, R, nc, K*width]
             hid = self.act(self.codec.inp[li](xn) + self.codec.chunk_in[li]).mean(dim=-2)  # [V, R, hidden]
-            base = _base(x, self.base)
+            base = x[:, 0] if self.base == "anchor" else x.mean(dim=1)
             rows_out.append(base + self.codec.decode(li, hid, base, scale))
-        return {"rows": rows_out, "cross": [], "mask_l1": xs[0].new_zeros(())}
+        return {"rows": rows_out, "cross": [], "mask_l1": xs[0].new_zeros(()), "mix_scores": []}
 
     def zero_residual_(self) -> None:
         self.codec.zero_residual_()
@@ -309,12 +363,14 @@ def weightformer(num_classes: int, in_chans: int, img_size: int, student: str = 
                  student_kwargs: dict[str, Any] | None = None, d_model: int = 64, depth: int = 2, heads: int = 4,
                  max_teachers: int = 8, chunk: int = 256, mask: bool = True, cross_layer: bool = True,
                  base: str = "mix", ff_mult: int = 2, dist_buckets: int = 8,
-                 residual_scale: float = 0.05, mask_init: float = 0.0, out_init: float = 0.02) -> WeightFormer:
+                 residual_scale: float = 0.05, mask_init: float = 0.0, out_init: float = 0.02,
+                 coherent: bool = True) -> WeightFormer:
     """WeightFormer for students ``student(**student_kwargs)`` on this dataset shape."""
     _, layout = student_skeleton(student, student_kwargs, num_classes, in_chans, img_size)
     gen = WeightFormer(layout, d_model=d_model, depth=depth, heads=heads, max_teachers=max_teachers, chunk=chunk,
                        mask=mask, cross_layer=cross_layer, base=base, ff_mult=ff_mult, dist_buckets=dist_buckets,
-                       residual_scale=residual_scale, mask_init=mask_init, out_init=out_init)  # type: ignore[arg-type]
+                       residual_scale=residual_scale, mask_init=mask_init, out_init=out_init,
+                       coherent=coherent)  # type: ignore[arg-type]
     return _attach_student(gen, student, student_kwargs, num_classes, in_chans, img_size)
 
 

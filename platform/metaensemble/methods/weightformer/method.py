@@ -209,6 +209,46 @@ class WeightFormerMethod(Method):
             ys.append(yy)
         return torch.cat(logps), torch.cat(ys)
 
+    @torch.no_grad()
+    def epoch_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Does what the generator learned transfer? After every epoch, students generated
+        for ``meta.val_ensembles`` fixed ensembles of meta-train teachers (``seen``) and
+        for the meta-val ensembles (``unseen``), BN recomputed as in validation, scored on
+        the meta-training subset's images (``subset``, unaugmented) and on the val split
+        (``val``): the training objective (``kd``: against their own ensemble's
+        predictions) and accuracy. ``seen_subset`` is what meta-training fits;
+        ``unseen_val`` is what a user gets."""
+        dev = next(model.parameters()).device
+        m, d = self.cfg.meta, self.cfg.distill
+        if not hasattr(self, "_diag"):
+            splits = data.load(self.cfg.data)
+            bs = self.cfg.data.eval_batch_size
+            self._diag = {
+                "loaders": {"subset": make_eval_loader(splits.train, splits.info, bs, dev),
+                            "val": make_eval_loader(splits.val, splits.info, bs, dev)},
+                "seen": make_ensembles(len(self.pools["train"]), m.ensemble_size, m.val_ensembles, self.cfg.seed + 2),
+            }
+        sides = {"seen": (self.pools["train"], self._diag["seen"]), "unseen": (self.pools["val"], self.ensembles["val"])}
+        out: dict[str, float] = {}
+        for side, (pool, ensembles) in sides.items():
+            teachers = [t.to(dev).eval() for t in pool.models]
+            sums = {images: [0.0, 0.0, 0] for images in self._diag["loaders"]}
+            for order in ensembles:
+                student, _ = generate_student(model, pool.rows, pool.states, order, self.bn_loader(dev))
+                for images, loader in self._diag["loaders"].items():
+                    for batch in loader:
+                        x, y = batch["x"].to(dev), batch["y"].to(dev)
+                        z = student(x)
+                        t = teacher_logits([teachers[i] for i in order], x)
+                        acc = sums[images]
+                        acc[0] += float(ensemble_kd_loss(z, t, y, d.alpha, d.temperature)) * len(y)
+                        acc[1] += float((z.argmax(1) == y).sum())
+                        acc[2] += len(y)
+            for images, (kd, correct, n) in sums.items():
+                out[f"{side}_{images}_kd"] = kd / max(n, 1)
+                out[f"{side}_{images}_acc"] = correct / max(n, 1)
+        return out
+
 
 def shift_consistency(rows: list[torch.Tensor], xs: list[torch.Tensor], layout) -> torch.Tensor:
     """Mean over layers and over views 2..V of the MSE between view 1's generated rows

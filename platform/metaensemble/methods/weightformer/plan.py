@@ -112,6 +112,7 @@ VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
     "no_cross": {"model.kwargs.cross_layer": False},
     "base_mean": {"model.kwargs.base": "mean"},
     "base_anchor": {"model.kwargs.base": "anchor"},
+    "per_row_mix": {"model.kwargs.coherent": False},
 }
 
 
@@ -152,6 +153,13 @@ def validate(cfg: Config) -> Config:
         check_generator(variant)
     m = cfg.meta
     n_train = m.zoo_size - m.num_val_teachers - m.num_test_teachers
+    if m.num_train_teachers > n_train:
+        raise ZooError(
+            f"meta.num_train_teachers={m.num_train_teachers} exceeds the {n_train} meta-train teachers "
+            f"meta.zoo_size={m.zoo_size} leaves after {m.num_val_teachers} val + {m.num_test_teachers} test; "
+            f"valid: 0 (all of them) or 1..{n_train}"
+        )
+    n_train = m.num_train_teachers or n_train
     if n_train < m.ensemble_size:
         raise ZooError(
             f"meta.zoo_size={m.zoo_size} leaves {n_train} meta-train teachers after "
@@ -251,7 +259,8 @@ def plan(cfg: Config, *, train_missing: bool = True) -> Plan:
     loaded = load_teachers(
         [e.uri for e in have], spec
     )  # checks each checkpoint and its architecture
-    sides = split_sides(len(have), cfg.meta.num_val_teachers, cfg.meta.num_test_teachers, cfg.seed)
+    sides = split_sides(len(have), cfg.meta.num_val_teachers, cfg.meta.num_test_teachers, cfg.seed,
+                        cfg.meta.num_train_teachers)
     records = [
         TeacherRecord(e.uri, e.seed, e.version, t.sha256, sides[i], e.parent)
         for i, (e, t) in enumerate(zip(have, loaded, strict=True))
@@ -270,13 +279,18 @@ def plan(cfg: Config, *, train_missing: bool = True) -> Plan:
     return Plan(filled, tcfg, records, spec)
 
 
-def split_sides(n: int, n_val: int, n_test: int, seed: int) -> list[str]:
+def split_sides(n: int, n_val: int, n_test: int, seed: int, n_train: int = 0) -> list[str]:
     """Each of ``n`` teachers' side ("train", "val" or "test"), by a seeded permutation:
-    the same zoo and seed always give the same split."""
+    the same zoo and seed always give the same split. With ``n_train``, only the first
+    ``n_train`` meta-train teachers (in the given order: by seed) stay "train", the rest
+    are "unused"; val and test do not change."""
     perm = np.random.default_rng([seed, 29]).permutation(n)
     sides = [""] * n
     for j, i in enumerate(perm):
         sides[int(i)] = "test" if j < n_test else "val" if j < n_test + n_val else "train"
+    if n_train:
+        for i in [i for i, s in enumerate(sides) if s == "train"][n_train:]:
+            sides[i] = "unused"
     return sides
 
 

@@ -72,6 +72,8 @@ class Prepared:
     rows: list[list[torch.Tensor]]
     seconds: float
     """Loading the checkpoints, aligning and tokenising."""
+    fetch_seconds: float = 0.0
+    """Of ``seconds``, loading the checkpoints (from MLflow or disk) into modules."""
 
 
 def prepare(uris: list[str], gen: nn.Module, align: str = "none",
@@ -80,6 +82,7 @@ def prepare(uris: list[str], gen: nn.Module, align: str = "none",
     to ``reference`` when ``align`` is ``permutation``, and tokenise them."""
     t0 = time.perf_counter()
     loaded = load_teachers(list(uris), gen.student_spec)
+    fetched = time.perf_counter() - t0
     seen: dict[str, str] = {}
     for t in loaded:  # one checkpoint under two names is still one teacher
         if t.sha256 in seen:
@@ -88,7 +91,7 @@ def prepare(uris: list[str], gen: nn.Module, align: str = "none",
     states = [{k: v.detach().clone() for k, v in t.model.state_dict().items()} for t in loaded]
     states = align_states(states, reference if reference is not None else states[0], gen.layout, align)
     rows = [tokenise(s, gen.layout) for s in states]
-    return Prepared(list(uris), states, rows, time.perf_counter() - t0)
+    return Prepared(list(uris), states, rows, time.perf_counter() - t0, fetched)
 
 
 def run_id_of(uri: str, client) -> str:
