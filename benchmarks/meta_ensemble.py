@@ -43,8 +43,9 @@ def _fmt(d, scale: float = 100.0) -> str:
 
 
 def targets(ev) -> list[dict]:
-    """Issue 26's targets, each with what was measured; an accuracy target is met when its
-    paired bootstrap interval says so (above 0: its lower end above 0)."""
+    """Issue 26's targets, each with what was measured. The soup targets are judged on
+    the paired interval (met: its lower end above 0, as the issue asks); the gap and the
+    finetune targets on the point estimate, with the interval shown."""
     rows = {r.key: r for r in ev.rows}
     out = []
     gap = next(d for d in ev.differences if d.label.startswith("gap closed"))
@@ -52,10 +53,10 @@ def targets(ev) -> list[dict]:
     out.append({"target": "headroom: held-out ensembles above their mean member (test)",
                 "measured": f"{100 * rows['ensemble'].acc:.2f} vs {100 * rows['mean_teacher'].acc:.2f} "
                             f"({headroom:+.2f} points)", "met": headroom > 0})
-    for other, rule in (("greedy soup", "above"), ("learned soup", "at least level with")):
+    for other in ("greedy soup", "learned soup"):
         d = _diff(ev, f"WeightFormer zero-shot - {other}")
         if d:
-            out.append({"target": f"zero-shot {rule} the {other}, interval above 0",
+            out.append({"target": f"zero-shot above the {other} (interval above 0)",
                         "measured": _fmt(d) + " points", "met": d.lo > 0})
     out.append({"target": "zero-shot closes at least half of the gap between the mean member and the ensemble",
                 "measured": f"{gap.mean:+.3f} of the gap, 95% CI [{gap.lo:+.3f}, {gap.hi:+.3f}] (n={gap.n})",

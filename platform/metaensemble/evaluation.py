@@ -269,8 +269,13 @@ class SeedRow:
 
 def train_seconds(client, run_id: str) -> float:
     """A run's optimisation time: the sum of its epochs' ``train_time_s`` (no validation,
-    checkpointing or start-up)."""
-    return float(sum(x.value for x in client.get_metric_history(run_id, "train_time_s")))
+    checkpointing or start-up; an epoch logged twice, as after a resume, counts once)."""
+    return metric_sum(client, run_id, "train_time_s")
+
+
+def metric_sum(client, run_id: str, key: str) -> float:
+    """The sum over steps of a per-epoch metric, the last value of each step."""
+    return float(sum({x.step: x.value for x in client.get_metric_history(run_id, key)}.values()))
 
 
 def seed_row(key: str, label: str, per: list[dict[str, float]], train_s: float = 0.0) -> SeedRow:

@@ -194,6 +194,7 @@ def test_export_named_predictions_scalars_rank_rng_and_evaluate(ray_local, digit
     calls = tracking.client().get_metric_history(outcome.run_id, "epoch_calls")
     assert sorted((m.step, m.value) for m in calls) == [(1, 1.0), (2, 2.0)]
     assert [m.value for m in tracking.client().get_metric_history(outcome.run_id, "export_scaled")] == [0.0, 0.0]
+    assert "epoch_metrics_s" in keys  # timed apart from epoch_time_s
 
     # the saved model is the export (folded: no scale parameter) ...
     d = models.local_dir(outcome.model_uri)

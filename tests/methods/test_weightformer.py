@@ -490,6 +490,18 @@ def test_the_mask_moves_when_trained_and_its_l1_pulls_it_to_zero(tmp_path):
     assert float(shrunk.abs().mean()) < 0.5 * float(plain.abs().mean())
 
 
+def test_the_mix_scorer_and_the_mask_have_their_own_learning_rates_and_every_parameter_one_group(tmp_path):
+    paths = write_teachers(tmp_path, 8)
+    m = WeightFormerMethod(meta_cfg(paths, "meta.mask_lr_scale=10", "meta.mix_lr_scale=30"))
+    g = m.build_model(__import__("metaensemble.data", fromlist=["load"]).load(m.cfg.data).info)
+    groups = m.param_groups(g)
+    ids = [id(p) for gr in groups for p in gr["params"]]
+    assert sorted(ids) == sorted(id(p) for p in g.parameters())  # each once
+    scale = {id(p): gr.get("lr_scale", 1.0) for gr in groups for p in gr["params"]}
+    assert {scale[id(p)] for p in g.mix_score.parameters()} == {30} and scale[id(g.mask_bias)] == 10
+    assert {scale[id(p)] for p in g.codec.parameters()} == {1.0}
+
+
 def test_a_checkpoint_on_two_sides_is_refused(tmp_path):
     paths = write_teachers(tmp_path, 8)
     with pytest.raises(ZooError, match="both meta.train_teachers and meta.test_teachers"):

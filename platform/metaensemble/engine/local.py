@@ -31,6 +31,7 @@ from metaensemble.engine.loop import (
     build_loaders,
     configure_optimizer,
     evaluate_split,
+    extra_epoch_metrics,
     rebuild_point,
     run_context,
     seed_rank,
@@ -70,7 +71,7 @@ def train_local(cfg: Config, method: methods.Method | None = None) -> LocalRun:
         m = train_epoch(run, epoch)
         rebuild_point(run, epoch, m)  # a rebuilt module is wrapped by _InProcess.wrap
         m.update(evaluate_split(method, run.base, loaders["val"], "val", ctx))
-        m.update(method.epoch_metrics(method.export(run.base)))
+        extra_epoch_metrics(method, run.base, m)
         score = sign * m[cfg.train.select_metric]
         if state["best_score"] is None or score > state["best_score"]:
             state["best_score"], state["best_epoch"] = score, epoch + 1

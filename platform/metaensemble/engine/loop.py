@@ -48,7 +48,7 @@ from metaensemble.engine.report import (
     predict_named,
     split_metrics,
 )
-from metaensemble.methods.base import RunContext
+from metaensemble.methods.base import Method, RunContext
 from metaensemble.models import check_state_dict, local_dir, read_weights, save_model, unwrap
 
 PROGRESS_EVERY_S = 60.0
@@ -342,7 +342,7 @@ def validate_and_checkpoint(run: MemberRun, epoch: int, epoch_metrics: dict[str,
     ckpt_dir = None
     if ctx.rank == 0:
         epoch_metrics.update(val)
-        epoch_metrics.update(run.method.epoch_metrics(run.method.export(run.base)))
+        hook_s = extra_epoch_metrics(run.method, run.base, epoch_metrics)
         score = (1.0 if cfg.train.select_mode == "max" else -1.0) * epoch_metrics[cfg.train.select_metric]
         if state["best_score"] is None or score > state["best_score"]:
             state["best_score"], state["best_epoch"] = score, epoch + 1
@@ -350,11 +350,23 @@ def validate_and_checkpoint(run: MemberRun, epoch: int, epoch_metrics: dict[str,
         epoch_metrics["best_epoch"] = state["best_epoch"]
         state["epochs_done"] = epoch + 1
         ckpt_dir = write_checkpoint(run.base, run.best_weights, run.optimizer, run.scheduler, state, run.info, ranks)
-        epoch_metrics["epoch_time_s"] = time.perf_counter() - t0
+        epoch_metrics["epoch_time_s"] = time.perf_counter() - t0 - hook_s  # the epoch's own work
         run.tracker.metrics(epoch_metrics, step=epoch + 1)
         if time.perf_counter() - run.last_line >= PROGRESS_EVERY_S:
             run.say(_progress_line(cfg.train.epochs, epoch_metrics))
     report(epoch_metrics if ctx.rank == 0 else {"epoch": epoch + 1}, ckpt_dir)
+
+
+def extra_epoch_metrics(method, base, into: dict[str, Any]) -> float:
+    """The method's ``epoch_metrics`` of the export, added to ``into`` with the seconds
+    they took (``epoch_metrics_s``); returns those seconds (0 and nothing added for a
+    method without the hook: its export is not even built)."""
+    if type(method).epoch_metrics is Method.epoch_metrics:
+        return 0.0
+    t0 = time.perf_counter()
+    into.update(method.epoch_metrics(method.export(base)))
+    into["epoch_metrics_s"] = time.perf_counter() - t0
+    return into["epoch_metrics_s"]
 
 
 def finish_member(run: MemberRun, packed: bool) -> None:

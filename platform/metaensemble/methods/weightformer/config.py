@@ -50,12 +50,15 @@ class MetaConfig(Section):
     tokens (one contiguous span) has its embedding zeroed; 0: no cutoff view."""
     mask_lr_scale: float = Field(1.0, gt=0.0)
     """The attention-mask bias's learning rate relative to optim.lr."""
+    mix_lr_scale: float = Field(1.0, gt=0.0)
+    """The mix scorer's learning rate relative to optim.lr (``base=mix``): at 1x and 600
+    steps its weights move by under 0.01 and the mix stays within a few percent of uniform."""
     bn_data: Literal["train", "subset"] = "train"
     """Where every evaluated network's BatchNorm statistics are recomputed (no augmentation,
     no momentum: PyTorch's cumulative average over the batches): the whole train split or
     the meta-training subset."""
     ablations: list[Literal["no_mask", "no_shift", "no_cross", "base_mean", "base_anchor", "per_row_mix", "mlp"]] = Field(
-        default_factory=lambda: ["no_mask", "no_shift", "no_cross", "base_mean", "mlp"])
+        default_factory=lambda: ["no_cross", "base_mean", "base_anchor", "per_row_mix", "mlp"])
     mlp_hidden: int = Field(256, gt=0)
     kd_epochs: int = Field(15, ge=1)
     """Epochs of the KD baselines (on the subset and on the full train split)."""
@@ -63,9 +66,10 @@ class MetaConfig(Section):
     """How many of the test ensembles get KD baselines (each costs two training runs)."""
     ceiling_ensembles: int = Field(0, ge=0)
     """How many of the test ensembles get the two ceilings: the student's parameters fit to
-    the ensemble directly (KD on the full train split for ``kd_epochs`` from the teachers'
-    average, where the generator starts: the generator's output form with the best
-    correction KD finds) and KD from scratch trained 4 x ``kd_epochs``."""
+    the ensemble directly from the teachers' average, where the generator starts (KD on the
+    full train split for ``kd_epochs`` epochs with the finetuning recipe: SGD from
+    ``finetune_lr``, cosine), the generator's output form with the correction KD finds for
+    that one ensemble; and KD from scratch (the KD rows' recipe) trained 4 x ``kd_epochs``."""
     finetune_epochs: int = Field(1, ge=0)
     finetune_lr: float = Field(0.01, gt=0.0)
     report_k: list[int] = Field(default_factory=list)

@@ -37,6 +37,7 @@ from metaensemble.evaluation import (
     mean_metrics,
     mean_row,
     measure,
+    metric_sum,
     paired_bootstrap,
     train_seconds,
 )
@@ -237,12 +238,9 @@ def finetune(
         for i, uri in zip(idx, saved, strict=True):
             uris[i] = uri
     cfgs = finetune_configs(p, uris, ensembles, epochs)
-    counts = " and ".join(f"{ofs.count(n)} {n}" for n in dict.fromkeys(ofs))
-    print(
-        f"finetuning {counts} students "
-        f"({p.cfg.meta.finetune_epochs} epoch(s) of KD each, one Ray Train run)",
-        flush=True,
-    )
+    eps = epochs or [p.cfg.meta.finetune_epochs] * len(ofs)
+    counts = " and ".join(f"{ofs.count(n)} {n} ({eps[ofs.index(n)]} epoch(s) of KD each)" for n in dict.fromkeys(ofs))
+    print(f"finetuning {counts} students, one Ray Train run", flush=True)
     outcomes = engine.fit_pack(
         cfgs, parent_run_id=parent_run_id, tags=[{"metaensemble.finetune_of": o} for o in ofs]
     )
@@ -350,14 +348,15 @@ def evaluate(p: Plan, run_ids: dict[str, str], parent_run_id: str) -> Evaluation
     meta_s = {"meta_train_s": epoch_seconds(client, run_ids["weightformer"]), **zoo_only_seconds(p, client)}
     sizes = {k: sum(p.numel() for p in g.parameters()) for k, g in gens.items()}
     sizes["values"] = wf.layout.num_values()
+    sizes["train_teachers"] = len(m.train_teachers)
     return Evaluation(rows, differences(rows, m.bootstrap, cfg.seed), {**spent, **cost(rows, spent, meta_s)}, dist,
                       by_k, sizes)
 
 
 def epoch_seconds(client, run_id: str) -> float:
     """A run's epochs end to end: training, validation and checkpointing (the sum of its
-    ``epoch_time_s``), without Ray's start-up."""
-    return float(sum(x.value for x in client.get_metric_history(run_id, "epoch_time_s")))
+    ``epoch_time_s``; not the seen/unseen diagnostics, nor Ray's start-up)."""
+    return metric_sum(client, run_id, "epoch_time_s")
 
 
 def zoo_only_seconds(p: Plan, client) -> dict[str, float]:
@@ -374,7 +373,7 @@ def zoo_only_seconds(p: Plan, client) -> dict[str, float]:
             hist = client.get_metric_history(run_id_of(t.uri, client), "train_time_s")
         except Exception:  # noqa: BLE001 - a folder or a pruned run: said, not fatal
             hist = []
-        total += sum(x.value for x in hist)
+        total += sum({x.step: x.value for x in hist}.values())
         missing += not hist
     return {"zoo_only_teachers": float(n), "zoo_only_s": total, "zoo_only_missing": float(missing)}
 
@@ -530,7 +529,7 @@ def _size_lines(cfg: Config, ev: Evaluation) -> list[str]:
     """The legend's line on how large each generator is against what it learns from."""
     if "weightformer" not in ev.sizes:
         return []
-    z, n = ev.sizes, len(cfg.meta.train_teachers)
+    z, n = ev.sizes, ev.sizes.get("train_teachers", 0)
     mlp = f", the MLP generator {z['mlp']:,}" if "mlp" in z else ""
     return [f"generators: WeightFormer {z['weightformer']:,} parameters{mlp}; a student is {z['values']:,} "
             f"values; meta-training sees {n} teachers ({n * z['values']:,} values)"]

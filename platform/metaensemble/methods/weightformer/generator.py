@@ -25,9 +25,11 @@ This needs a plain chain of layers (``align.chain``); on any other student, and 
 ``coherent=False``, every row is mixed on its own scores (unit r's row and the next
 layer's column r can then come from different teachers).
 
-Every output path goes through the teachers: the correction is linear in each row's
-pooled output state (no output bias, no per-chunk output offset, no bias in the final
-norm), so a zero state decodes to a zero correction.
+The decoder has no learned offset: the correction is linear in each row's pooled output
+state (no output bias, no per-chunk output offset, no bias in the final norm), so no part
+of it is one vector added to every ensemble's rows alike; a zero state decodes to a zero
+correction. (The states themselves also carry position, layer and model-id embeddings,
+which attention mixes with the teachers' values.)
 
 ``generator(xs, cutoff=[0.0, 0.25])``: view v's token embeddings of a random contiguous
 ``cutoff[v]`` fraction of each layer's teacher tokens are zeroed (span cutoff, a view the

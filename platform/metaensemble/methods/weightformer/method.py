@@ -146,15 +146,22 @@ class WeightFormerMethod(Method):
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """The default groups, with the attention-mask bias in its own group at
-        ``meta.mask_lr_scale`` times the learning rate (no weight decay: it has its L1)."""
-        groups = super().param_groups(model)
-        mask = getattr(model, "mask_bias", None)
-        if mask is None:
-            return groups
+        ``meta.mask_lr_scale`` times the learning rate (no weight decay: it has its L1),
+        and the mix scorer in its own at ``meta.mix_lr_scale``."""
         from metaensemble.methods.base import without
 
-        return [*without(groups, [mask]),
-                {"params": [mask], "weight_decay": 0.0, "lr_scale": self.cfg.meta.mask_lr_scale}]
+        groups = super().param_groups(model)
+        own = []
+        mask = getattr(model, "mask_bias", None)
+        if mask is not None:
+            own.append({"params": [mask], "weight_decay": 0.0, "lr_scale": self.cfg.meta.mask_lr_scale})
+        scorer = getattr(model, "mix_score", None)
+        if scorer is not None:
+            own.append({"params": list(scorer.parameters()), "weight_decay": 0.0,
+                        "lr_scale": self.cfg.meta.mix_lr_scale})
+        if not own:
+            return groups
+        return [*without(groups, [p for g in own for p in g["params"]]), *own]
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         x, y = batch["x"], batch["y"]
