@@ -148,7 +148,7 @@ def _plot_teachers(out: list[dict], path: Path) -> None:
     ax.set_xlabel("meta-train teachers")
     ax.set_ylabel("test accuracy (%), held-out ensembles")
     ax.set_title("Zero-shot against the number of meta-train teachers")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="center left", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
