@@ -346,7 +346,7 @@ def evaluate(p: Plan, run_ids: dict[str, str], parent_run_id: str) -> Evaluation
     by_k = [_at_k(p, wf, pool, raw, scores, ev, k) for k in m.report_k]
     spent = {k: float(np.mean(v)) for k, v in split_s.items() if v}
     meta_s = {"meta_train_s": epoch_seconds(client, run_ids["weightformer"]), **zoo_only_seconds(p, client)}
-    sizes = {k: sum(p.numel() for p in g.parameters()) for k, g in gens.items()}
+    sizes = {k: sum(t.numel() for t in g.parameters()) for k, g in gens.items()}
     sizes["values"] = wf.layout.num_values()
     sizes["train_teachers"] = len(m.train_teachers)
     return Evaluation(rows, differences(rows, m.bootstrap, cfg.seed), {**spent, **cost(rows, spent, meta_s)}, dist,
@@ -370,11 +370,11 @@ def zoo_only_seconds(p: Plan, client) -> dict[str, float]:
             continue
         n += 1
         try:
-            hist = client.get_metric_history(run_id_of(t.uri, client), "train_time_s")
+            seconds = metric_sum(client, run_id_of(t.uri, client), "train_time_s")
         except Exception:  # noqa: BLE001 - a folder or a pruned run: said, not fatal
-            hist = []
-        total += sum({x.step: x.value for x in hist}.values())
-        missing += not hist
+            seconds = 0.0
+        total += seconds
+        missing += seconds == 0.0
     return {"zoo_only_teachers": float(n), "zoo_only_s": total, "zoo_only_missing": float(missing)}
 
 

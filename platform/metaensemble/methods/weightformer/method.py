@@ -247,10 +247,10 @@ class WeightFormerMethod(Method):
                         x, y = batch["x"].to(dev), batch["y"].to(dev)
                         z = student(x)
                         t = teacher_logits([teachers[i] for i in order], x)
-                        acc = sums[images]
-                        acc[0] += float(ensemble_kd_loss(z, t, y, d.alpha, d.temperature)) * len(y)
-                        acc[1] += float((z.argmax(1) == y).sum())
-                        acc[2] += len(y)
+                        tot = sums[images]  # [KD loss x images, correct, images]
+                        tot[0] += float(ensemble_kd_loss(z, t, y, d.alpha, d.temperature)) * len(y)
+                        tot[1] += float((z.argmax(1) == y).sum())
+                        tot[2] += len(y)
             for images, (kd, correct, n) in sums.items():
                 out[f"{side}_{images}_kd"] = kd / max(n, 1)
                 out[f"{side}_{images}_acc"] = correct / max(n, 1)
