@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -60,6 +61,19 @@ def test_bad_input_in_a_fresh_process_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in r.stderr and not home.exists()
 
 
+def _recorded_checkpoint(storage: Path) -> bool:
+    """Whether Ray Train has recorded a checkpoint of a run under ``storage`` (its
+    ``checkpoint_manager_snapshot.json``): only a recorded one is resumed from, and a
+    checkpoint folder can exist a moment before it is recorded."""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]:
+                return True
+        except (OSError, ValueError, KeyError, TypeError):  # being written, or none yet
+            continue
+    return False
+
+
 def test_train_teachers_job_interrupted_then_rerun_resumes_and_finishes(mlflow_uri, tmp_path):
     """The teacher-zoo job end to end, interrupted first (issue 29): SIGINT mid-run ends
     it with one line and exit 130, no traceback and no Ray hint; every run it opened is
@@ -88,7 +102,7 @@ def test_train_teachers_job_interrupted_then_rerun_resumes_and_finishes(mlflow_u
     with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
         proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=out, stderr=err)
         deadline = time.monotonic() + 240
-        while not list((tmp_path / "ray").glob("*/checkpoint_*")) and proc.poll() is None:
+        while not _recorded_checkpoint(tmp_path / "ray") and proc.poll() is None:
             assert time.monotonic() < deadline, (tmp_path / "err.log").read_text()[-3000:]
             time.sleep(0.2)
         assert proc.poll() is None, "the zoo finished before it could be interrupted"

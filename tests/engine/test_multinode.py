@@ -1,5 +1,5 @@
 """Across nodes: a local Ray cluster of two nodes (two raylets on this machine, each with
-2 CPUs). A sweep submitted with `ray job submit` places its trials on both nodes and logs
+3 logical CPUs). A sweep submitted with `ray job submit` places its trials on both nodes and logs
 them to one MLflow server; an elastic 2-worker DDP run spans both nodes, loses one
 mid-run, and resumes from its latest checkpoint on the node that remains, in the same
 MLflow run."""
@@ -24,6 +24,13 @@ import pytest
 from metaensemble import tracking
 from metaensemble.config import REPO_ROOT
 from metaensemble.tracking.store import free_ports
+
+
+# CPUs each node offers: a sweep's trial is a 0.5-CPU driver plus one 2-CPU worker, so two
+# workers never fit on one node and each node holds one worker wherever the two drivers
+# land (with 2-CPU nodes both drivers on one node left room for one worker only, and the
+# trials took turns on the other node)
+NODE_CPUS = 3
 
 
 def _own_ports(avoid: tuple[int, ...] = ()) -> list[str]:
@@ -74,7 +81,7 @@ class Cluster:
 
     def _start(self, args: list[str]) -> subprocess.Popen:
         log = open(self.tmp / f"node{len(self.nodes)}.log", "w")
-        proc = subprocess.Popen(["ray", "start", "--block", "--num-cpus=2", "--disable-usage-stats",
+        proc = subprocess.Popen(["ray", "start", "--block", f"--num-cpus={NODE_CPUS}", "--disable-usage-stats",
                                  *_own_ports((self.port, self.dash_port, self.client_port)),
                                  *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.nodes.append(proc)
@@ -157,12 +164,13 @@ max_concurrent_trials: 2
 params:
   optim.lr: {choice: [0.05, 0.1]}
 """)
-    # a trial (its driver 0.5 CPU + one 1.5-CPU worker) fills a 2-CPU node: two at once
-    # run on two nodes (4 epochs, not 1: on a loaded machine the second trial must still
-    # start while the first runs, or both may take turns on one node)
+    # a trial is its driver (0.5 CPU) and one 2-CPU worker: two workers never share a
+    # 3-CPU node, and after the drivers each node still has room for one, so the two
+    # trials' workers run at once, one on each node (4 epochs, not 1: on a loaded machine
+    # the second trial must start before the first ends, or it may take the freed node)
     out = _submit(cluster, mlflow_uri, ["jobs/sweep.py", str(space), f"experiment={experiment}",
                                         f"storage_path={tmp_path / 'ray'}", "train.epochs=4", "model.kwargs.width=4",
-                                        "scaling.cpus_per_worker=1.5"])
+                                        "scaling.cpus_per_worker=2"])
     assert "best val_acc" in out
     c = tracking.client(mlflow_uri)
     exp_id = re.search(r"\(experiment id (\w+)\)", out).group(1)
@@ -187,7 +195,7 @@ print("RUN", out.run_id, flush=True)
 def test_an_elastic_ddp_run_loses_a_node_and_resumes_on_the_other_in_the_same_run(cluster, mlflow_uri, tmp_path):
     experiment = f"test/mn-elastic-{uuid.uuid4().hex[:6]}"
     epochs = 7  # the loss comes after 2; 5 more epochs of margin for it to land mid-run
-    # one worker per node (2 CPUs each): the 2-worker group spans both nodes
+    # 2 CPUs per worker, 3 per node: the 2-worker group spans both nodes
     args = [f"experiment={experiment}", f"storage_path={tmp_path / 'ray'}", f"train.epochs={epochs}",
             "model.kwargs.width=32", "scaling.num_workers=[1, 2]", "scaling.max_failures=3", "scaling.cpus_per_worker=2"]
     (tmp_path / "driver.py").write_text(DRIVER)
