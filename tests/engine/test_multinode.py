@@ -25,7 +25,6 @@ from metaensemble import tracking
 from metaensemble.config import REPO_ROOT
 from metaensemble.tracking.store import free_ports
 
-
 # CPUs each node offers: a sweep's trial is a 0.5-CPU driver plus one 2-CPU worker, so two
 # workers never fit on one node and each node holds one worker wherever the two drivers
 # land (with 2-CPU nodes both drivers on one node left room for one worker only, and the
