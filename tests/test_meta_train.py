@@ -188,6 +188,7 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
                   "naive weight average", "KD student (subset)", "KD student (full train)", "WeightFormer zero-shot",
                   "WeightFormer + finetune", "paired bootstrap 95% intervals", "WeightFormer zero-shot - anchor teacher",
                   "gap closed by zero-shot", "pays for itself after", "relative L2 distance",
+                  "to the nearest of their teachers",
                   "zero-shot at other ensemble sizes", "BatchNorm: every network scored here",
                   "generators: WeightFormer"):
         assert label in out, label
@@ -219,6 +220,9 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
     assert c["amortised_s"] == pytest.approx(c["meta_train_s"] + c["zoo_only_s"])
     assert evaluation["sizes"]["values"] > 0 and evaluation["sizes"]["weightformer"] > 0
     assert len(evaluation["distances"]["rel_l2_to_anchor"]) == 2 and [r["k"] for r in evaluation["by_k"]] == [2]
+    # the anchor is one of each student's teachers, so the nearest teacher is at most as far
+    near, anchor = evaluation["distances"]["rel_l2_to_nearest"], evaluation["distances"]["rel_l2_to_anchor"]
+    assert len(near) == 2 and all(0 <= n <= a + 1e-9 for n, a in zip(near, anchor, strict=True)), (near, anchor)
     png = Path(client.download_artifacts(parent.info.run_id, "eval_bars.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "eval_table.json", str(tmp_path))).read_text())
@@ -289,7 +293,7 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
                            *map(str, test_versions)], cwd=REPO_ROOT, env=env_g, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "generated student: test ACC" in proc.stdout
+    assert "generated student: test ACC" in proc.stdout and "to the nearest teacher" in proc.stdout
     assert "registered as student.digits.convnet.weightformer version" in proc.stdout, proc.stdout
     students = client.search_model_versions("name='student.digits.convnet.weightformer'")
     made = [v for v in students if v.tags.get("generator") == gen_uri]

@@ -295,7 +295,7 @@ def evaluate(p: Plan, run_ids: dict[str, str], parent_run_id: str) -> Evaluation
     teachers = [recompute_bn(build_student(p.student_spec, s), ev.bn) for s in raw.states]
     scores = [predict_logp(t, ev.test) for t in teachers]
     per: dict[str, list[dict[str, float]]] = {}
-    dist: dict[str, list[float]] = {"rel_l2_to_anchor": [], "rel_l2_to_mean": []}
+    dist: dict[str, list[float]] = {"rel_l2_to_anchor": [], "rel_l2_to_mean": [], "rel_l2_to_nearest": []}
     split_s: dict[str, list[float]] = {"fetch_s": [], "prep_s": [], "generate_bn_s": [], "kd_train_s": [],
                                        "kd_bn_s": []}
     to_finetune: list[tuple[torch.nn.Module, float]] = []
@@ -318,6 +318,8 @@ def evaluate(p: Plan, run_ids: dict[str, str], parent_run_id: str) -> Evaluation
                 st = student.state_dict()
                 dist["rel_l2_to_anchor"].append(relative_l2(st, pool.states[ens[0]]))
                 dist["rel_l2_to_mean"].append(relative_l2(st, weight_average([pool.states[j] for j in ens])))
+                # a student that copies one teacher is near 0 here, however far from the anchor
+                dist["rel_l2_to_nearest"].append(min(relative_l2(st, pool.states[j]) for j in ens))
     # one Ray Train run finetunes the generated students and fits the ceiling's averages
     fit = [(_timed(lambda ens=ens: recompute_bn(build_student(p.student_spec, weight_average(
         [pool.states[j] for j in ens])), ev.bn)), ens) for ens in ensembles[: m.ceiling_ensembles]]
@@ -493,10 +495,12 @@ def format_evaluation(cfg: Config, ev: Evaluation) -> str:
     lines += [format_differences([d for d in ev.differences if d.label.startswith("gap")], unit="fraction")]
     lines += _cost_lines(ev.cost)
     if ev.distances["rel_l2_to_anchor"]:
-        a, mn = (np.asarray(ev.distances[k]) for k in ("rel_l2_to_anchor", "rel_l2_to_mean"))
+        a, mn, nr = (np.asarray(ev.distances.get(k) or [np.nan])
+                     for k in ("rel_l2_to_anchor", "rel_l2_to_mean", "rel_l2_to_nearest"))
         lines.append(f"generated students' relative L2 distance (weights, biases, BN affine): to their anchor "
                      f"{a.mean():.4f} ({a.min():.4f}-{a.max():.4f}), to their teachers' mean {mn.mean():.4f} "
-                     f"({mn.min():.4f}-{mn.max():.4f})")
+                     f"({mn.min():.4f}-{mn.max():.4f}), to the nearest of their teachers {nr.mean():.4f} "
+                     f"({nr.min():.4f}-{nr.max():.4f})")
     if ev.by_k:
         lines += ["", "zero-shot at other ensemble sizes (test accuracy %, mean over held-out ensembles):",
                   f"{'K':>3} {'n':>3} {'mean member':>12} {'ensemble':>9} {'avg':>7} {'WeightFormer':>13}"]

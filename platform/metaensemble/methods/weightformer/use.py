@@ -172,7 +172,8 @@ def generate(generator: str, teachers: list[str], *, evaluate: bool = True, regi
                               "total_s": prep.seconds + t_gen})
     st = student.state_dict()
     out.distances = {"rel_l2_to_anchor": relative_l2(st, prep.states[0]),
-                     "rel_l2_to_mean": relative_l2(st, weight_average(prep.states))}
+                     "rel_l2_to_mean": relative_l2(st, weight_average(prep.states)),
+                     "rel_l2_to_nearest": min(relative_l2(st, s) for s in prep.states)}
     if evaluate:
         test = ev.test
         out.metrics = measure(*predict_logp(student, test), out.seconds["total_s"])
@@ -232,7 +233,8 @@ def describe(out: Generated, teachers: list[str]) -> str:
     lines.append(f"cost: {out.seconds['total_s']:.3f} s (load + align + tokenise {out.seconds['load_tokenise_s']:.3f}, "
                  f"generate + BN {out.seconds['generate_bn_s']:.3f})")
     lines.append(f"relative L2 distance: to its anchor {out.distances['rel_l2_to_anchor']:.4f}, "
-                 f"to the teachers' mean {out.distances['rel_l2_to_mean']:.4f}")
+                 f"to the teachers' mean {out.distances['rel_l2_to_mean']:.4f}, "
+                 f"to the nearest teacher {out.distances['rel_l2_to_nearest']:.4f}")
     if out.version:
         again = "; the same generator and teachers were registered before: that version" if out.reused else ""
         lines.append(f"registered as {out.model_name} version {out.version} (MLflow run {out.run_id}{again})")
