@@ -53,9 +53,9 @@ from metaensemble.methods.weightformer.plan import (
 )
 from metaensemble.methods.weightformer.student import (
     build_student,
+    distances,
     generate_student,
     make_ensembles,
-    relative_l2,
     weight_average,
 )
 from metaensemble.methods.weightformer.use import BN_LABEL, EvalData, eval_data, prepare, run_id_of
@@ -316,10 +316,8 @@ def evaluate(p: Plan, run_ids: dict[str, str], parent_run_id: str) -> Evaluation
                 split_s["prep_s"].append(prep_s)
                 split_s["generate_bn_s"].append(dt)
                 st = student.state_dict()
-                dist["rel_l2_to_anchor"].append(relative_l2(st, pool.states[ens[0]]))
-                dist["rel_l2_to_mean"].append(relative_l2(st, weight_average([pool.states[j] for j in ens])))
-                # a student that copies one teacher is near 0 here, however far from the anchor
-                dist["rel_l2_to_nearest"].append(min(relative_l2(st, pool.states[j]) for j in ens))
+                for k, v in distances(st, [pool.states[j] for j in ens]).items():
+                    dist[k].append(v)
     # one Ray Train run finetunes the generated students and fits the ceiling's averages
     fit = [(_timed(lambda ens=ens: recompute_bn(build_student(p.student_spec, weight_average(
         [pool.states[j] for j in ens])), ev.bn)), ens) for ens in ensembles[: m.ceiling_ensembles]]
@@ -495,8 +493,7 @@ def format_evaluation(cfg: Config, ev: Evaluation) -> str:
     lines += [format_differences([d for d in ev.differences if d.label.startswith("gap")], unit="fraction")]
     lines += _cost_lines(ev.cost)
     if ev.distances["rel_l2_to_anchor"]:
-        a, mn, nr = (np.asarray(ev.distances.get(k) or [np.nan])
-                     for k in ("rel_l2_to_anchor", "rel_l2_to_mean", "rel_l2_to_nearest"))
+        a, mn, nr = (np.asarray(ev.distances[k]) for k in ("rel_l2_to_anchor", "rel_l2_to_mean", "rel_l2_to_nearest"))
         lines.append(f"generated students' relative L2 distance (weights, biases, BN affine): to their anchor "
                      f"{a.mean():.4f} ({a.min():.4f}-{a.max():.4f}), to their teachers' mean {mn.mean():.4f} "
                      f"({mn.min():.4f}-{mn.max():.4f}), to the nearest of their teachers {nr.mean():.4f} "

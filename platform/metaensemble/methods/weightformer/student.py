@@ -81,6 +81,15 @@ def relative_l2(state: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) ->
     return (num / max(den, 1e-30)) ** 0.5
 
 
+def distances(state: dict[str, torch.Tensor], teachers: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """A generated student's ``relative_l2`` to its anchor (``teachers[0]``), to its
+    teachers' weight average, and to the nearest of them (near 0 for a student that copies
+    one teacher, however far it is from the anchor)."""
+    return {"rel_l2_to_anchor": relative_l2(state, teachers[0]),
+            "rel_l2_to_mean": relative_l2(state, weight_average(teachers)),
+            "rel_l2_to_nearest": min(relative_l2(state, t) for t in teachers)}
+
+
 def weight_average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The naive parameter average of same-architecture networks (integer buffers: the first's)."""
     out = {}

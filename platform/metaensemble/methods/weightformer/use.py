@@ -33,9 +33,8 @@ from metaensemble.methods.distill import load_teachers
 from metaensemble.methods.weightformer.align import align_states
 from metaensemble.methods.weightformer.student import (
     build_student,
+    distances,
     generate_student,
-    relative_l2,
-    weight_average,
 )
 from metaensemble.methods.weightformer.tokens import tokenise
 from metaensemble.models.batchnorm import recompute_bn
@@ -171,9 +170,7 @@ def generate(generator: str, teachers: list[str], *, evaluate: bool = True, regi
     out = Generated(student, {"load_tokenise_s": prep.seconds, "generate_bn_s": t_gen,
                               "total_s": prep.seconds + t_gen})
     st = student.state_dict()
-    out.distances = {"rel_l2_to_anchor": relative_l2(st, prep.states[0]),
-                     "rel_l2_to_mean": relative_l2(st, weight_average(prep.states)),
-                     "rel_l2_to_nearest": min(relative_l2(st, s) for s in prep.states)}
+    out.distances = distances(st, prep.states)
     if evaluate:
         test = ev.test
         out.metrics = measure(*predict_logp(student, test), out.seconds["total_s"])
