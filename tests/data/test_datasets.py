@@ -30,6 +30,32 @@ def test_digits_splits_are_deterministic_disjoint_and_complete():
     assert not torch.equal(c.val.index, a.val.index)
 
 
+def test_digits_are_scikit_learns_digits_read_without_importing_it():
+    """The bundled file read directly holds exactly what ``sklearn.datasets.load_digits``
+    returns (images and labels in order), and a fresh process that loads the digits and
+    builds a convnet imports neither scikit-learn nor POT (each over a second of CPU in
+    every Ray Train worker of a digits run)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    s, d = data.load(DataConfig()), load_digits()
+    by_index = {}
+    for part in (s.train, s.val, s.test):
+        for i, img, y in zip(part.index.tolist(), part.images, part.labels.tolist(), strict=True):
+            by_index[i] = (img, y)
+    assert sorted(by_index) == list(range(len(d.target)))
+    want = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype("uint8"))
+    assert all(torch.equal(by_index[i][0][0], want[i]) and by_index[i][1] == d.target[i] for i in by_index)
+    code = ("import sys; from metaensemble import data, models; from metaensemble.config import DataConfig; "
+            "s = data.load(DataConfig()); m = models.create_model('convnet', num_classes=10, in_chans=1, img_size=8); "
+            "heavy = [k for k in ('sklearn', 'scipy', 'ot', 'metaensemble.methods.weightformer.generator') "
+            "if k in sys.modules]; assert not heavy, heavy")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_changing_val_fraction_never_moves_test_examples():
     a, b = data.load(DataConfig(val_fraction=0.1)), data.load(DataConfig(val_fraction=0.3))
     assert torch.equal(a.test.index, b.test.index)

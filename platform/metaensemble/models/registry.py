@@ -18,10 +18,23 @@ from metaensemble.registry import Registry
 class _ModelRegistry(Registry):
     """The architecture registry, plus architectures that live with their method (the
     WeightFormer generators): a method declares them to the method registry (torch-free:
-    ``models`` and ``models_module`` in its config.py) and their module is imported on the
-    first lookup, so this registry imports no method."""
+    ``models`` and ``models_module`` in its config.py), so this registry imports no method
+    until one of them is looked up, and then only the module that registers it (the
+    generators' module brings POT and SciPy: over a second of CPU in every Ray Train
+    worker that only builds a convnet). Listing every name imports them all."""
 
     _plugins_loaded = False
+
+    def _plugin(self, name: object) -> None:
+        if self._plugins_loaded or not isinstance(name, str) or name in self._items:
+            return
+        import importlib
+
+        from metaensemble.methods.registry import model_modules
+
+        module = model_modules().get(name)
+        if module is not None:
+            importlib.import_module(module)
 
     def _plugins(self) -> None:
         if not self._plugins_loaded:
@@ -34,7 +47,9 @@ class _ModelRegistry(Registry):
                 importlib.import_module(module)
 
     def check(self, name: str) -> None:
-        self._plugins()
+        self._plugin(name)
+        if name not in self._items:
+            self._plugins()  # an unknown name's error lists every architecture
         super().check(name)
 
     def names(self) -> list[str]:
@@ -42,7 +57,7 @@ class _ModelRegistry(Registry):
         return super().names()
 
     def __contains__(self, name: object) -> bool:
-        self._plugins()
+        self._plugin(name)
         return super().__contains__(name)
 
 
