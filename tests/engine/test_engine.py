@@ -59,7 +59,7 @@ def _pickle_this_module_by_value():
 
 def _records(out: Path):
     recs = []
-    for f in sorted(out.glob("*.safetensors")):
+    for f in sorted(out.glob("*.safetensors"), key=lambda f: f.stat().st_mtime_ns):  # in the order written
         rank, epoch, pid = (int(p[len(k):]) for p, k in zip(f.stem.split("-"), ("rank", "epoch", "pid"), strict=True))
         recs.append({"rank": rank, "epoch": epoch, "pid": pid, **load_file(str(f))})
     return recs
@@ -96,11 +96,14 @@ def _digits_folder(root: Path) -> None:
                 Image.fromarray(img[0].numpy()).resize((16, 16), Image.NEAREST).save(root / sub / str(y) / f"{i}.png")
 
 
-def test_encoded_shards_stream_through_ray_data_into_ddp_training(ray_local, digits_cfg, tmp_path):
+def test_encoded_shards_stream_through_ray_data_into_ddp_training(ray_local, digits_cfg, tmp_path, ray_run_dir,
+                                                                  worker_killer):
     """Image files -> encoded parquet shards -> Ray Data decodes on its own workers ->
     2-worker DDP on disjoint shards; a shard of corrupt images is dropped and counted, not a
-    crash (nor a DDP hang: the ranks keep taking equal steps); the new order each epoch is
-    tests/data/test_parquet_stream.py's."""
+    crash (nor a DDP hang: the ranks keep taking equal steps). A worker killed once the
+    first epoch's checkpoint is registered: Ray Train restarts the group from it, the train
+    stream is opened again (in the epoch order the checkpoint continues:
+    tests/data/test_parquet_stream.py) and every epoch still covers the readable rows."""
     from metaensemble.data.parquet import write_image_folder
 
     _digits_folder(tmp_path / "folder")
@@ -116,24 +119,42 @@ def test_encoded_shards_stream_through_ray_data_into_ddp_training(ray_local, dig
         images = t.column("image").to_pylist()
         t = t.set_column(0, "image", pa.array([b"\xff\xd8 rotten", *images[1:]], pa.binary()))
         pq.write_table(t.replace_schema_metadata(pq.read_schema(f).metadata), f)
-    cfg = digits_cfg("data.name=parquet", f"data.root={root}", "scaling.num_workers=2", "train.epochs=1",
+    epochs = 2  # the kill lands in the second (a streamed epoch takes seconds)
+    cfg = digits_cfg("data.name=parquet", f"data.root={root}", "scaling.num_workers=2", f"train.epochs={epochs}",
                      "model.kwargs.width=16", "data.batch_size=32", "data.augment=false", "data.shuffle_buffer=256",
-                     "data.data_cpus=2")
+                     "data.data_cpus=2", "scaling.max_failures=1")
     out = tmp_path / "rec"
     out.mkdir()
+    run_dir = ray_run_dir(cfg)
+
+    def rank1_after_the_first_checkpoint():
+        if 1 in _registered_epochs(run_dir.path()) and (recs := list(out.glob("rank1-epoch0-*"))):
+            return int(recs[0].stem.split("pid")[1])
+        return None
+
+    killer = worker_killer(rank1_after_the_first_checkpoint)
     outcome = fit(cfg, method=RecordingMethod(cfg, out))
+    assert killer.join(), "the worker was never killed"
+    run = tracking.client().get_run(outcome.run_id)
+    resumed = int(run.data.tags["metaensemble.resumed_from_epoch"])
+    assert 1 <= resumed < epochs and run.info.status == "FINISHED"
     recs = _records(out)
-    s0, s1 = (next(r for r in recs if r["rank"] == k)["seen"].tolist() for k in (0, 1))
-    assert s0 and s1 and not (set(s0) & set(s1)), "Ray Data shards must be disjoint"
-    assert not bad & set(s0 + s1)
+    # the epoch the checkpoint resumes at was trained again, by the restarted group
+    assert [r for r in recs if r["rank"] == 1 and r["epoch"] == resumed][-1]["pid"] not in killer.killed
     n_train = json.loads((root / "meta.json").read_text())["sizes"]["train"]
-    assert len(set(s0 + s1)) >= n_train - len(bad) - 2 * 32, "every readable row, up to the dropped partial batches"
-    (skipped,) = [m.value for m in tracking.client().get_metric_history(outcome.run_id, "data_skipped")]
-    assert len(bad) - 2 * 32 <= skipped <= len(bad), "the corrupt images are dropped and counted"
+    for epoch in range(epochs):  # the last record of each rank and epoch: a restarted epoch's
+        s0, s1 = ([r for r in recs if r["rank"] == k and r["epoch"] == epoch][-1]["seen"].tolist() for k in (0, 1))
+        assert s0 and s1 and not (set(s0) & set(s1)), "Ray Data shards must be disjoint"
+        assert not bad & set(s0 + s1)
+        assert len(set(s0 + s1)) >= n_train - len(bad) - 2 * 32, "every readable row, up to the dropped partial batches"
+    client = tracking.client()
+    skipped = {m.step: m.value for m in client.get_metric_history(outcome.run_id, "data_skipped")}
+    assert sorted(skipped) == list(range(1, epochs + 1)), skipped
+    assert all(len(bad) - 2 * 32 <= v <= len(bad) for v in skipped.values()), "the corrupt images are dropped and counted"
     # the evaluation splits count theirs too: val at every epoch and at the end, test at the end
-    history = {k: [m.value for m in tracking.client().get_metric_history(outcome.run_id, k)]
-               for k in ("val_skipped", "test_skipped")}
-    assert history == {"val_skipped": [1, 1], "test_skipped": [1]}, history
+    history = {k: [m.value for m in client.get_metric_history(outcome.run_id, k)] for k in ("val_skipped", "test_skipped")}
+    assert set(history["val_skipped"]) == {1} and len(history["val_skipped"]) >= epochs + 1, history
+    assert history["test_skipped"] == [1], history
     assert outcome.metrics["val_skipped"] == outcome.metrics["test_skipped"] == 1
     # one epoch reaches 0.35-0.6 (one shard short); images paired with the wrong labels stay
     # near 0.1 (+-0.02 on these 359 test images)
