@@ -495,7 +495,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4, help="per side; the first is warm-up")
     p.add_argument("--data-cpus", type=int, default=2, help="DataLoader workers = Ray Data CPU budget")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--shuffle-buffer", type=int, default=None, help="RayShardLoader's (default: data.shuffle_buffer's)")
+    p.add_argument("--shuffle-buffer", type=int, default=None, help="RayShardLoader's (default: data.shuffle_buffer's: four batches)")
     p.add_argument("--shard-mb", type=float, default=16.0,
                    help="write_image_folder's shard size (its default, 256, would make one train shard of a few "
                         "thousand images)")
@@ -509,7 +509,7 @@ def main() -> None:
     if args.shuffle_buffer is None:
         from metaensemble.config import DataConfig
 
-        args.shuffle_buffer = DataConfig().shuffle_buffer
+        args.shuffle_buffer = DataConfig(batch_size=args.batch_size).train_shuffle_buffer()
 
     import PIL
     import pyarrow

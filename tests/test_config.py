@@ -166,3 +166,17 @@ def test_a_key_the_dataset_does_not_read_is_refused():
     # another method's section is not part of this run's identity
     base = load_config("configs/distill/digits.yaml")
     assert load_config("configs/distill/digits.yaml", ["fusion.act_samples=7"]).run_key() == base.run_key()
+
+
+def test_the_streamed_shuffle_buffer_is_four_batches_unless_set_and_names_only_streamed_runs():
+    from metaensemble.config import DataConfig, build_config
+
+    assert DataConfig().train_shuffle_buffer() == 4 * 64 and DataConfig(batch_size=32).train_shuffle_buffer() == 128
+    assert DataConfig(shuffle_buffer=0).train_shuffle_buffer() == 0  # file order only
+    key = lambda **data: build_config({"data": data}).run_key()  # noqa: E731
+    # streamed: the buffer it trains with names the run (default = its value set explicitly)
+    pq = {"name": "parquet", "root": "/shards"}
+    assert key(**pq) == key(**pq, shuffle_buffer=256) != key(**pq, shuffle_buffer=2000)
+    assert key(**pq, batch_size=32) != key(**pq, batch_size=32, shuffle_buffer=256)
+    # in memory there is no buffer: setting one changes nothing, so it names nothing
+    assert key() == key(shuffle_buffer=2000) == key(shuffle_buffer=0)

@@ -24,7 +24,7 @@ by name before any work starts.
 
 Training reads the train split with a real shuffle: the shard files in a new seeded order
 every epoch (Ray Data's file shuffle, the block order of a parquet read), then a local
-buffer of ``data.shuffle_buffer`` rows in each training worker.
+buffer of ``data.shuffle_buffer`` rows (four batches by default) in each training worker.
 """
 
 from __future__ import annotations

@@ -595,7 +595,7 @@ def _streamed_loaders(cfg, rank: int, world: int, device: torch.device):
     mk = lambda split, **kw: data.RayShardLoader(ray.train.get_dataset_shard(split), info, device=device, rank=rank, seed=cfg.seed, **kw)  # noqa: E731
     loaders = {
         "train": mk("train", batch_size=d.batch_size, shuffle=True, augment=d.augment, cutout=d.cutout,
-                    length=meta["sizes"]["train"] // world // d.batch_size, shuffle_buffer=d.shuffle_buffer,
+                    length=meta["sizes"]["train"] // world // d.batch_size, shuffle_buffer=d.train_shuffle_buffer(),
                     erase=d.re_prob if d.transform == "deit" else 0.0),
         "val": mk("val", batch_size=d.eval_batch_size) if rank == 0 else None,
         "test": mk("test", batch_size=d.eval_batch_size) if rank == 0 else None,
