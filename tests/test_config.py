@@ -178,5 +178,9 @@ def test_the_streamed_shuffle_buffer_is_four_batches_unless_set_and_names_only_s
     pq = {"name": "parquet", "root": "/shards"}
     assert key(**pq) == key(**pq, shuffle_buffer=256) != key(**pq, shuffle_buffer=2000)
     assert key(**pq, batch_size=32) != key(**pq, batch_size=32, shuffle_buffer=256)
+    # the old default (2000 rows, which named nothing) keeps the hash its runs had (computed
+    # at b1948ab, where the buffer defaulted to 2000), and the digits default its own
+    assert build_config({"data": {**pq, "shuffle_buffer": 2000}}).config_hash() == "3c638aa2458b"
+    assert build_config({}).config_hash() == "7907d4e05d15"
     # in memory there is no buffer: setting one changes nothing, so it names nothing
     assert key() == key(shuffle_buffer=2000) == key(shuffle_buffer=0)

@@ -469,10 +469,13 @@ class Config(BaseModel):
         if d["data"].get("repeated_aug") == 1:
             d["data"].pop("repeated_aug", None)  # off names no run (hashes from before it stay)
         d["data"].pop("data_cpus", None)  # resources, not what is trained
-        if d["data"]["name"] == "parquet":  # the one streamed dataset: the buffer it trains with
+        # The one streamed dataset (data.DATASETS marks it ``streaming``; the schema imports no
+        # registry) is named by the buffer it trains with; 2000 rows, the old default, names
+        # nothing, so runs from before stay found. In-memory data has no buffer.
+        if d["data"]["name"] == "parquet" and self.data.train_shuffle_buffer() != 2000:
             d["data"]["shuffle_buffer"] = self.data.train_shuffle_buffer()
         else:
-            d["data"].pop("shuffle_buffer", None)  # in-memory data has no buffer
+            d["data"].pop("shuffle_buffer", None)
         d["scaling"] = {k: v for k, v in d["scaling"].items() if k in ("num_workers",)}
         if exclude_seed:
             d.pop("seed")

@@ -23,6 +23,30 @@ def test_generators_are_registered_next_to_the_image_models():
     assert set(ENSEMBLES) <= set(models.names())
 
 
+def test_each_method_module_registers_exactly_the_models_its_method_declares():
+    """A lookup imports only the module declared for that name (models.registry), so a
+    module must register what its method declares, nothing more, and no name of the
+    library's own image models; checked in a fresh process, one module at a time."""
+    import subprocess
+    import sys
+
+    from metaensemble.methods.registry import model_modules
+
+    by_module: dict[str, set[str]] = {}
+    for name, module in model_modules().items():
+        by_module.setdefault(module, set()).add(name)
+    assert by_module
+    code = ("import importlib, json, sys; from metaensemble.models.registry import MODELS; "
+            "base = set(MODELS._items); importlib.import_module(sys.argv[1]); "
+            "print(json.dumps([sorted(base), sorted(set(MODELS._items) - base)]))")
+    for module, declared in by_module.items():
+        r = subprocess.run([sys.executable, "-c", code, module], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        base, added = json.loads(r.stdout.strip().splitlines()[-1])
+        assert set(added) == declared, (module, added, declared)
+        assert not declared & set(base), (module, declared & set(base))
+
+
 @pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_every_model_builds_and_runs_forward(name):
     m = models.create_model(name, num_classes=10, in_chans=3, img_size=32).eval()

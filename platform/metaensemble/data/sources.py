@@ -35,25 +35,30 @@ def _array_splits(name, family, num_classes, images, labels, cfg: DataConfig, me
 
 
 # ---------------------------------------------------------------------------------------
-def digits_file() -> Path:
-    """scikit-learn's bundled digits file, found without importing scikit-learn: the
-    import (scipy and the rest) costs about 1 s of CPU in every process that loads the
-    digits, and every Ray Train worker of a digits run does."""
+def _digits_rows() -> np.ndarray:
+    """scikit-learn's bundled digits as ``sklearn.datasets.load_digits`` reads them (one
+    row per image: 64 pixels, then the label), from its file found without importing
+    scikit-learn: the import (SciPy and the rest) costs about 1 s of CPU in every process
+    that loads the digits, and every Ray Train worker of a digits run does. A release that
+    moved the file is read through scikit-learn itself."""
     from importlib.util import find_spec
 
     spec = find_spec("sklearn")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
-    if path is None or not path.is_file():
+    if spec is None:
         raise DataError("dataset 'digits' is scikit-learn's bundled copy, and scikit-learn is not installed here "
                         "(pip install scikit-learn)")
-    return path
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if path.is_file():
+        return np.loadtxt(path, delimiter=",")
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    return np.concatenate([d.data, d.target[:, None]], axis=1)
 
 
 def load_digits(cfg: DataConfig) -> DataSplits:
-    """scikit-learn's 1797 bundled 8x8 handwritten digits (values 0..16), no download:
-    the file ``sklearn.datasets.load_digits`` reads (one row per image, 64 pixels then
-    the label), read the same way."""
-    rows = np.loadtxt(digits_file(), delimiter=",")
+    """scikit-learn's 1797 bundled 8x8 handwritten digits (values 0..16), no download."""
+    rows = _digits_rows()
     images = torch.from_numpy(np.rint(rows[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8))[:, None]
     labels = torch.from_numpy(rows[:, -1].astype(np.int64))
     return _array_splits("digits", "digits", 10, images, labels, cfg)

@@ -58,6 +58,8 @@ class _ModelRegistry(Registry):
 
     def __contains__(self, name: object) -> bool:
         self._plugin(name)
+        if isinstance(name, str) and name not in self._items:
+            self._plugins()  # as check(): a miss looks everywhere before it says no
         return super().__contains__(name)
 
 
