@@ -173,7 +173,9 @@ def test_mlflow_ui_in_chromium(tmp_path):
                            "<title>Overview - ")
         text = _text(dom)
         assert f"<title>Runs - Experiment {exp} - MLflow</title>" in dom, text[:3000]
-        assert _headers(dom) == ["Run Name", "Created", "Duration", "model.name", "test_acc", "val_acc"], text[:3000]
+        headers = _headers(dom)  # MLflow 3.18 puts the view's metric columns before its parameters
+        assert headers[:3] == ["Run Name", "Created", "Duration"], text[:3000]
+        assert sorted(headers[3:]) == ["model.name", "test_acc", "val_acc"], text[:3000]
         assert re.search(rf"{run_link}><span[^>]*>{RUN}</span>", dom), text[:3000]  # a row of the table
         assert "| 0.8125 | 0.875 | convnet |" in text, text[:3000]  # its key values in the row
         assert "viewing a shared view" in text, text[:3000]  # MLflow's banner: keep it or exit
