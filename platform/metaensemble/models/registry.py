@@ -25,41 +25,34 @@ class _ModelRegistry(Registry):
 
     _plugins_loaded = False
 
-    def _plugin(self, name: object) -> None:
-        if self._plugins_loaded or not isinstance(name, str) or name in self._items:
+    def _load(self, name: object = None) -> None:
+        """Import the method module that registers ``name``; every one for no name, or for
+        a name still unknown after that (its error lists every architecture)."""
+        if self._plugins_loaded or (isinstance(name, str) and name in self._items):
             return
         import importlib
 
         from metaensemble.methods.registry import model_modules
 
-        module = model_modules().get(name)
-        if module is not None:
+        modules = model_modules()
+        if isinstance(name, str) and name in modules:
+            importlib.import_module(modules[name])
+            if name in self._items:
+                return
+        type(self)._plugins_loaded = True
+        for module in sorted(set(modules.values())):
             importlib.import_module(module)
 
-    def _plugins(self) -> None:
-        if not self._plugins_loaded:
-            type(self)._plugins_loaded = True
-            import importlib
-
-            from metaensemble.methods.registry import model_modules
-
-            for module in sorted(set(model_modules().values())):
-                importlib.import_module(module)
-
     def check(self, name: str) -> None:
-        self._plugin(name)
-        if name not in self._items:
-            self._plugins()  # an unknown name's error lists every architecture
+        self._load(name)
         super().check(name)
 
     def names(self) -> list[str]:
-        self._plugins()
+        self._load()
         return super().names()
 
     def __contains__(self, name: object) -> bool:
-        self._plugin(name)
-        if isinstance(name, str) and name not in self._items:
-            self._plugins()  # as check(): a miss looks everywhere before it says no
+        self._load(name)
         return super().__contains__(name)
 
 
