@@ -124,3 +124,35 @@ def test_jobs_started_together_replace_a_dead_server_share_one_new_one_and_the_l
 
 # A job beside the UI's server (jobs/mlflow_ui.py): it uses that server and leaves it
 # running; tests/tracking/test_ui_browser.py runs such a job while its UI is up.
+
+
+def _group_of(pid: int) -> list[str]:
+    """The command lines of the processes in ``pid``'s process group."""
+    group = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (proc / "stat").read_text()
+            if int(stat[stat.rfind(")") + 2:].split()[2]) == pid:
+                group.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ValueError):
+            continue
+    return group
+
+
+def test_the_server_runs_without_mlflows_job_consumers(mlflow_uri):
+    """The session's server (a LocalTrackingServer, as every job's) is the server and its
+    one uvicorn worker: none of the 7 huey consumers MLflow's job execution starts."""
+    port = mlflow_uri.rsplit(":", 1)[1]
+    (server,) = [int(p.name) for p in Path("/proc").glob("[0-9]*")
+                 if _cmdline_has(p, ["mlflow", "server", f"--port {port} "])]
+    group = _group_of(server)
+    assert any("uvicorn" in c for c in group), group
+    assert not any("huey" in c or "_job_runner" in c for c in group), group
+
+
+def _cmdline_has(proc: Path, parts: list[str]) -> bool:
+    try:
+        cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode() + " "
+    except OSError:
+        return False
+    return all(p in cmd for p in parts) and "-m mlflow server" in cmd
