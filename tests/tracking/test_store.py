@@ -122,9 +122,6 @@ def test_jobs_started_together_replace_a_dead_server_share_one_new_one_and_the_l
     assert sorted(r.info.run_name for r in runs) == [f"{j}-{i}" for j in "ab" for i in range(5)]
 
 
-# A job beside the UI's server (jobs/mlflow_ui.py): it uses that server and leaves it
-# running; tests/tracking/test_ui_browser.py runs such a job while its UI is up.
-
 
 def _group_of(pid: int) -> list[str]:
     """The command lines of the processes in ``pid``'s process group."""
@@ -156,3 +153,7 @@ def _cmdline_has(proc: Path, parts: list[str]) -> bool:
     except OSError:
         return False
     return all(p in cmd for p in parts) and "-m mlflow server" in cmd
+
+
+# A job beside the UI's server (jobs/mlflow_ui.py): it uses that server and leaves it
+# running; tests/tracking/test_ui_browser.py runs such a job while its UI is up.
