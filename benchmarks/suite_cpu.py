@@ -4,10 +4,14 @@ CPU time once a second, then adds it up by kind of process, overall and per test
     python benchmarks/suite_cpu.py                          # the whole suite (python -m pytest -q tests)
     python benchmarks/suite_cpu.py --out suite_cpu_engine -- tests/engine
 
-A process counts under the last name it showed: a Ray worker process under the actor class
-it became (``ray::RayTrainWorker``, ``ray::TrainController``, ...), its start-up included;
-``ray::IDLE`` is a worker that never got an actor or task. CPU of processes that started
-and ended between two samples is missed (a fraction of a second each).
+A process counts under the first name it showed other than Ray's ``ray::IDLE``: a Ray
+worker process under the actor class it became (``ray::RayTrainWorker``,
+``ray::TrainController``, ...), its start-up included; a worker that runs tasks (Ray Data's,
+for one) under the first task it was seen running; ``ray::IDLE`` is a worker never seen
+doing anything. Processes already running when the suite starts count apart, and so does
+this sampler. CPU of a process that starts and ends between two samples is missed (a
+fraction of a second each); a sample's CPU goes to the tests whose time it overlaps, in
+proportion.
 Writes benchmarks/results/<out>.{json,md}: wall time, CPU time, the busy share of the cores,
 CPU seconds and processes started by kind, and the slowest tests with their CPU by kind.
 """
@@ -49,7 +53,8 @@ KINDS = [
     ("raylet", "/raylet/raylet"), ("gcs_server", "/gcs/gcs_server"), ("ray dashboard", "ray-dashboard-"),
     ("ray dashboard", "dashboard/dashboard.py"), ("ray log monitor", "log_monitor.py"),
     ("ray runtime-env agent", "runtime_env/agent"), ("ray CLI (start, status, job submit)", "/bin/ray "),
-    ("mlflow server: huey job consumers", "huey"), ("mlflow server", "mlflow server"),
+    ("mlflow server: job execution", "huey"), ("mlflow server: job execution", "mlflow.server.jobs"),
+    ("mlflow server", "mlflow server"),
     ("mlflow server", "uvicorn"), ("mlflow server", "mlflow.server"), ("chromium", "chrom"),
     ("a job in a fresh process", "jobs/"),
 ]
@@ -72,7 +77,6 @@ class Sampler(threading.Thread):
     def __init__(self, period: float = 1.0) -> None:
         super().__init__(daemon=True)
         self.period, self.stop_flag = period, threading.Event()
-        self.baseline: dict[tuple[str, str], int] = {}
         self.last: dict[tuple[str, str], int] = {}
         self.cmd: dict[tuple[str, str], str] = {}
         self.samples: list[tuple[float, dict[tuple[str, str], int]]] = []
@@ -84,11 +88,11 @@ class Sampler(threading.Thread):
         for proc in Path("/proc").glob("[0-9]*"):
             try:
                 stat = (proc / "stat").read_text()
-                f = stat[stat.rfind(")") + 2:].split()
+                fields = stat[stat.rfind(")") + 2:].split()
                 cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
             except (OSError, ValueError):
                 continue
-            out[(proc.name, f[19])] = (int(f[11]) + int(f[12]), cmd)
+            out[(proc.name, fields[19])] = (int(fields[11]) + int(fields[12]), cmd)
         return out
 
     def sample(self) -> None:
@@ -98,7 +102,12 @@ class Sampler(threading.Thread):
             if ticks > before:
                 deltas[key] = ticks - before
             self.last[key] = ticks
-            if cmd:
+            # the first name that says what the process does: a Ray worker starts as a plain
+            # python command, then names itself ray::IDLE, then after its actor or task; a
+            # task worker goes back to ray::IDLE between tasks, its CPU stays with the work
+            known = self.cmd.get(key)
+            if cmd and (known is None or known.startswith("ray::IDLE")
+                        or (cmd.startswith("ray::") and not known.startswith("ray::"))):
                 self.cmd[key] = cmd
         self.samples.append((now, deltas))
 
@@ -110,7 +119,7 @@ class Sampler(threading.Thread):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="suite_cpu", help="results file name (without extension)")
-    ap.add_argument("--top", type=int, default=30, help="how many of the slowest tests to list")
+    ap.add_argument("--top", type=int, default=30, help="how many of the slowest tests to list (default 30)")
     ap.add_argument("pytest_args", nargs="*", default=["tests"], help="after --: pytest's arguments")
     args = ap.parse_args()
 
@@ -131,47 +140,54 @@ def main() -> int:
         wall = time.time() - t0
         tests = [json.loads(line) for line in tests_file.read_text().splitlines()] if tests_file.exists() else []
 
-    kind = {k: kind_of(c, proc.pid, int(k[0])) for k, c in sampler.cmd.items()}
-    mine = {k for k in sampler.cmd if k[0] == str(os.getpid())}  # the sampler itself
-    by_kind: collections.Counter = collections.Counter()
+    kind_by_key = {k: kind_of(c, proc.pid, int(k[0])) for k, c in sampler.cmd.items()}
+    for key in sampler.baseline:
+        kind_by_key[key] = "running before the suite"
+    for key in sampler.cmd:
+        if key[0] == str(os.getpid()):
+            kind_by_key[key] = "this sampler"
+    per_kind: collections.Counter = collections.Counter()
     started: collections.Counter = collections.Counter()
     for key in sampler.last:
-        if key in mine:
-            continue
         if key not in sampler.baseline:
-            started[kind.get(key, "other")] += 1
+            started[kind_by_key.get(key, "other")] += 1
     for _, deltas in sampler.samples:
         for key, d in deltas.items():
-            if key not in mine:
-                by_kind[kind.get(key, "other")] += d / TICKS
-    cpu = sum(by_kind.values())
+            per_kind[kind_by_key.get(key, "other")] += d / TICKS
+    cpu = sum(per_kind.values())
     cores = os.cpu_count() or 1
     per_test = []
     for t in tests:
         c: collections.Counter = collections.Counter()
-        for ts, deltas in sampler.samples:
-            if t["t0"] < ts <= t["t1"] + sampler.period:
+        prev = t0
+        for ts, deltas in sampler.samples:  # sample (prev, ts] overlapping the test (t0, t1)
+            share = max(0.0, min(ts, t["t1"]) - max(prev, t["t0"])) / max(ts - prev, 1e-9)
+            prev = ts
+            if share > 0:
                 for key, d in deltas.items():
-                    if key not in mine:
-                        c[kind.get(key, "other")] += d / TICKS
+                    c[kind_by_key.get(key, "other")] += share * d / TICKS
         per_test.append({"id": t["id"], "wall_s": round(t["t1"] - t["t0"], 1), "cpu_s": round(sum(c.values()), 1),
                          "by_kind": {k: round(v, 1) for k, v in c.most_common(6)}})
     per_test.sort(key=lambda r: -r["wall_s"])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
     result = {
+        "commit": commit,
         "command": " ".join(["python benchmarks/suite_cpu.py", "--out", args.out, "--", *args.pytest_args]),
         "pytest_exit": code, "tests": len(tests), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
         "cores": cores, "busy_share": round(cpu / (wall * cores), 3),
-        "by_kind": [{"kind": k, "cpu_s": round(v, 1), "share": round(v / cpu, 3), "processes": started.get(k, 0)}
-                    for k, v in by_kind.most_common()],
+        "by_kind": [{"kind": k, "cpu_s": round(v, 1), "share": round(v / cpu, 3),
+                     "processes": started.get(k, 0)} for k, v in per_kind.most_common()],
         "slowest": per_test[: args.top],
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# Where the suite's time goes: `{result['command']}`", "",
-             f"{len(tests)} tests, pytest exit {code}: {wall:.0f} s of wall time, {cpu:.0f} s of CPU on {cores} cores "
-             f"({100 * result['busy_share']:.0f}% busy).", "",
+    lines = [f"# Where the suite's time goes: `{result['command']}` at {commit}", "",
+             f"{len(tests)} tests, pytest exit {code}: {wall:.0f} s of wall time, {cpu:.0f} s of CPU on "
+             f"{cores} cores ({100 * result['busy_share']:.0f}% busy).", "",
              "| kind of process | CPU (s) | share | processes started |", "|---|---|---|---|"]
-    lines += [f"| {r['kind']} | {r['cpu_s']:.1f} | {100 * r['share']:.1f}% | {r['processes']} |" for r in result["by_kind"]]
+    lines += [f"| {r['kind']} | {r['cpu_s']:.1f} | {100 * r['share']:.1f}% | {r['processes']} |"
+              for r in result["by_kind"]]
     lines += ["", f"The {args.top} slowest tests (setup, call and teardown together):", "",
               "| test | wall (s) | CPU (s) | CPU by kind (s) |", "|---|---|---|---|"]
     lines += [f"| `{r['id']}` | {r['wall_s']} | {r['cpu_s']} | "

@@ -15,7 +15,14 @@ import textwrap
 import time
 from pathlib import Path
 
-from metaensemble.tracking.store import ENV_HOME, KEEP_SERVER_LOGS, SERVER_FILE, _group_alive
+from metaensemble.tracking.store import (
+    ENV_HOME,
+    KEEP_SERVER_LOGS,
+    SERVER_FILE,
+    SERVER_JOB_EXECUTION,
+    LocalTrackingServer,
+    _group_alive,
+)
 
 # Waits on a "go" file so that both jobs call ensure_tracking() at the same moment, then
 # logs 5 runs and prints its tracking URI and the store's server record.
@@ -122,37 +129,38 @@ def test_jobs_started_together_replace_a_dead_server_share_one_new_one_and_the_l
     assert sorted(r.info.run_name for r in runs) == [f"{j}-{i}" for j in "ab" for i in range(5)]
 
 
-
-def _group_of(pid: int) -> list[str]:
-    """The command lines of the processes in ``pid``'s process group."""
-    group = []
+def _cmdlines() -> dict[int, tuple[int, str]]:
+    """pid -> (process group, command line) of every process."""
+    out = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             stat = (proc / "stat").read_text()
-            if int(stat[stat.rfind(")") + 2:].split()[2]) == pid:
-                group.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            out[int(proc.name)] = (int(stat[stat.rfind(")") + 2:].split()[2]), cmd)
         except (OSError, ValueError):
             continue
-    return group
+    return out
 
 
-def test_the_server_runs_without_mlflows_job_consumers(mlflow_uri):
-    """The session's server (a LocalTrackingServer, as every job's) is the server and its
-    one uvicorn worker: none of the 7 huey consumers MLflow's job execution starts."""
+def test_a_local_server_goes_without_mlflows_job_execution_unless_asked(monkeypatch):
+    monkeypatch.delenv(SERVER_JOB_EXECUTION, raising=False)
+    assert LocalTrackingServer.environment()[SERVER_JOB_EXECUTION] == "false"
+    monkeypatch.setenv(SERVER_JOB_EXECUTION, "true")  # the user's own choice is kept
+    assert LocalTrackingServer.environment()[SERVER_JOB_EXECUTION] == "true"
+
+
+def test_the_sessions_server_runs_as_its_environment_says(mlflow_uri):
+    """The session's server (a LocalTrackingServer, as every job's): the server and its one
+    uvicorn worker, and MLflow's job runner and huey consumers only where the environment
+    asked for job execution (by default it does not)."""
     port = mlflow_uri.rsplit(":", 1)[1]
-    (server,) = [int(p.name) for p in Path("/proc").glob("[0-9]*")
-                 if _cmdline_has(p, ["mlflow", "server", f"--port {port} "])]
-    group = _group_of(server)
+    procs = _cmdlines()
+    (server,) = [pid for pid, (_, cmd) in procs.items()
+                 if "-m mlflow server " in cmd and f"--port {port} " in cmd + " "]
+    group = [cmd for pgid, cmd in procs.values() if pgid == server]
     assert any("uvicorn" in c for c in group), group
-    assert not any("huey" in c or "_job_runner" in c for c in group), group
-
-
-def _cmdline_has(proc: Path, parts: list[str]) -> bool:
-    try:
-        cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode() + " "
-    except OSError:
-        return False
-    return all(p in cmd for p in parts) and "-m mlflow server" in cmd
+    asked = LocalTrackingServer.environment()[SERVER_JOB_EXECUTION] == "true"
+    assert any("huey" in c or "mlflow.server.jobs" in c for c in group) == asked, group
 
 
 # A job beside the UI's server (jobs/mlflow_ui.py): it uses that server and leaves it

@@ -194,16 +194,17 @@ class LocalTrackingServer:
     def environment() -> dict[str, str]:
         """The server's environment: this process's, without MLflow's job execution
         unless it was asked for. That feature (GenAI evaluation and scorer jobs, none of
-        which the platform runs) starts 7 huey consumer processes beside the server, each
-        importing MLflow: 18 s of CPU per start on 2 cores, measured, for nothing here."""
+        which the platform runs) starts a job runner and 7 huey consumer processes beside
+        the server, each importing MLflow: 18 s of CPU per start on 2 cores, measured once
+        (docs/tracking.md), for nothing here."""
         return {**os.environ, SERVER_JOB_EXECUTION: os.environ.get(SERVER_JOB_EXECUTION, "false")}
 
     def start(self, timeout: float = 120.0) -> LocalTrackingServer:
         self.store.mkdir(parents=True, exist_ok=True)
         prune_server_logs(self.store, KEEP_SERVER_LOGS - 1)  # and this server's own
         log = open(self.store / f"server-{self.port}.log", "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     env=self.environment(), stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
