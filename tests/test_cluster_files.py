@@ -162,6 +162,9 @@ def test_cluster_yaml_listens_on_private_addresses_only():
     assert f"MLFLOW_TRACKING_URI=http://{host}:5000" in head
     workers = " ".join(cfg["worker_start_ray_commands"])
     assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in workers
+    # without MLflow's job runner, as LocalTrackingServer starts its servers
+    mlflow_cmd = next(c for c in cfg["head_setup_commands"] if "mlflow server" in c)
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in mlflow_cmd.split("mlflow server")[0], mlflow_cmd
     # the launcher's security group: own members + SSH, and no extra inbound rule
     assert cfg["provider"]["security_group"].get("IpPermissions", []) == []
 
