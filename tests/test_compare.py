@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,16 @@ from metaensemble.validation import load_config
 TINY = ["compare.ensembles=2", "compare.distill_epochs=1", "meta.finetune_epochs=1", "fusion.act_samples=50",
         "meta.zoo_size=7", "meta.num_test_teachers=3",  # two distinct held-out ensembles of K=2
         "scaling.num_workers=1",  # one worker per run: the DDP path is the main job's test
-        "scaling.cpus_per_worker=2"]  # one run fits at a time: every trained row in one pack
+        "scaling.cpus_per_worker=2", "scaling.torch_threads=1"]  # one run fits at a time: every trained row in one pack
+
+
+def _one_run_at_a_time(tmp: Path) -> None:
+    """The distillation rows train with the zoo's recipe: give it TINY's scaling, so that
+    they and the generator share one scaling section and train as one pack."""
+    recipe = tmp / "teachers.yaml"
+    text = recipe.read_text()
+    assert "  cpus_per_worker: 0.5\n" in text
+    recipe.write_text(text.replace("  cpus_per_worker: 0.5\n", "  cpus_per_worker: 2\n  torch_threads: 1\n"))
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +42,7 @@ def job(ray_local, mlflow_uri, tmp_path_factory):
     experiment = f"test/compare-{uuid.uuid4().hex[:6]}"
     seed0 = 3000 + int(uuid.uuid4().int % 10_000) * 10  # this module's own zoo
     args = [*_tiny(tmp, experiment, seed0), *TINY]
+    _one_run_at_a_time(tmp)  # before the zoo: the recipe's hash names its teachers
     _register_zoo(tmp, args, mlflow_uri)
     res = run_script(["jobs/compare.py", *args], env={"MLFLOW_TRACKING_URI": mlflow_uri})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -78,10 +89,16 @@ def test_every_row_is_on_the_board_with_intervals_and_costs(job):
 def test_mlflow_holds_the_board_its_plots_and_one_child_run_per_row(job):
     cfg, _res, client, exp_id, parent, board, _tmp, _args = job
     assert parent.info.status == "FINISHED"
-    # the trials' Tune configs are indices of the runs, not whole configs copied into every result row
-    trials = sorted(json.loads(f.read_text())["params"]
-                    for f in Path(cfg.resolved_storage_path()).glob("compare/*/*/params.json"))
-    assert trials == list(range(len(trials))) and len(trials) >= 2
+    # one run fits at a time here: the rows of four methods (the generator and three
+    # distillers on each of 2 ensembles) trained as one pack, one Ray Train run and no Tune
+    # trial, and the finetunes as a second pack (tests/tracking/test_zoo.py and
+    # tests/test_meta_train.py take train_configs' Tune path)
+    trained = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                           "and tags.`metaensemble.ray_run` != ''")
+    packs = Counter(r.data.tags["metaensemble.ray_run"] for r in trained)
+    rows = [k for k in packs if k.startswith("pack-meta_train-weightformer-")]
+    assert len(packs) == 2 and all(k.startswith("pack-") for k in packs) and packs[rows[0]] == 1 + 3 * 2, packs
+    assert not list(Path(cfg.resolved_storage_path()).glob("compare/*/*/params.json"))
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"leaderboard.md", "leaderboard.json", "pareto.png", "reliability.png", "leaderboard_table.json"} <= names
     rows = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "

@@ -46,8 +46,11 @@ def _cfg(tmp: Path, *overrides: str, recipe: Path | None = None):
 @pytest.fixture(scope="module")
 def job(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distill")
-    # the zoo's missing teachers in one Ray Train run (a pack), not one run each
-    cfg = _cfg(tmp, recipe=_teacher_recipe(tmp, **{"zoo.pack_size": 2}))
+    # the zoo's missing teachers in one Ray Train run (a pack), not one run each; the
+    # students one run at a time (2 CPUs a worker, one torch thread), so all six, of three
+    # methods, train as one pack in one Ray Train run, without Tune trials
+    cfg = _cfg(tmp, "scaling.cpus_per_worker=2", "scaling.torch_threads=1",
+               recipe=_teacher_recipe(tmp, **{"zoo.pack_size": 2}))
     return cfg, experiment.run(cfg)
 
 
@@ -83,6 +86,10 @@ def test_the_parent_run_holds_the_table_the_diagrams_and_every_student_as_a_chil
     assert all(r.info.status == "FINISHED" for r in children)
     methods = {r.data.params["method"] for r in children}
     assert methods == {"kd", "latentbe", "tdiv_sdiv"}
+    # one run at a time here: the six students of three methods trained as one pack, each
+    # as it trains alone (tests/engine/test_engine.py)
+    packs = {r.data.tags["metaensemble.ray_run"] for r in children}
+    assert len(children) == 6 and len(packs) == 1 and packs.pop().startswith("pack-")
 
 
 def test_registered_students_load_as_the_teachers_plain_architecture_and_score_what_their_run_logged(job):

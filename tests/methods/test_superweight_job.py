@@ -88,8 +88,12 @@ def test_the_job_trains_the_three_ensembles_and_logs_them_side_by_side(ray_local
     from metaensemble.methods.superweight import experiment
 
     name = f"test/{uuid.uuid4().hex[:8]}"
+    # one run at a time (2 CPUs a worker, one torch thread): the SuperWeight and independent
+    # ensembles train as one pack in one Ray Train run, without Tune trials (the Tune path
+    # of train_configs: tests/test_meta_train.py, tests/test_compare.py)
     cfg = _cfg(tmp_path, f"experiment={name}", "train.epochs=2", "superweight.unshare_epochs=0",
-               "optim.schedule=cosine")  # unsharing: the DDP test
+               "optim.schedule=cosine",  # unsharing: the DDP test
+               "scaling.cpus_per_worker=2", "scaling.torch_threads=1")
     out = experiment.run(cfg)
     text = experiment.format_outcome(out)
     lines = text.splitlines()
@@ -102,6 +106,9 @@ def test_the_job_trains_the_three_ensembles_and_logs_them_side_by_side(ray_local
     parent = next(x for x in runs if x.data.tags.get("metaensemble.job") == "superweight")
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 5  # the SuperWeight ensemble, 2 independent and 2 scaled members
+    # one run at a time: the five in fewer Ray Train runs than runs (packs), no Tune trial
+    assert len({x.data.tags["metaensemble.ray_run"] for x in children}) < 5
+    assert not list((tmp_path / "ray").rglob("params.json"))
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"anytime.png", "superweight_table.md", "superweight_table.json"} <= arts
     table = json.loads(open(client.download_artifacts(parent.info.run_id, "superweight_table.json",

@@ -48,10 +48,6 @@ def test_zoo_trains_missing_seeds_concurrently_registers_and_skips_known(ray_loc
     assert len(c.search_runs([exp.experiment_id])) == n_runs
     assert [e.version for e in zoo.teachers()] == [e.version for e in entries]
 
-    grown = train_zoo(cfg.with_overrides({"zoo.num_teachers": 4}))  # only seed 3 is new
-    assert [e.seed for e in grown.teachers()] == [0, 1, 2, 3]
-    assert len(c.search_runs([exp.experiment_id])) == n_runs + 1
-
     # Another recipe of the same (dataset, arch) registers its own versions of seeds 0-1,
     # and neither recipe displaces the other's.
     first = [e.version for e in zoo.teachers(cfg.config_hash())]
@@ -60,8 +56,14 @@ def test_zoo_trains_missing_seeds_concurrently_registers_and_skips_known(ray_loc
     assert [e.seed for e in zoo.teachers(other.config_hash())] == [0, 1]
     assert [e.version for e in zoo.teachers(cfg.config_hash())] == first
     runs_before = len(c.search_runs([exp.experiment_id]))
-    train_zoo(cfg.with_overrides({"zoo.num_teachers": 4}))  # the first recipe's zoo is still whole
-    assert len(c.search_runs([exp.experiment_id])) == runs_before
+    assert runs_before == n_runs + 2
+
+    # Growing the first recipe's zoo trains seed 3 only: its seeds 0-2 still count as
+    # present beside the other recipe's versions of seeds 0-1.
+    grown = train_zoo(cfg.with_overrides({"zoo.num_teachers": 4}))
+    assert [e.seed for e in grown.teachers(cfg.config_hash())] == [0, 1, 2, 3]
+    assert [e.version for e in grown.teachers(cfg.config_hash())][:3] == first
+    assert len(c.search_runs([exp.experiment_id])) == runs_before + 1
 
 
 def test_zoo_of_unknown_pair_is_empty_and_require_explains(mlflow_uri):
