@@ -91,13 +91,14 @@ def test_mlflow_holds_the_board_its_plots_and_one_child_run_per_row(job):
     assert parent.info.status == "FINISHED"
     # one run fits at a time here: the rows of four methods (the generator and three
     # distillers on each of 2 ensembles) trained as one pack, one Ray Train run and no Tune
-    # trial, and the finetunes as a second pack (tests/tracking/test_zoo.py and
-    # tests/test_meta_train.py take train_configs' Tune path)
+    # trial, and the finetunes as a second pack (train_configs' Tune path, with its trials'
+    # params: tests/test_meta_train.py)
     trained = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
                                            "and tags.`metaensemble.ray_run` != ''")
     packs = Counter(r.data.tags["metaensemble.ray_run"] for r in trained)
-    rows = [k for k in packs if k.startswith("pack-meta_train-weightformer-")]
-    assert len(packs) == 2 and all(k.startswith("pack-") for k in packs) and packs[rows[0]] == 1 + 3 * 2, packs
+    board_pack = [k for k in packs if k.startswith("pack-meta_train-weightformer-")]
+    assert len(board_pack) == 1 and packs[board_pack[0]] == 1 + 3 * 2, packs
+    assert len(packs) == 2 and all(k.startswith("pack-") for k in packs), packs
     assert not list(Path(cfg.resolved_storage_path()).glob("compare/*/*/params.json"))
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"leaderboard.md", "leaderboard.json", "pareto.png", "reliability.png", "leaderboard_table.json"} <= names

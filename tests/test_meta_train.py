@@ -182,6 +182,11 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
         time.sleep(3)
     assert proc.returncode == 0, out[-4000:]
     assert "succeeded" in out
+    # train_configs' Tune path: the KD pack and the generator as two trials side by side,
+    # whose configs are indices into the trainable's parameters, not whole configs copied
+    # into every result row
+    params = sorted(json.loads(f.read_text())["params"] for f in (tmp_path / "ray").glob("meta/*/*/params.json"))
+    assert params == [0, 1], params
     for label in ("mean single teacher", "anchor teacher", "ensemble (prob. average)",
                   "naive weight average", "KD student (subset)", "KD student (full train)", "WeightFormer zero-shot",
                   "WeightFormer + finetune", "paired bootstrap 95% intervals", "WeightFormer zero-shot - anchor teacher",

@@ -89,8 +89,8 @@ def test_the_job_trains_the_three_ensembles_and_logs_them_side_by_side(ray_local
 
     name = f"test/{uuid.uuid4().hex[:8]}"
     # one run at a time (2 CPUs a worker, one torch thread): the SuperWeight and independent
-    # ensembles train as one pack in one Ray Train run, without Tune trials (the Tune path
-    # of train_configs: tests/test_meta_train.py, tests/test_compare.py)
+    # ensembles train as one pack in one Ray Train run, without Tune trials (train_configs'
+    # Tune path: tests/test_meta_train.py)
     cfg = _cfg(tmp_path, f"experiment={name}", "train.epochs=2", "superweight.unshare_epochs=0",
                "optim.schedule=cosine",  # unsharing: the DDP test
                "scaling.cpus_per_worker=2", "scaling.torch_threads=1")
@@ -106,8 +106,11 @@ def test_the_job_trains_the_three_ensembles_and_logs_them_side_by_side(ray_local
     parent = next(x for x in runs if x.data.tags.get("metaensemble.job") == "superweight")
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 5  # the SuperWeight ensemble, 2 independent and 2 scaled members
-    # one run at a time: the five in fewer Ray Train runs than runs (packs), no Tune trial
-    assert len({x.data.tags["metaensemble.ray_run"] for x in children}) < 5
+    # one run at a time: the SuperWeight ensemble and the independent members merged into
+    # one pack (one Ray Train run), no Tune trial
+    packs = {key: client.get_run(out.run_ids[key]).data.tags["metaensemble.ray_run"]
+             for key in ("superweight", "independent/0", "independent/1")}
+    assert len(set(packs.values())) == 1 and packs["superweight"].startswith("pack-"), packs
     assert not list((tmp_path / "ray").rglob("params.json"))
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"anytime.png", "superweight_table.md", "superweight_table.json"} <= arts
