@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
@@ -221,6 +222,10 @@ def test_ray_job_submit_runs_the_whole_pipeline_from_the_zoo(ray_head, tmp_path,
     # amortised: meta-training's epochs and the 4 zoo teachers that exist only for it
     assert c["zoo_only_teachers"] == 4 and c["zoo_only_missing"] == 0 and c["zoo_only_s"] > 0
     assert c["amortised_s"] == pytest.approx(c["meta_train_s"] + c["zoo_only_s"])
+    # the break-even count: ensembles whose saving (KD's time less the generator's, the
+    # fetch being the same for both) pays back the one-off cost
+    saving = c["kd_ready_s"] - c["wf_ready_s"]
+    assert saving > 0 and c["break_even_ensembles"] == math.ceil(c["amortised_s"] / saving)
     assert evaluation["sizes"]["values"] > 0 and evaluation["sizes"]["weightformer"] > 0
     assert len(evaluation["distances"]["rel_l2_to_anchor"]) == 2 and [r["k"] for r in evaluation["by_k"]] == [2]
     # the anchor is one of each student's teachers, so the nearest teacher is at most as far
