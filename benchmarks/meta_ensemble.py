@@ -93,6 +93,26 @@ def targets(ev) -> list[dict]:
     return out
 
 
+CEILING_ROWS = (("mean_teacher", "mean member"), ("ensemble", "ensemble"), ("weightformer", "zero-shot"),
+                ("fit", "ceiling: output form fit by KD"), ("kd_long", "ceiling: KD 4x longer"))
+
+
+def ceilings_section(rows_of: dict[int, dict]) -> list[str]:
+    """Where the two ceilings sit on every seed: each row's test accuracy with the
+    number of held-out ensembles it covers (the ceilings cover the first ``--ceilings``)."""
+    seeds = [s for s in rows_of if "fit" in rows_of[s] and "kd_long" in rows_of[s]]
+    if not seeds:
+        return []
+    md = ["", "## Where the ceilings sit, per seed", "",
+          "Test accuracy (%) of each row on that seed's held-out ensembles (n: how many); the paired differences "
+          "between zero-shot and each ceiling are in the table above.", "",
+          "| row | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for key, label in CEILING_ROWS:
+        md.append(f"| {label} | " + " | ".join(f"{100 * rows_of[s][key].acc:.2f} (n={rows_of[s][key].n})"
+                                               for s in seeds) + " |")
+    return md
+
+
 def teachers_study(counts: list[int], overrides: list[str]) -> tuple[list[dict], list[str]]:
     """Zero-shot accuracy against the number of meta-train teachers: one generator per
     count (no ablations, KD or finetune) on the first ``n`` meta-train teachers of one
@@ -200,11 +220,14 @@ def main(argv: list[str]) -> int:
     md += [f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else 'no'} |" for c in checks]
     if args.seeds:
         per_seed = {cfg.seed: {d.label: d for d in ev.differences}}
+        rows_of = {cfg.seed: {r.key: r for r in ev.rows}}
         for seed in args.seeds:
             c2 = load_config("configs/meta/digits.yaml", [
-                ABLATIONS, *args.overrides, f"seed={seed}", "meta.kd_ensembles=0", "meta.finetune_epochs=0", "meta.report_k=[]"])
+                ABLATIONS, *args.overrides, f"seed={seed}", "meta.kd_ensembles=0", "meta.finetune_epochs=0",
+                "meta.report_k=[]", f"meta.ceiling_ensembles={args.ceilings}"])
             o2, w2 = _run(c2)
             per_seed[seed] = {d.label: d for d in o2.evaluation.differences}
+            rows_of[seed] = {r.key: r for r in o2.evaluation.rows}
             result.setdefault("seeds", []).append({"seed": seed, "wall_s": w2, "evaluation": o2.evaluation.to_dict()})
         seeds = list(per_seed)
         labels = [lab for lab in per_seed[seeds[-1]] if all(lab in per_seed[s_] for s_ in seeds)]
@@ -212,7 +235,8 @@ def main(argv: list[str]) -> int:
                f"Seeds {seeds}: each a new split of the same 64-teacher zoo, new held-out ensembles and a new "
                "generator initialisation and sampling (the extra seeds train no KD or finetune). Each cell: the "
                "difference in accuracy points (or the fraction of the gap) with its paired bootstrap interval over "
-               "that seed's 30 held-out ensembles; last column: mean and standard deviation over the seeds.", "",
+               "that seed's 30 held-out ensembles (the ceilings: its first 10); last column: mean and standard "
+               "deviation over the seeds.", "",
                "| difference | " + " | ".join(f"seed {s_}" for s_ in seeds) + " | mean +- sd |",
                "|---|" + "---|" * (len(seeds) + 1)]
         for lab in labels:
@@ -222,6 +246,7 @@ def main(argv: list[str]) -> int:
                      f"{sc * per_seed[s_][lab].hi:+.2f}]" for s_ in seeds]
             md.append(f"| {lab} | " + " | ".join(cells) + f" | {statistics.mean(vals):+.2f} +- "
                       f"{statistics.stdev(vals):.2f} |")
+        md += ceilings_section(rows_of)
     if args.align_study:
         md += ["", "## Independent initialisations: meta.align none vs permutation", "",
                "The same recipe from independent initial weights (configs/teachers/digits_meta_indep.yaml), "
