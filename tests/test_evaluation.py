@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import uuid
 from pathlib import Path
 
@@ -313,8 +314,46 @@ def _benchmark(name: str):
 
     spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[1] / f"benchmarks/{name}.py")
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up
     spec.loader.exec_module(bench)
     return bench
+
+
+def test_the_regimes_rule_and_the_main_jobs_zoo_are_the_committed_tables_choice():
+    """benchmarks/regimes.py's rule: the largest VAL headroom among soup settings whose VAL
+    uniform average is at or above the VAL mean member (test never chooses); and the main
+    job's zoo recipe is the setting that rule picks from the committed table."""
+    import json
+
+    from metaensemble.validation import load_config
+
+    bench = _benchmark("regimes")
+
+    def setting(width: int, headroom: float, gain: float, test_headroom: float = 0.0):
+        s = bench.Setting("soup", width, 8, 0.1, 5)
+        s.summary = {"val_headroom": {"mean": headroom}, "val_soup_gain": {"mean": gain},
+                     "test_headroom": {"mean": test_headroom}, "test_soup_gain": {"mean": 1.0}}
+        return s
+
+    a, b, c = setting(4, 2.0, 0.1), setting(8, 3.0, -0.01, test_headroom=9.0), setting(16, 1.0, 0.0, 5.0)
+    assert bench.choose([a, b, c]) is a  # b: the largest headroom, but its average is below its member
+    assert bench.choose([c, b]) is c  # an average level with the member is eligible
+    assert bench.choose([b]) is None
+
+    doc = json.loads(Path(__file__).parents[1].joinpath("benchmarks/results/regimes.json").read_text())
+    settings = []
+    for d in doc["settings"]:
+        s = bench.Setting(d["kind"], d["width"], d["parent_epochs"], d["lr"], d["child_epochs"])
+        s.summary = d["summary"]
+        settings.append(s)
+    chosen = bench.choose([s for s in settings if s.kind == "soup"])
+    assert chosen.name == doc["chosen"]
+    meta = load_config("configs/meta/digits.yaml")
+    recipe = load_config(meta.meta.teacher_config)
+    child = recipe.zoo.soup.child
+    assert recipe.zoo.soup.parents == 1
+    assert (recipe.model.kwargs["width"], recipe.train.epochs, child["optim"]["lr"], child["train"]["epochs"]) == (
+        chosen.width, chosen.parent_epochs, chosen.lr, chosen.child_epochs)
 
 
 def test_the_fusion_benchmarks_claims_use_the_verdict_rule():

@@ -74,6 +74,8 @@ LABELS = {
 ORDER = list(LABELS)
 COLUMNS = ("acc", "nll", "ece", "cnll", "cece")
 DISTILLERS = ("kd", "latentbe", "tdiv_sdiv")
+SOUPS = ("best_member", "uniform_soup", "greedy_soup", "learned_soup")
+"""Rows made by ``methods.soups``, which refuse ingredients of different parents."""
 WEIGHT_SPACE = ("uniform_soup", "greedy_soup", "learned_soup", "weightformer", "weightformer_ft")
 """Rows that combine the teachers' weights as they are (no alignment of their own): on a
 zoo from independent initialisations they take permuted teachers when ``meta.align`` is
@@ -123,8 +125,13 @@ def validate(cfg: Config) -> list[str]:
     if "fusion" in methods or "weightformer" in methods:
         if not m.finetune_epochs:
             raise ConfigError("meta.finetune_epochs=0: the finetuned rows need at least one epoch")
-    wf_plan.validate(cfg)  # the zoo recipe, the split sizes, the generator
+    wf_plan.validate(cfg, soup_ensembles=soup_ensembles(cfg, methods))  # the zoo recipe, the split sizes, ...
     return [k for k in ROWS if k in methods]
+
+
+def soup_ensembles(cfg: Config, methods: list[str]) -> int:
+    """How many held-out ensembles get soups (their teachers must share a parent)."""
+    return cfg.compare.ensembles if any(k in SOUPS for k in methods) else 0
 
 
 def ensembles_of(cfg: Config) -> list[list[int]]:
@@ -281,7 +288,7 @@ def evaluate(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]], ru
             if key in methods:
                 skeleton = load(uris[ens[0]])
                 soup = make(states if key != "best_member" else [raw[j] for j in ens], skeleton, ev.bn, ev.val,
-                            parents=parents if all(parents) else None)
+                            parents=parents)
                 row, t = sc.measure(soup.model, soup.seconds + (align_s if key != "best_member" else 0.0))
                 add(key, row, t, soup.model, i)
         if "fusion" in methods:
@@ -469,7 +476,7 @@ def run(cfg: Config, *, train_missing: bool = True) -> CompareOutcome:
 
     t0 = time.perf_counter()
     methods = validate(cfg)
-    p = wf_plan.plan(cfg, train_missing=train_missing)
+    p = wf_plan.plan(cfg, train_missing=train_missing, soup_ensembles=soup_ensembles(cfg, methods))
     cfg = p.cfg
     ensembles = ensembles_of(cfg)
     t_plan = time.perf_counter()

@@ -249,6 +249,8 @@ def test_parents_unknown_for_some_ingredients_is_refused_and_one_parent_accepted
         uniform_soup(children, _net(), Unreadable(), Unreadable(), parents=[7, 7, None])
     soup = uniform_soup(children, _net(), digits["bn"], digits["val"], parents=[7, 7, 7])
     assert soup.members == [0, 1, 2]
+    # no parent known for any (a random-init zoo): only the architecture checks apply
+    assert uniform_soup(children, _net(), digits["bn"], digits["val"], parents=[None] * 3).members == [0, 1, 2]
 
 
 class Indexed(nn.Module):

@@ -537,6 +537,37 @@ def test_bad_teacher_inputs_are_refused_with_clear_errors(tmp_path):
         m.build_model(__import__("metaensemble.data", fromlist=["load"]).load(m.cfg.data).info)
 
 
+def test_held_out_ensembles_mixing_parents_of_a_soup_zoo_are_refused_before_any_work(tmp_path):
+    """Soups average weights, which only children of one parent allow: with a two-parent
+    soup-regime zoo (zoo index i a child of parent i % 2) the main job's held-out
+    ensembles would mix parents, so the job stops at validation; the leaderboard stops
+    only when soups are on its board."""
+    import yaml
+
+    from metaensemble import leaderboard
+    from metaensemble.methods.weightformer import plan
+    from metaensemble.methods.weightformer.student import make_ensembles
+
+    recipe = yaml.safe_load(open("configs/teachers/digits_soup.yaml"))
+    recipe["zoo"]["soup"]["parents"] = 2
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = load_config("configs/meta/digits.yaml", [f"meta.teacher_config={tmp_path / 'two.yaml'}"])
+    with pytest.raises(ZooError, match=r"held-out ensemble 0 would hold children of parents 0, 1 .*zoo.soup.parents=1"):
+        plan.validate(cfg)
+    # what the check reads: the jobs' own split and draw, and the recipe's parent of each index
+    m = cfg.meta
+    sides = plan.split_sides(m.zoo_size, m.num_val_teachers, m.num_test_teachers, cfg.seed, m.num_train_teachers)
+    test = [i for i, side in enumerate(sides) if side == "test"]
+    ens = make_ensembles(len(test), m.ensemble_size, 1, cfg.seed + 1)[0]
+    assert len({test[j] % 2 for j in ens}) == 2
+    assert plan.validate(cfg, soup_ensembles=0).zoo.soup.parents == 2  # no soups: nothing averaged
+    board = load_config("configs/compare/digits.yaml", [f"meta.teacher_config={tmp_path / 'two.yaml'}"])
+    assert leaderboard.validate(board.with_overrides({"compare.methods": ["kd", "weightformer"]})) == ["kd", "weightformer"]
+    with pytest.raises(ZooError, match="zoo.soup.parents=2"):
+        leaderboard.validate(board.with_overrides({"compare.methods": ["kd", "greedy_soup"]}))
+    plan.validate(load_config("configs/meta/digits.yaml"))  # the default: one parent
+
+
 def test_the_default_config_and_every_run_it_starts_validate():
     """The main job validates the generator of every variant it will train (the MLP's own
     K, its report_k) before any work, so none fails after the zoo has been trained."""

@@ -25,7 +25,9 @@ def check_ingredients(states: Sequence[State], model: nn.Module,
     """Raise one CheckpointError unless ``states`` can be averaged into ``model``: at
     least one, each with exactly ``model``'s tensor names and shapes, equal integer
     tensors besides COUNTERS, and (when ``parents`` is given, one entry per ingredient:
-    a parent run id, checkpoint or init seed; None for unknown) one parent for all."""
+    a parent run id, checkpoint or init seed; None for unknown) one parent for all: a
+    known parent and an unknown one differ, while all unknown passes (only the
+    architecture is checked then)."""
     if not states:
         raise CheckpointError("a soup needs at least one ingredient; got none")
     ref = {k: (tuple(v.shape), v.is_floating_point()) for k, v in model.state_dict().items()}

@@ -473,7 +473,7 @@ def _soups(p: Plan, ens: list[int], raw_states, ev: EvalData) -> dict[str, dict[
     out = {}
     for key, make in (("best_member", soups.best_member), ("greedy_soup", soups.greedy_soup),
                       ("learned_soup", soups.learned_soup)):
-        soup = make(states, skeleton, ev.bn, ev.val, parents=parents if all(parents) else None)
+        soup = make(states, skeleton, ev.bn, ev.val, parents=parents)
         out[key] = measure(*predict_logp(soup.model, ev.test), soup.seconds)
     return out
 

@@ -143,9 +143,11 @@ def student_of(cfg: Config) -> tuple[str, dict[str, Any]]:
     return cfg.model.kwargs["student"], dict(cfg.model.kwargs.get("student_kwargs") or {})
 
 
-def validate(cfg: Config) -> Config:
-    """Everything checkable before any work: the generator, K, the split sizes, and that
-    the zoo recipe trains teachers of the student's architecture. Returns the recipe."""
+def validate(cfg: Config, *, soup_ensembles: int | None = None) -> Config:
+    """Everything checkable before any work: the generator, K, the split sizes, that the
+    zoo recipe trains teachers of the student's architecture, and that the first
+    ``soup_ensembles`` held-out ensembles (None: ``meta.test_ensembles``, the main job's
+    soups; 0: no soups) can be souped. Returns the recipe."""
     if cfg.method != "weightformer":
         raise ConfigError(f"the meta-train job runs method weightformer, got method={cfg.method!r}")
     engine.validate(cfg, _GeneratorOnly(cfg))
@@ -202,7 +204,32 @@ def validate(cfg: Config) -> Config:
     from metaensemble.teachers import validate_recipe
 
     validate_recipe(tcfg)  # a soup-regime zoo's parent and children too, before any work
+    check_soup_parents(cfg, tcfg, cfg.meta.test_ensembles if soup_ensembles is None else soup_ensembles)
     return tcfg
+
+
+def check_soup_parents(cfg: Config, tcfg: Config, count: int) -> None:
+    """A soup averages its ingredients' weights, which only children of one parent allow.
+    With a soup-regime zoo of several parents (zoo index i fine-tuned from parent
+    i % parents, ``SoupRecipe``), each of the first ``count`` held-out ensembles, drawn as
+    the jobs draw them, must hold children of one parent."""
+    soup = tcfg.zoo.soup
+    if soup is None or soup.parents == 1 or not count:
+        return
+    from metaensemble.methods.weightformer.student import make_ensembles
+
+    m = cfg.meta
+    sides = split_sides(m.zoo_size, m.num_val_teachers, m.num_test_teachers, cfg.seed, m.num_train_teachers)
+    test = [i for i, side in enumerate(sides) if side == "test"]
+    for e, ens in enumerate(make_ensembles(len(test), m.ensemble_size, count, cfg.seed + 1)):
+        of = sorted({test[j] % soup.parents for j in ens})
+        if len(of) > 1:
+            raise ZooError(
+                f"held-out ensemble {e} would hold children of parents {', '.join(map(str, of))} of the "
+                f"soup-regime zoo (meta.teacher_config {m.teacher_config}: zoo.soup.parents={soup.parents}, "
+                f"zoo index i fine-tuned from parent i % {soup.parents}); soups average weights, which only "
+                f"children of one parent allow: use a recipe with zoo.soup.parents=1"
+            )
 
 
 class _GeneratorOnly(Method):
@@ -213,12 +240,13 @@ class _GeneratorOnly(Method):
         check_generator(self.cfg)
 
 
-def plan(cfg: Config, *, train_missing: bool = True) -> Plan:
-    """Validate, make sure the zoo holds ``meta.zoo_size`` teachers, check them, split them.
+def plan(cfg: Config, *, train_missing: bool = True, soup_ensembles: int | None = None) -> Plan:
+    """Validate (``soup_ensembles``: as ``validate``), make sure the zoo holds
+    ``meta.zoo_size`` teachers, check them, split them.
 
     ``plan(cfg).cfg`` is ``cfg`` with its teachers resolved: what a sweep of generators
     trains from (``WeightFormerMethod.prepare_sweep``)."""
-    tcfg = validate(cfg)
+    tcfg = validate(cfg, soup_ensembles=soup_ensembles)
     from metaensemble.tracking import TeacherZoo
 
     tracking.ensure_tracking()
