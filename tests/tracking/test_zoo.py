@@ -11,6 +11,7 @@ import torch
 from metaensemble import data, metrics, models, tracking
 from metaensemble.teachers import missing_seeds, packs, train_zoo
 from metaensemble.tracking import TeacherEntry, TeacherZoo
+from metaensemble.validation import load_config
 
 
 def test_zoo_trains_missing_seeds_concurrently_registers_and_skips_known(ray_local, digits_cfg):
@@ -48,15 +49,29 @@ def test_zoo_trains_missing_seeds_concurrently_registers_and_skips_known(ray_loc
     assert len(c.search_runs([exp.experiment_id])) == n_runs
     assert [e.version for e in zoo.teachers()] == [e.version for e in entries]
 
-    # Another recipe of the same (dataset, arch) registers its own versions of seeds 0-1,
-    # and neither recipe displaces the other's.
+    # Another recipe of the same (dataset, arch), a soup-regime one: its parent trains from
+    # scratch and is registered with role=parent, then seeds 0-1 are its children,
+    # fine-tuned from its weights with the grid's learning rates. They are this recipe's
+    # own versions, and neither recipe displaces the other's.
     first = [e.version for e in zoo.teachers(cfg.config_hash())]
-    other = cfg.with_overrides({"zoo.num_teachers": 2, "optim.lr": 0.1})
+    other = cfg.with_overrides({"zoo.num_teachers": 2, "optim.lr": 0.1,
+                                "zoo.soup": {"grid": {"optim.lr": [0.05, 0.02]}}})
     train_zoo(other)
-    assert [e.seed for e in zoo.teachers(other.config_hash())] == [0, 1]
+    children = zoo.teachers(other.config_hash())
+    (parent,) = [p for p in zoo.teachers(role="parent") if p.run_id == children[0].parent]
+    assert [e.seed for e in children] == [0, 1] and {e.parent for e in children} == {parent.run_id}
+    assert parent.role == "parent" and parent.run_id not in {e.run_id for e in zoo.teachers()}
+    for child, lr in zip(children, (0.05, 0.02), strict=True):
+        ran = load_config(c.download_artifacts(child.run_id, "config.yaml"))
+        assert (ran.optim.lr, ran.model.init_from, ran.seed) == (lr, f"runs:/{parent.run_id}/model", child.seed)
+    # fine-tuned for one epoch, a child stays far nearer its parent than two teachers of
+    # independent initialisations are to each other
+    flat = lambda e: torch.cat([v.flatten().float() for v in zoo.load(e).state_dict().values()])  # noqa: E731
+    apart = (flat(entries[0]) - flat(entries[1])).norm()
+    assert all((flat(e) - flat(parent)).norm() < apart / 4 for e in children)
     assert [e.version for e in zoo.teachers(cfg.config_hash())] == first
     runs_before = len(c.search_runs([exp.experiment_id]))
-    assert runs_before == n_runs + 2
+    assert runs_before == n_runs + 3  # the parent and its two children
 
     # Growing the first recipe's zoo trains seed 3 only: its seeds 0-2 still count as
     # present beside the other recipe's versions of seeds 0-1.
