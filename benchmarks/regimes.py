@@ -3,11 +3,14 @@ their uniform weight average stays at or above them (issue 26, build item 1).
 
     python benchmarks/regimes.py                                   # the default grid: 486 s on 2 cores
     python benchmarks/regimes.py --widths 4 --parent-epochs 8 --recipes 0.01:5 --parents 1 --draws 3
+    python benchmarks/regimes.py --widths 4 --parent-epochs 8 --recipes 0.1:5 0.05,0.1:5 --children 16 \
+        --reference '' --out benchmarks/results/regimes_lr       # + learning rate as a grid axis
 
 For every setting (student width x parent epochs x fine-tune recipe) of the soup-regime
 zoo recipe ``--config`` (``configs/teachers/digits_soup.yaml``): ``--parents`` parents
 trained from scratch, each with ``--children`` children fine-tuned from it by the
-recipe's own grid (seed and data order, label smoothing, cutout, training subset), then
+recipe's own grid (seed and data order, label smoothing, cutout, training subset; a recipe
+of several learning rates, ``0.05,0.1:5``, makes the learning rate one more grid axis), then
 ``--draws`` ensembles of K = ``--k`` children of one parent (distinct combinations) per
 parent. Each ensemble is scored on the val and the test split:
 
@@ -70,7 +73,8 @@ class Setting:
     """``soup`` (a soup-regime zoo) or ``scratch`` (the random-init reference)."""
     width: int
     parent_epochs: int | None = None
-    lr: float | None = None
+    lr: float | list[float] | None = None
+    """The children's learning rate, or the grid's learning rates."""
     child_epochs: int | None = None
     draws: list[dict[str, Any]] = field(default_factory=list)
     """One per ensemble: group (parent), members, and val_/test_ of each of METRICS."""
@@ -83,15 +87,34 @@ class Setting:
     def name(self) -> str:
         if self.kind == "scratch":
             return f"w{self.width} from scratch (random-init zoo)"
-        return f"w{self.width} parent {self.parent_epochs} ep, child lr {self.lr:g} x {self.child_epochs} ep"
+        lr = f"{self.lr:g}" if isinstance(self.lr, float) else f"grid {{{', '.join(f'{x:g}' for x in self.lr)}}}"
+        return f"w{self.width} parent {self.parent_epochs} ep, child lr {lr} x {self.child_epochs} ep"
 
 
-def parse_recipe(text: str) -> tuple[float, int]:
+def parse_recipe(text: str) -> tuple[float | list[float], int]:
+    """``LR:EPOCHS``, or ``LR,LR,...:EPOCHS`` for the learning rate as a grid axis."""
     try:
         lr, epochs = text.split(":")
-        return float(lr), int(epochs)
+        lrs = [float(x) for x in lr.split(",")]
+        if len(set(lrs)) != len(lrs):
+            raise ValueError
+        return (lrs[0] if len(lrs) == 1 else lrs), int(epochs)
     except ValueError:
-        raise SystemExit(f"--recipes takes LR:EPOCHS pairs such as 0.01:5; got {text!r}") from None
+        raise SystemExit(f"--recipes takes LR:EPOCHS pairs such as 0.01:5, or distinct learning rates "
+                         f"for a grid axis such as 0.05,0.1:5; got {text!r}") from None
+
+
+def with_recipe(cfg, lr: float | list[float], epochs: int):
+    """The recipe with the children's learning rate (or the grid's learning rates) and epochs."""
+    soup = cfg.zoo.soup.model_dump()
+    child = {**soup["child"], "optim": dict(soup["child"].get("optim") or {}), "train": {
+        **(soup["child"].get("train") or {}), "epochs": epochs}}
+    if isinstance(lr, list):
+        child["optim"].pop("lr", None)
+        soup["grid"] = {**soup["grid"], "optim": {**(soup["grid"].get("optim") or {}), "lr": lr}}
+    else:
+        child["optim"]["lr"] = lr
+    return cfg.with_overrides({"zoo.soup": {**soup, "child": child}})
 
 
 def main() -> int:
@@ -135,7 +158,7 @@ def main() -> int:
                 cfg = base.with_overrides({"model.kwargs.width": width, "train.epochs": pe})
                 parent_dirs, parent_scores, p_seconds = train_parents(cfg, ev, Path(tmp) / f"w{width}-p{pe}")
                 for lr, epochs in recipes:
-                    rcfg = cfg.with_overrides({"zoo.soup.child.optim.lr": lr, "zoo.soup.child.train.epochs": epochs})
+                    rcfg = with_recipe(cfg, lr, epochs)
                     s = soup_setting(args, rcfg, parent_dirs, ev)
                     s.parents, s.seconds = parent_scores, s.seconds + p_seconds / len(recipes)
                     settings.append(s)
@@ -260,9 +283,11 @@ def soup_setting(args, cfg, parent_dirs: list[str], ev: EvalData) -> Setting:
         run = train_local(child_config(cfg, seed, parent_dirs))
         groups[i % soup.parents].append(score_member(run.model, ev))
         skeleton = run.model
-    s = Setting("soup", cfg.model.kwargs["width"], cfg.train.epochs, soup.child["optim"]["lr"],
-                soup.child["train"]["epochs"])
-    s.draws = score_groups(args, groups, skeleton, ev, (s.width, s.parent_epochs, s.lr, s.child_epochs))
+    lr = soup.child["optim"].get("lr", (soup.grid.get("optim") or {}).get("lr"))
+    s = Setting("soup", cfg.model.kwargs["width"], cfg.train.epochs, lr, soup.child["train"]["epochs"])
+    key = (s.width, s.parent_epochs, s.lr, s.child_epochs) if isinstance(lr, float) else (
+        s.width, s.parent_epochs, tuple(lr), s.child_epochs)
+    s.draws = score_groups(args, groups, skeleton, ev, key)
     s.seconds = time.perf_counter() - t0
     return s
 
