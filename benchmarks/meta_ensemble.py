@@ -34,8 +34,8 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "results"
 # the benchmark reads every ablation of the generator's parts and KD on half the held-out
-# ensembles; the main job's default, kept under 10 minutes, leaves out the two ablations that
-# moved nothing measurable here and trains KD on the first 10 (configs/meta/digits.yaml)
+# ensembles; the main job's default, kept under 10 minutes, leaves out two of those ablations
+# and trains KD on the first 10 (configs/meta/digits.yaml)
 ABLATIONS = "meta.ablations=[no_cross, base_mean, base_anchor, per_row_mix, mlp]"
 KD_ENSEMBLES = "meta.kd_ensembles=15"
 

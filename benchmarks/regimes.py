@@ -3,8 +3,8 @@ their uniform weight average stays at or above them (issue 26, build item 1).
 
     python benchmarks/regimes.py                                   # the default grid: 486 s on 2 cores
     python benchmarks/regimes.py --widths 4 --parent-epochs 8 --recipes 0.01:5 --parents 1 --draws 3
-    python benchmarks/regimes.py --widths 4 --parent-epochs 8 --recipes 0.1:5 0.05,0.1:5 --children 16 \
-        --reference '' --out benchmarks/results/regimes_lr       # + learning rate as a grid axis
+    python benchmarks/regimes.py --widths 4 8 --parent-epochs 4 8 15 --recipes 0.1:5 0.03,0.1:5 0.05,0.1:5 \
+        0.1,0.2:5 --children 16 --reference '' --out benchmarks/results/regimes_lr   # lr as a grid axis: 292 s
 
 For every setting (student width x parent epochs x fine-tune recipe) of the soup-regime
 zoo recipe ``--config`` (``configs/teachers/digits_soup.yaml``): ``--parents`` parents
@@ -109,12 +109,16 @@ def with_recipe(cfg, lr: float | list[float], epochs: int):
     soup = cfg.zoo.soup.model_dump()
     child = {**soup["child"], "optim": dict(soup["child"].get("optim") or {}), "train": {
         **(soup["child"].get("train") or {}), "epochs": epochs}}
+    grid_optim = dict(soup["grid"].get("optim") or {})
+    child["optim"].pop("lr", None)  # the recipe's own learning rate, child's or grid's, is replaced
+    grid_optim.pop("lr", None)
     if isinstance(lr, list):
-        child["optim"].pop("lr", None)
-        soup["grid"] = {**soup["grid"], "optim": {**(soup["grid"].get("optim") or {}), "lr": lr}}
+        grid_optim["lr"] = lr
     else:
         child["optim"]["lr"] = lr
-    return cfg.with_overrides({"zoo.soup": {**soup, "child": child}})
+    grid = {k: v for k, v in soup["grid"].items() if k != "optim"}
+    return cfg.with_overrides({"zoo.soup": {**soup, "child": child, "grid": {**grid, **(
+        {"optim": grid_optim} if grid_optim else {})}}})
 
 
 def main() -> int:

@@ -357,6 +357,24 @@ def test_the_regimes_rule_and_the_main_jobs_zoo_are_the_committed_tables_choice(
         chosen.width, chosen.parent_epochs, chosen.lr, chosen.child_epochs)
 
 
+def test_the_regimes_recipes_are_the_zoo_recipes_they_name():
+    """regimes.py's settings are the zoo's own recipes, from either shipped recipe as its
+    --config: one learning rate (the child's) gives the lr-0.1 zoo, learning rates as a
+    grid axis give the default; a recipe's own rate, child's or grid's, never stays."""
+    from metaensemble.validation import load_config
+
+    bench = _benchmark("regimes")
+    default = load_config("configs/teachers/digits_soup.yaml")
+    lr01 = load_config("configs/teachers/digits_soup_lr01.yaml")
+    for base in (default, lr01):
+        one = bench.with_recipe(base.with_overrides({"train.epochs": 8}), *bench.parse_recipe("0.1:5"))
+        grid = bench.with_recipe(base.with_overrides({"train.epochs": 4}), *bench.parse_recipe("0.03,0.1:5"))
+        assert one.config_hash() == lr01.config_hash() and grid.config_hash() == default.config_hash()
+        assert "lr" not in (one.zoo.soup.grid.get("optim") or {}) and "lr" not in grid.zoo.soup.child["optim"]
+    with pytest.raises(SystemExit, match="distinct learning rates"):
+        bench.parse_recipe("0.1,0.1:5")
+
+
 def test_the_fusion_benchmarks_claims_use_the_verdict_rule():
     """benchmarks/fusion.py's claims are judged by evaluation.verdict over the parent
     seeds (accuracies in points): a margin met on average but not in every repeat is not
