@@ -196,7 +196,9 @@ print("RUN", out.run_id, flush=True)
 
 def test_an_elastic_ddp_run_loses_a_node_and_resumes_on_the_other_in_the_same_run(cluster, mlflow_uri, tmp_path):
     experiment = f"test/mn-elastic-{uuid.uuid4().hex[:6]}"
-    epochs = 7  # the loss comes after 2; 5 more epochs of margin for it to land mid-run
+    # the loss comes after 2 epochs; 10 more of margin for it to land mid-run (with 5 more,
+    # a fast machine once finished the run before the dead node was found: resumed == epochs)
+    epochs = 12
     # 2 CPUs per worker, 3 per node: the 2-worker group spans both nodes
     args = [f"experiment={experiment}", f"storage_path={tmp_path / 'ray'}", f"train.epochs={epochs}",
             "model.kwargs.width=32", "scaling.num_workers=[1, 2]", "scaling.max_failures=3", "scaling.cpus_per_worker=2"]
