@@ -289,9 +289,8 @@ def soup_setting(args, cfg, parent_dirs: list[str], ev: EvalData) -> Setting:
         skeleton = run.model
     lr = soup.child["optim"].get("lr", (soup.grid.get("optim") or {}).get("lr"))
     s = Setting("soup", cfg.model.kwargs["width"], cfg.train.epochs, lr, soup.child["train"]["epochs"])
-    key = (s.width, s.parent_epochs, s.lr, s.child_epochs) if isinstance(lr, float) else (
-        s.width, s.parent_epochs, tuple(lr), s.child_epochs)
-    s.draws = score_groups(args, groups, skeleton, ev, key)
+    lr_key = tuple(lr) if isinstance(lr, list) else lr
+    s.draws = score_groups(args, groups, skeleton, ev, (s.width, s.parent_epochs, lr_key, s.child_epochs))
     s.seconds = time.perf_counter() - t0
     return s
 

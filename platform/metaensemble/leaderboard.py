@@ -51,7 +51,7 @@ from metaensemble.methods.compare.config import ROWS
 from metaensemble.methods.weightformer import plan as wf_plan
 from metaensemble.methods.weightformer.align import align_states
 from metaensemble.methods.weightformer.experiment import finetune, kd_overrides, register_generator
-from metaensemble.methods.weightformer.student import generate_student, make_ensembles
+from metaensemble.methods.weightformer.student import generate_student
 from metaensemble.methods.weightformer.tokens import build_layout, tokenise
 from metaensemble.methods.weightformer.use import BN_LABEL, eval_data
 from metaensemble.models import create_model, load
@@ -137,8 +137,7 @@ def soup_ensembles(cfg: Config, methods: list[str]) -> int:
 def ensembles_of(cfg: Config) -> list[list[int]]:
     """The held-out ensembles (indices into ``meta.test_teachers``): the WeightFormer job's
     own draw, its first ``compare.ensembles``."""
-    m = cfg.meta
-    return make_ensembles(len(m.test_teachers), m.ensemble_size, cfg.compare.ensembles, cfg.seed + 1)
+    return wf_plan.held_out_ensembles(cfg, cfg.compare.ensembles, len(cfg.meta.test_teachers))
 
 
 def distill_configs(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]]) -> dict[str, Config]:
@@ -283,9 +282,9 @@ def evaluate(p: wf_plan.Plan, methods: list[str], ensembles: list[list[int]], ru
                                                                              m.align)
         align_s = time.perf_counter() - t0
         parents = [parent_of.get(uris[j]) for j in ens]
-        for key, make in (("best_member", soups.best_member), ("uniform_soup", soups.uniform_soup),
-                          ("greedy_soup", soups.greedy_soup), ("learned_soup", soups.learned_soup)):
+        for key in SOUPS:  # each row made by the soups function of its name
             if key in methods:
+                make = getattr(soups, key)
                 skeleton = load(uris[ens[0]])
                 soup = make(states if key != "best_member" else [raw[j] for j in ens], skeleton, ev.bn, ev.val,
                             parents=parents)

@@ -47,6 +47,7 @@ from metaensemble.methods.weightformer.plan import (
     VARIANT_OVERRIDES,
     Plan,
     TeacherRecord,
+    held_out_ensembles,
     plan,
     student_of,
     variant_configs,
@@ -98,9 +99,7 @@ default that subset is one batch per epoch."""
 # ---- 2. train --------------------------------------------------------------------------
 def test_ensembles(cfg: Config) -> list[list[int]]:
     """The meta-test ensembles (indices into meta.test_teachers), as the method draws them."""
-    return make_ensembles(
-        len(cfg.meta.test_teachers), cfg.meta.ensemble_size, cfg.meta.test_ensembles, cfg.seed + 1
-    )
+    return held_out_ensembles(cfg, cfg.meta.test_ensembles, len(cfg.meta.test_teachers))
 
 
 def kd_overrides(

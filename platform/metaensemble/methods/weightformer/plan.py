@@ -24,6 +24,7 @@ from metaensemble.methods.base import Method
 from metaensemble.methods.distill import load_teachers
 from metaensemble.methods.weightformer.align import chain
 from metaensemble.methods.weightformer.generator import GENERATORS, student_skeleton
+from metaensemble.methods.weightformer.student import make_ensembles
 from metaensemble.models import MODELS, model_kwargs
 from metaensemble.validation import load_config
 
@@ -216,12 +217,10 @@ def check_soup_parents(cfg: Config, tcfg: Config, count: int) -> None:
     soup = tcfg.zoo.soup
     if soup is None or soup.parents == 1 or not count:
         return
-    from metaensemble.methods.weightformer.student import make_ensembles
-
     m = cfg.meta
     sides = split_sides(m.zoo_size, m.num_val_teachers, m.num_test_teachers, cfg.seed, m.num_train_teachers)
     test = [i for i, side in enumerate(sides) if side == "test"]
-    for e, ens in enumerate(make_ensembles(len(test), m.ensemble_size, count, cfg.seed + 1)):
+    for e, ens in enumerate(held_out_ensembles(cfg, count, len(test))):
         of = sorted({test[j] % soup.parents for j in ens})
         if len(of) > 1:
             raise ZooError(
@@ -230,6 +229,13 @@ def check_soup_parents(cfg: Config, tcfg: Config, count: int) -> None:
                 f"zoo index i fine-tuned from parent i % {soup.parents}); soups average weights, which only "
                 f"children of one parent allow: use a recipe with zoo.soup.parents=1"
             )
+
+
+def held_out_ensembles(cfg: Config, count: int, n_test: int) -> list[list[int]]:
+    """The jobs' held-out ensembles: the first ``count`` of the seeded draw of K =
+    ``meta.ensemble_size`` out of ``n_test`` meta-test teachers (indices into them). The
+    main job, the leaderboard and the checks before any work all draw with this."""
+    return make_ensembles(n_test, cfg.meta.ensemble_size, count, cfg.seed + 1)
 
 
 class _GeneratorOnly(Method):
